@@ -1,0 +1,116 @@
+"""The `resnetlab` command line. Library code logs; this module prints."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from tqdm import tqdm
+
+from .complexity import meta_model, model_summary, stage_table
+from .errors import ResNetLabError
+from .models.registry import PAPER_MACS, get_spec, list_models
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Plain-text table: text columns left-aligned, numbers right-aligned."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    numeric = [all(isinstance(r[i], int | float) for r in rows) for i in range(len(headers))]
+    lines = []
+    for r in cells:
+        parts = [c.rjust(w) if num else c.ljust(w)
+                 for c, w, num in zip(r, widths, numeric, strict=True)]
+        lines.append("  ".join(parts).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+MACS_NOTE = ("mult-adds = multiply-accumulates of convolutions and the fc layer, the unit the "
+             "paper calls FLOPs (torch's FlopCounter reports twice this).")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    names = list_models(args.pattern)
+    if not names:
+        print(f"no model matches {args.pattern!r}; `resnetlab models` lists them all",
+              file=sys.stderr)
+        return 2
+    rows = []
+    for name in tqdm(names, desc="counting", unit="model", leave=False,
+                     disable=not sys.stderr.isatty()):
+        s = model_summary(name)
+        rows.append([s["name"], s["family"], s["block"], s["shortcut"], s["depth"],
+                     f"{s['params']:,}", f"{_human(s['macs'])} @{s['input_size']}px"])
+    print(format_table(["model", "family", "block", "shortcut", "depth", "params",
+                        "mult-adds"], rows))
+    print(f"\n{len(rows)} models. {MACS_NOTE}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    spec = get_spec(args.model)
+    size = args.input_size or spec.input_size
+    kwargs = {k: v for k, v in (("in_chans", args.in_chans), ("num_classes", args.num_classes))
+              if v is not None}
+    model = meta_model(args.model, **kwargs)
+    rows = stage_table(model, size)
+    paper: dict[str, str] = {}
+    if spec.family == "imagenet":
+        paper = {"stem": "conv1", "head": "fc",
+                 **{n: f"conv{i + 2}_x" for i, n in enumerate(model.stage_names)}}
+    body = [[r.name, paper.get(r.name, ""), "x".join(map(str, r.output)), r.blocks or "",
+             f"{r.params:,}", _human(r.macs)] for r in rows]
+    body.append(["total", "", "", sum(r.blocks for r in rows),
+                 f"{sum(r.params for r in rows):,}", _human(sum(r.macs for r in rows))])
+    print(f"{args.model}: {spec.family} family, {spec.block} blocks, shortcut {spec.shortcut}, "
+          f"input {model.in_chans}x{size}x{size}, {model.num_classes} classes")
+    print(format_table(["stage", "paper", "output", "blocks", "params", "mult-adds"], body))
+    if args.model in PAPER_MACS and size == 224 and model.in_chans == 3:
+        print(f"paper Table 1: {PAPER_MACS[args.model]:.1e} mult-adds")
+    print(MACS_NOTE)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="resnetlab", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("models", help="table of every registered model")
+    m.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'resnet5*'")
+    m.set_defaults(func=cmd_models)
+
+    i = sub.add_parser("info", help="per-stage table of one model (paper Table 1 style)")
+    i.add_argument("model")
+    i.add_argument("--input-size", type=int, help="square input side (default: native)")
+    i.add_argument("--in-chans", type=int, help="input channels (default 3)")
+    i.add_argument("--num-classes", type=int, help="classes of the fc layer")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ResNetLabError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

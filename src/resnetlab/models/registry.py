@@ -1,0 +1,153 @@
+"""Named models as rows of a table, built from depth tables (paper Table 1 and sec. 4.2)."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError, UnknownModelError
+from .resnet import ResNet
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+# Paper Table 1: block type and blocks per stage (conv2_x .. conv5_x).
+IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+}
+# Paper Table 1, last row: multiply-adds at 224x224.
+PAPER_MACS = {"resnet18": 1.8e9, "resnet34": 3.6e9, "resnet50": 3.8e9, "resnet101": 7.6e9,
+              "resnet152": 11.3e9}
+# Paper sec. 4.2: 6n+2 layers; Identity Mappings' bottleneck nets: 9n+2 layers.
+CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
+CIFAR_PLAIN_DEPTHS = (20, 32, 44, 56, 110)
+CIFAR_PREACT_DEPTHS = (110, 164, 1001)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry row: the ResNet arguments of a named model and its native data."""
+
+    name: str
+    family: str  # "imagenet" or "cifar"
+    depth: int
+    arch: dict[str, Any] = field(hash=False)
+    num_classes: int
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def block(self) -> str:
+        return str(self.arch["block"])
+
+    @property
+    def shortcut(self) -> str:
+        return "none" if self.arch.get("plain") else str(self.arch["shortcut"])
+
+
+def imagenet_arch(depth: int) -> dict[str, Any]:
+    """ResNet arguments of paper Table 1 (v1: bottleneck stride on the first 1x1, option B)."""
+    if depth not in IMAGENET_DEPTHS:
+        raise ConfigError(f"ImageNet ResNet depth must be one of {sorted(IMAGENET_DEPTHS)}")
+    block, layers = IMAGENET_DEPTHS[depth]
+    return dict(block=block, layers=layers, widths=(64, 128, 256, 512), stem="conv7",
+                stem_width=64, shortcut="B", stride_in_3x3=False)
+
+
+def cifar_arch(depth: int, bottleneck: bool = False) -> dict[str, Any]:
+    """ResNet arguments of paper sec. 4.2: 16/32/64 filters, 6n+2 layers (9n+2 for bottlenecks)."""
+    per_block = 3 if bottleneck else 2
+    n, rem = divmod(depth - 2, 3 * per_block)
+    if rem or n < 1:
+        rule = "9n+2 (e.g. 164, 1001)" if bottleneck else "6n+2 (e.g. 20, 32, 44, 56, 110)"
+        raise ConfigError(f"CIFAR ResNet depth must be {rule}, got {depth}")
+    # Option A keeps ResNet and plain parameters equal (sec. 4.2); the bottleneck nets of
+    # Identity Mappings grow 16 -> 64 channels in their first block, which they project.
+    return dict(block="bottleneck" if bottleneck else "basic", layers=(n, n, n),
+                widths=(16, 32, 64), stem="cifar", stem_width=16,
+                shortcut="B" if bottleneck else "A", stride_in_3x3=True)
+
+
+def _build_table() -> dict[str, ModelSpec]:
+    rows: list[ModelSpec] = []
+
+    def add(name: str, family: str, depth: int, arch: dict[str, Any]) -> None:
+        if family == "imagenet":
+            rows.append(ModelSpec(name, family, depth, arch, 1000, 224, IMAGENET_MEAN,
+                                  IMAGENET_STD))
+        else:
+            rows.append(ModelSpec(name, family, depth, arch, 10, 32, CIFAR_MEAN, CIFAR_STD))
+
+    for d in IMAGENET_DEPTHS:
+        base = imagenet_arch(d)
+        add(f"resnet{d}", "imagenet", d, base)
+        add(f"plain{d}", "imagenet", d, {**base, "plain": True})
+        # Bag of Tricks tweaks are cumulative, as in its Table 5: B, then C = B + deep
+        # stem, then D = C + average-pool shortcut. B changes nothing in a basic block.
+        b = {**base, "stride_in_3x3": True}
+        if base["block"] == "bottleneck":
+            add(f"resnet{d}b", "imagenet", d, b)
+        c = {**b, "stem": "deep"}
+        add(f"resnet{d}c", "imagenet", d, c)
+        add(f"resnet{d}d", "imagenet", d, {**c, "avg_down": True})
+        add(f"preact_resnet{d}", "imagenet", d, {**b, "preact": True})
+    for d in CIFAR_DEPTHS:
+        add(f"resnet{d}", "cifar", d, cifar_arch(d))
+    for d in CIFAR_PLAIN_DEPTHS:
+        add(f"plain{d}", "cifar", d, {**cifar_arch(d), "plain": True})
+    for d in CIFAR_PREACT_DEPTHS:
+        add(f"preact_resnet{d}", "cifar", d,
+            {**cifar_arch(d, bottleneck=d in (164, 1001)), "preact": True})
+    return {r.name: r for r in rows}
+
+
+MODELS: dict[str, ModelSpec] = _build_table()
+ARCH_KEYS = tuple(p for p in inspect.signature(ResNet).parameters if p not in
+                  ("num_classes", "in_chans"))
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style pattern, in table order."""
+    return [n for n in MODELS if fnmatch.fnmatch(n, pattern)]
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The registry row of `name`; a wrong name gets the closest names in the error."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(MODELS), n=4, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else \
+            "; `resnetlab models` lists them all"
+        raise UnknownModelError(f"unknown model {name!r}{hint}") from None
+
+
+def build_model(spec: ModelSpec, num_classes: int, in_chans: int,
+                overrides: dict[str, Any]) -> ResNet:
+    """Instantiate a registry row with validated architecture overrides."""
+    bad = sorted(set(overrides) - set(ARCH_KEYS))
+    if bad:
+        raise ConfigError(f"unknown model option(s) {bad}; valid: {', '.join(ARCH_KEYS)}")
+    try:
+        model = ResNet(**{**spec.arch, **overrides}, num_classes=num_classes, in_chans=in_chans)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{spec.name}: {e}") from None
+    return model
+
+
+def cifar_resnet(depth: int, plain: bool = False, preact: bool = False,
+                 bottleneck: bool = False, num_classes: int = 10, in_chans: int = 3,
+                 **overrides: Any) -> ResNet:
+    """Any CIFAR-style depth: 6n+2 (basic blocks) or 9n+2 (`bottleneck=True`)."""
+    arch = {**cifar_arch(depth, bottleneck), "plain": plain, "preact": preact, **overrides}
+    return ResNet(**arch, num_classes=num_classes, in_chans=in_chans)

@@ -1,0 +1,131 @@
+"""Golden numbers from SPEC.md and the paper, and the structure each variant promises."""
+
+import pytest
+import torch
+from torch import nn
+
+import resnetlab
+from resnetlab.complexity import count_params, meta_model, model_summary
+from resnetlab.models import Bottleneck, Projection, ZeroPadShortcut
+from resnetlab.models.layers import conv3x3
+from resnetlab.models.registry import PAPER_MACS
+
+# torchvision's counts (SPEC.md sec. 2) and the CIFAR option-A counts (paper Table 6).
+PARAMS = {
+    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
+    "resnet101": 44_549_160, "resnet152": 60_192_808,
+    "resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018,
+    "resnet110": 1_727_962, "resnet1202": 19_421_274,
+}
+STATE_ENTRIES = {"resnet18": 122, "resnet34": 218, "resnet50": 320, "resnet101": 626,
+                 "resnet152": 932}
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_parameter_counts(name: str) -> None:
+    assert count_params(meta_model(name)) == PARAMS[name]
+
+
+@pytest.mark.parametrize("name", list(STATE_ENTRIES))
+def test_state_dict_entries(name: str) -> None:
+    assert len(meta_model(name).state_dict()) == STATE_ENTRIES[name]
+
+
+@pytest.mark.parametrize("depth", [20, 32, 44, 56, 110])
+def test_plain_cifar_twin_has_equal_parameters(depth: int) -> None:
+    assert count_params(meta_model(f"plain{depth}")) == PARAMS[f"resnet{depth}"]
+
+
+@pytest.mark.parametrize("name", list(PAPER_MACS))
+def test_multiply_adds_match_paper_table1(name: str) -> None:
+    macs = model_summary(name)["macs"]
+    assert abs(macs - PAPER_MACS[name]) / PAPER_MACS[name] < 0.05
+
+
+def test_cifar_params_match_paper_table6_millions() -> None:
+    table6 = {"resnet20": 0.27, "resnet32": 0.46, "resnet44": 0.66, "resnet56": 0.85,
+              "resnet110": 1.7, "resnet1202": 19.4}
+    for name, millions in table6.items():
+        assert round(PARAMS[name] / 1e6, 2 if millions < 1 else 1) == millions
+
+
+def test_seed002_bottleneck_arithmetic() -> None:
+    block = Bottleneck(256, 64)
+    convs = sum(m.weight.numel() for m in block.modules() if isinstance(m, nn.Conv2d))
+    plain = 2 * conv3x3(256, 256).weight.numel()
+    assert convs == 69_632
+    assert plain == 1_179_648
+    assert round(plain / convs, 2) == 16.94
+
+
+def _shortcuts(model: nn.Module) -> list[nn.Module]:
+    return [b.shortcut for s in model.stages for b in s]
+
+
+def test_shortcut_options_abc() -> None:
+    a, b, c = (resnetlab.create_model("resnet34", shortcut=o) for o in "ABC")
+    assert sum(isinstance(s, ZeroPadShortcut) for s in _shortcuts(a)) == 3
+    assert sum(isinstance(s, Projection) for s in _shortcuts(a)) == 0
+    assert sum(isinstance(s, Projection) for s in _shortcuts(b)) == 3
+    assert all(isinstance(s, Projection) for s in _shortcuts(c))
+    # Option A is parameter-free: ResNet-34 A has exactly the plain-34 parameters.
+    assert count_params(a) == count_params(resnetlab.create_model("plain34"))
+    assert count_params(a) < count_params(b) < count_params(c)
+    assert all(s is None for s in _shortcuts(resnetlab.create_model("plain34")))
+
+
+def test_option_a_zero_pads_subsampled_identity() -> None:
+    x = torch.randn(2, 16, 8, 8)
+    y = ZeroPadShortcut(16, 32, 2)(x)
+    assert y.shape == (2, 32, 4, 4)
+    assert torch.equal(y[:, :16], x[:, :, ::2, ::2])
+    assert torch.count_nonzero(y[:, 16:]) == 0
+
+
+def test_v1_stride_on_first_1x1_and_resnet_b_on_3x3() -> None:
+    v1, b = resnetlab.create_model("resnet50"), resnetlab.create_model("resnet50b")
+    assert v1.layer2[0].conv1.stride == (2, 2) and v1.layer2[0].conv2.stride == (1, 1)
+    assert b.layer2[0].conv1.stride == (1, 1) and b.layer2[0].conv2.stride == (2, 2)
+    assert count_params(v1) == count_params(b)
+
+
+def test_resnet_c_deep_stem_and_d_average_pool_shortcut() -> None:
+    c, d = resnetlab.create_model("resnet50c"), resnetlab.create_model("resnet50d")
+    stem_convs = [m for m in c.stem if isinstance(m, nn.Conv2d)]
+    assert [m.kernel_size for m in stem_convs] == [(3, 3)] * 3
+    assert [m.out_channels for m in stem_convs] == [32, 32, 64]
+    assert isinstance(d.layer2[0].shortcut.pool, nn.AvgPool2d)
+    assert d.layer2[0].shortcut.conv.stride == (1, 1)
+    assert isinstance(c.layer2[0].shortcut.pool, nn.Identity)
+    assert c.layer2[0].conv2.stride == (2, 2)  # C and D include B
+
+
+def test_preact_has_nothing_after_addition() -> None:
+    model = resnetlab.create_model("preact_resnet110", zero_init_last=True).eval()
+    block = model.layer1[1]
+    x = torch.randn(2, 16, 8, 8)  # negative values survive: no ReLU after the addition
+    assert torch.equal(block(x), x)
+    assert isinstance(model.final_act[0], nn.BatchNorm2d)
+
+
+def test_zero_init_last_makes_v1_blocks_identity() -> None:
+    model = resnetlab.create_model("resnet56", zero_init_last=True).eval()
+    x = torch.relu(torch.randn(2, 16, 8, 8))
+    assert torch.equal(model.layer1[3](x), x)
+    plain = resnetlab.create_model("resnet56")
+    assert not torch.equal(plain.eval().layer1[3](x), x)
+    with pytest.raises(resnetlab.ConfigError, match="plain"):
+        resnetlab.create_model("plain20", zero_init_last=True)
+
+
+def test_forward_features_head_and_stages() -> None:
+    model = resnetlab.create_model("resnet50").eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        stages = model.forward_stages(x)
+        assert torch.allclose(model.forward_head(feats), model(x))
+    assert [tuple(s.shape[1:]) for s in stages] == [(256, 56, 56), (512, 28, 28),
+                                                     (1024, 14, 14), (2048, 7, 7)]
+    assert model.stage_channels == [256, 512, 1024, 2048]
+    assert model.forward_head(feats, pre_logits=True).shape == (1, 2048)
