@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-slow test-all lint
+.PHONY: setup data demo test test-slow test-all lint
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-demo: setup
-	$(BIN)/resnetlab models
+# Fashion-MNIST from Debian's package where apt is available; otherwise resnetlab looks in
+# ~/.cache/resnetlab/ and, when online, downloads the official files (MD5-checked).
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist \
+	  || echo "apt could not install dataset-fashion-mnist; resnetlab will try its cache"; \
+	fi
+
+demo: setup data
+	$(BIN)/resnetlab train --preset fashion-mnist --out runs/demo --resume auto
 
 lint: setup
 	$(BIN)/ruff check src tests

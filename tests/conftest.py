@@ -1,3 +1,8 @@
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -5,3 +10,43 @@ import torch
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
+    """Write `array` (uint8) in the IDX format of MNIST / Fashion-MNIST."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def synthetic_images(n: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable 10-class images: class k lights up horizontal band k, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
+    band = size // 10
+    for i, k in enumerate(labels):
+        images[i, k * band:(k + 1) * band + 1, 2:-2] = 220
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small data set in the official Fashion-MNIST file layout (IDX, gzipped)."""
+    root = tmp_path_factory.mktemp("fashion")
+    for split, n, seed in (("train", 640, 1), ("t10k", 256, 2)):
+        images, labels = synthetic_images(n, seed)
+        write_idx(root / f"{split}-images-idx3-ubyte", images)
+        write_idx(root / f"{split}-labels-idx1-ubyte", labels)
+    return root
+
+
+@pytest.fixture
+def smoke_args(fashion_dir: Path) -> list[str]:
+    """CLI arguments that run the smoke preset on the test-written files."""
+    return ["--preset", "smoke", "--data-dir", str(fashion_dir), "--set", "data.verify=false"]

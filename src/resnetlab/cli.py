@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
+from .cli_run import add_train_parser
 from .complexity import meta_model, model_summary, stage_table
 from .errors import ResNetLabError
 from .models.registry import PAPER_MACS, get_spec, list_models
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--in-chans", type=int, help="input channels (default 3)")
     i.add_argument("--num-classes", type=int, help="classes of the fc layer")
     i.set_defaults(func=cmd_info)
+    add_train_parser(sub)
     return p
 
 
@@ -110,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted; a training run keeps a checkpoint: rerun the same command with "
+              "--out RUN_DIR --resume auto to continue", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

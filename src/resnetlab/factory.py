@@ -54,7 +54,7 @@ class ModelConfig:
             raise WeightsError(f"{path} is not a valid resnetlab config: {e}") from None
 
 
-def _write_atomic(path: Path, write: Any) -> None:
+def write_atomic(path: Path, write: Any) -> None:
     """Write through a temporary file in the same directory, fsync, then rename over `path`."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -148,9 +148,9 @@ def save_weights(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _write_atomic(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write_atomic(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(data, indent=2) + "\n"
-    _write_atomic(out / CONFIG_FILE, lambda p: Path(p).write_text(text))
+    write_atomic(out / CONFIG_FILE, lambda p: Path(p).write_text(text))
     model.model_config = ModelConfig(**data)  # type: ignore[assignment]
     return out
 

@@ -28,7 +28,7 @@ IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
 PAPER_MACS = {"resnet18": 1.8e9, "resnet34": 3.6e9, "resnet50": 3.8e9, "resnet101": 7.6e9,
               "resnet152": 11.3e9}
 # Paper sec. 4.2: 6n+2 layers; Identity Mappings' bottleneck nets: 9n+2 layers.
-CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
+CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110, 1202)  # 8 and 14: small nets for quick runs
 CIFAR_PLAIN_DEPTHS = (20, 32, 44, 56, 110)
 CIFAR_PREACT_DEPTHS = (110, 164, 1001)
 

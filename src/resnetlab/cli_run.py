@@ -1,0 +1,149 @@
+"""`resnetlab train | eval | predict`: thin wrappers that print what the library returns."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from .data import build_data
+from .data.memory import Normalize
+from .errors import ConfigError
+from .evaluate import TTA_MODES, evaluate, recompute_bn
+from .factory import load_model
+from .predict import Prediction, Predictor, weights_dir
+from .train.config import PRESETS, TrainConfig, resolve, to_yaml
+from .train.loop import train
+from .train.report import plot_confusion
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="train a model (default: the fashion-mnist preset)",
+                       description="Train with a preset, a YAML config and --set overrides, "
+                       "in that order. Presets: " + ", ".join(PRESETS))
+    t.add_argument("--preset", help="a shipped recipe (default fashion-mnist unless --config)")
+    t.add_argument("--config", help="YAML file of settings (e.g. a run's config.yaml)")
+    t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set optim.lr=0.05 (repeatable)")
+    t.add_argument("--data-dir", help="shortcut for --set data.data_dir=DIR")
+    t.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
+    t.add_argument("--resume", choices=["auto", "no"], default="no",
+                   help="auto: continue from the run directory's last checkpoint, if any")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="top-1/top-5 error of a run or weights directory")
+    e.add_argument("weights", help="run directory or weights directory")
+    e.add_argument("--data", help="data set, when the weights are not inside a run directory")
+    e.add_argument("--data-dir", help="folder holding the data set's files")
+    e.add_argument("--split", choices=["test", "val"], default="test")
+    e.add_argument("--tta", choices=TTA_MODES, default="center",
+                   help="center view, the paper's 10-crop, or multi-scale fully-conv")
+    e.add_argument("--recompute-bn", action="store_true",
+                   help="re-estimate BatchNorm statistics on training data first")
+    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--out", help="JSON file for the results (default: next to the weights)")
+    e.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="classify image files")
+    p.add_argument("weights", help="run directory or weights directory")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, BMP, ...)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    preset = args.preset or (None if args.config else "fashion-mnist")
+    sets = list(args.sets) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
+    cfg = resolve(preset, args.config, sets)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    out = Path(args.out) if args.out else \
+        Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"training {cfg.model.name} ({cfg.preset} preset, {cfg.schedule.iterations} "
+          f"iterations) into {out}", flush=True)
+    res = train(cfg, out, resume=args.resume == "auto")
+    acc = 100 * (1 - res.test.top1_error)
+    print(f"test accuracy {acc:.2f}% (top-1 error {100 * res.test.top1_error:.2f}%, "
+          f"top-5 error {100 * res.test.top5_error:.2f}%) on {res.test.count:,} test images")
+    print(f"trained {res.iterations} iterations in {res.seconds / 60:.1f} min")
+    print(f"run directory: {res.run_dir}")
+    print(f"weights:       {res.weights}")
+    print(f"curves:        {res.curves}")
+    return 0
+
+
+def _eval_data_config(args: argparse.Namespace, wdir: Path) -> TrainConfig:
+    """The run's own config if the weights sit in a run directory, else --data."""
+    for run_cfg in (wdir / "config.yaml", wdir.parent / "config.yaml",
+                    wdir.parent.parent / "config.yaml"):
+        if run_cfg.is_file() and not args.data:
+            cfg = resolve(None, str(run_cfg))
+            break
+    else:
+        if not args.data:
+            raise ConfigError(f"{wdir} is not inside a run directory: say which data set "
+                              "with --data (fashion-mnist, mnist, cifar10, cifar100, folder)")
+        cfg = resolve(None, sets=[f"data.dataset={args.data}"])
+    if args.data_dir:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=args.data_dir))
+    return cfg
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    wdir = weights_dir(args.weights)
+    model = load_model(wdir)
+    cfg = _eval_data_config(args, Path(args.weights))
+    data = build_data(cfg.data, cfg.batch_size, args.batch_size, cfg.seed)
+    mc = model.model_config
+    for loader in (data.train_eval, data.val, data.test):  # the weights' own statistics
+        if loader is not None and hasattr(loader, "normalize"):
+            loader.normalize = Normalize(mc.mean, mc.std)
+    if args.recompute_bn:
+        recompute_bn(model, data.train.batches(0))
+    split = data.test if args.split == "test" else data.val
+    if split is None:
+        raise ConfigError("this run has no validation split (data.val_split=0)")
+    res = evaluate(model, split.batches(0), mc.num_classes, args.tta)
+    names = mc.class_names or data.classes
+    print(f"{mc.architecture} on the {args.split} split ({res.count:,} images, tta={args.tta}"
+          f"{', BN recomputed' if args.recompute_bn else ''})")
+    print(f"top-1 error {100 * res.top1_error:.2f}%   top-5 error {100 * res.top5_error:.2f}%"
+          f"   accuracy {100 * (1 - res.top1_error):.2f}%")
+    width = max(len(n) for n in names)
+    for name, acc in zip(names, res.per_class_accuracy, strict=True):
+        print(f"  {name:<{width}}  {100 * acc:6.2f}%")
+    out = Path(args.out) if args.out else wdir / f"eval-{args.split}-{args.tta}.json"
+    out.write_text(json.dumps({"weights": str(wdir), "split": args.split, "tta": args.tta,
+                               "recompute_bn": args.recompute_bn, **res.summary(),
+                               "per_class_accuracy": dict(zip(names, res.per_class_accuracy,
+                                                              strict=True)),
+                               "confusion": res.confusion}, indent=2) + "\n")
+    png = plot_confusion(res.confusion, names, out.with_suffix(".png"),
+                         f"{mc.architecture}, {args.split}: {100 * res.top1_error:.2f}% error")
+    print(f"results: {out}\nconfusion matrix: {png}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    predictor = Predictor(args.weights)
+    failed = 0
+    for res in predictor.predict(args.images, args.topk):
+        if not isinstance(res, Prediction):
+            print(f"error: {res}", file=sys.stderr)
+            failed += 1
+        elif args.json:
+            print(json.dumps({"path": res.path, "predictions": [
+                {"label": lab, "index": i, "prob": round(p, 6)}
+                for lab, i, p in zip(res.labels, res.indices, res.probs, strict=True)]}))
+        else:
+            best = ", ".join(f"{lab} {100 * p:.1f}%" for lab, p in
+                             zip(res.labels, res.probs, strict=True))
+            print(f"{res.path}: {best}")
+    return 1 if failed else 0
+

@@ -1,0 +1,141 @@
+"""Folders of images in the ImageNet layout (`root/train/<class>/*.jpg`, `root/val/<class>/`).
+
+Decoding and augmentation run in DataLoader workers with torchvision.transforms.v2.
+Training follows paper sec. 3.4: shorter side random in [256, 480], random 224 crop,
+horizontal flip, AlexNet's PCA colour augmentation, mean/std normalisation; evaluation
+resizes the shorter side to 256 and takes the centre 224.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Sampler
+from torchvision.transforms import v2
+
+from ..images import ImageError, load_image
+from .memory import epoch_permutation
+from .sources import DataError
+
+log = logging.getLogger(__name__)
+
+# AlexNet (Krizhevsky et al. 2012) PCA of ImageNet RGB pixels, as used by fb.resnet.torch.
+PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009],
+                           [-0.5808, -0.0045, -0.8140],
+                           [-0.5836, -0.6948, 0.4203]])
+
+
+class Lighting(torch.nn.Module):
+    """Add sum_i alpha_i * eigval_i * eigvec_i to every pixel, alpha ~ N(0, alphastd)."""
+
+    def __init__(self, alphastd: float = 0.1) -> None:
+        super().__init__()
+        self.alphastd = alphastd
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if self.alphastd == 0 or img.shape[-3] != 3:
+            return img
+        alpha = torch.randn(3) * self.alphastd
+        rgb = PCA_EIGVEC @ (alpha * PCA_EIGVAL)
+        return img + rgb.view(3, 1, 1)
+
+
+def train_transform(size: int, mean: Sequence[float], std: Sequence[float],
+                    scale: tuple[int, int] = (256, 480), lighting: float = 0.1) -> v2.Compose:
+    ratio = scale[0] / 224
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.RandomShortestSize(list(range(round(size * ratio), round(size * scale[1] / 224) + 1))),
+        v2.RandomCrop(size),
+        v2.RandomHorizontalFlip(),
+        v2.ToDtype(torch.float32, scale=True),
+        Lighting(lighting),
+        v2.Normalize(mean, std),
+    ])
+
+
+def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    return v2.Compose([
+        v2.PILToTensor(),
+        v2.Resize(round(size * 256 / 224)),
+        v2.CenterCrop(size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])
+
+
+class ImageFolderDataset(torchvision.datasets.ImageFolder):
+    """torchvision's ImageFolder with our decoder; an unreadable file yields None (skipped)."""
+
+    def __init__(self, root: Path, transform: v2.Compose, mode: str = "RGB") -> None:
+        if not root.is_dir():
+            raise DataError(f"{root} is not a folder of class sub-folders")
+        try:
+            super().__init__(str(root), transform=transform,
+                             loader=lambda p: load_image(p, mode), allow_empty=True)
+        except FileNotFoundError as e:
+            raise DataError(f"{root}: {e}") from None
+        if not self.samples:
+            raise DataError(f"{root} holds no images in class sub-folders")
+
+    def __getitem__(self, index: int):  # type: ignore[override]
+        try:
+            return super().__getitem__(index)
+        except ImageError as e:
+            log.warning("skipping %s", e)
+            return None
+
+
+def _collate(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    xs, ys = zip(*batch, strict=True)
+    return torch.stack(xs), torch.tensor(ys)
+
+
+class _EpochSampler(Sampler[int]):
+    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def __iter__(self) -> Iterator[int]:
+        order = epoch_permutation(self.n, self.seed, self.epoch) if self.shuffle \
+            else torch.arange(self.n)
+        return iter(order[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+class FolderLoader:
+    """DataLoader over an image folder with the same `batches(epoch, start)` interface."""
+
+    def __init__(self, dataset: ImageFolderDataset, batch_size: int, shuffle: bool,
+                 drop_last: bool, workers: int, seed: int = 0,
+                 channels_last: bool = False) -> None:
+        self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
+        self.channels_last = channels_last
+        self.sampler = _EpochSampler(len(dataset), seed, shuffle)
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
+                                 num_workers=workers, collate_fn=_collate,
+                                 drop_last=drop_last, persistent_workers=False)
+
+    def __len__(self) -> int:
+        n, b = len(self.dataset), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.epoch, self.sampler.start = epoch, start * self.batch_size
+        for batch in self.loader:
+            if batch is None:
+                continue
+            x, y = batch
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y

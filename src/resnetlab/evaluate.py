@@ -1,0 +1,113 @@
+"""Scoring a model the paper's ways: single view, 10-crop, multi-scale fully convolutional.
+
+10-crop (paper sec. 3.4, from AlexNet): resize so the shorter side is 256/224 of the crop,
+take the four corners and the centre, and their mirror images; average the softmax.
+Multi-scale: the network is fully convolutional up to its global pool, so the whole image
+is scored at several shorter sides ({224, 256, 384, 480, 640} for 224 models; the same
+ratios of the native size for small images) and with flips; the softmax is averaged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+TTA_MODES = ("center", "10crop", "multiscale")
+PAPER_SCALES = (224, 256, 384, 480, 640)
+
+
+def ten_crop_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean softmax over the 10 crops of a batch (crops of the input size, after upscaling)."""
+    size = x.shape[-1]
+    big = TF.resize(x, [round(size * 256 / 224)], antialias=True)
+    crops = TF.ten_crop(big, [size, size])
+    return torch.stack([model(c).softmax(1) for c in crops]).mean(0)
+
+
+def multiscale_probs(model: nn.Module, x: torch.Tensor,
+                     scales: Iterable[float] | None = None) -> torch.Tensor:
+    """Mean softmax over whole images resized to several scales, with their flips."""
+    size = x.shape[-1]
+    ratios = scales or [s / 224 for s in PAPER_SCALES]
+    probs = []
+    for r in ratios:
+        xi = TF.resize(x, [round(size * r)], antialias=True) if r != 1 else x
+        probs += [model(xi).softmax(1), model(xi.flip(-1)).softmax(1)]
+    return torch.stack(probs).mean(0)
+
+
+def predict_probs(model: nn.Module, x: torch.Tensor, tta: str = "center") -> torch.Tensor:
+    if tta == "center":
+        return model(x).softmax(1)
+    if tta == "10crop":
+        return ten_crop_probs(model, x)
+    if tta == "multiscale":
+        return multiscale_probs(model, x)
+    raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
+
+
+@dataclass
+class EvalResult:
+    top1_error: float
+    top5_error: float
+    loss: float
+    count: int
+    per_class_accuracy: list[float] = field(default_factory=list)
+    confusion: list[list[int]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float | int]:
+        return {"top1_error": self.top1_error, "top5_error": self.top5_error,
+                "loss": self.loss, "count": self.count}
+
+
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             num_classes: int, tta: str = "center",
+             progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Top-1/top-5 error, mean NLL, per-class accuracy and the confusion matrix."""
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    top5_hits, nll, n = 0, 0.0, 0
+    with torch.inference_mode():
+        for x, y in batches:
+            probs = predict_probs(model, x, tta).float()
+            nll += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum").item()
+            k = min(5, num_classes)
+            top5_hits += (probs.topk(k, 1).indices == y[:, None]).any(1).sum().item()
+            confusion += torch.bincount(y * num_classes + probs.argmax(1),
+                                        minlength=num_classes ** 2).view(num_classes, -1)
+            n += len(y)
+            if progress:
+                progress(len(y))
+    model.train(was_training)
+    if n == 0:
+        raise ValueError("evaluation got no examples")
+    correct = confusion.diag()
+    per_class = (correct.float() / confusion.sum(1).clamp_min(1)).tolist()
+    return EvalResult(1 - correct.sum().item() / n, 1 - top5_hits / n, nll / n, n,
+                      per_class, confusion.tolist())
+
+
+def recompute_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                 max_batches: int = 200) -> None:
+    """Re-estimate BatchNorm running statistics as exact averages over training batches."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for i, (x, _) in enumerate(batches):
+            if i >= max_batches:
+                break
+            model(x)
+    for m, mom in zip(bns, saved, strict=True):
+        m.momentum = mom
+    model.train(was_training)

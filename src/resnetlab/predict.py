@@ -1,0 +1,73 @@
+"""Class predictions for image files, with the preprocessing the weights were trained with."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from .data.memory import Normalize
+from .factory import load_model
+from .images import ImageError, load_image
+
+
+@dataclass
+class Prediction:
+    path: str
+    labels: list[str]
+    probs: list[float]
+    indices: list[int]
+
+
+def weights_dir(path: str | os.PathLike[str]) -> Path:
+    """A weights directory, or the `final/` weights (else latest checkpoint) of a run."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if (p / "final" / "config.json").is_file():
+        return p / "final"
+    pointer = p / "checkpoints" / "latest"
+    if pointer.is_file():
+        return p / "checkpoints" / pointer.read_text().strip()
+    return p  # load_model reports what is missing
+
+
+class Predictor:
+    def __init__(self, weights: str | os.PathLike[str]) -> None:
+        self.model = load_model(weights_dir(weights)).eval()
+        cfg = self.model.model_config
+        self.size, self.in_chans = cfg.input_size, cfg.in_chans
+        self.normalize = Normalize(cfg.mean, cfg.std)
+        self.classes = cfg.class_names or [str(i) for i in range(cfg.num_classes)]
+
+    def preprocess(self, path: str | os.PathLike[str]) -> torch.Tensor:
+        """Decode, convert to the model's channels, resize and crop to its input size."""
+        im = load_image(path, "L" if self.in_chans == 1 else "RGB")
+        x = TF.pil_to_tensor(im)
+        if self.in_chans not in (1, 3):
+            x = x[:1].expand(self.in_chans, -1, -1)
+        # Small-image models see the whole image; 224 models the paper's 256-resize centre crop.
+        short = self.size if self.size < 64 else round(self.size * 256 / 224)
+        x = TF.center_crop(TF.resize(x, [short], antialias=True), [self.size, self.size])
+        return self.normalize(x.unsqueeze(0))
+
+    def predict(self, paths: list[str], topk: int = 5) -> list[Prediction | ImageError]:
+        """One result per path, in order: a Prediction, or the ImageError that file raised."""
+        results: list[Prediction | ImageError] = []
+        k = max(1, min(topk, len(self.classes)))
+        with torch.inference_mode():
+            for path in paths:
+                try:
+                    x = self.preprocess(path)
+                except ImageError as e:
+                    results.append(e)
+                    continue
+                probs = self.model(x).softmax(1)[0]
+                top = probs.topk(k)
+                idx = top.indices.tolist()
+                results.append(Prediction(str(path), [self.classes[i] for i in idx],
+                                          top.values.tolist(), idx))
+        return results

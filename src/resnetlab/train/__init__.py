@@ -1,0 +1,1 @@
+"""Training: typed config and presets, schedules, checkpoints, the loop, reports."""

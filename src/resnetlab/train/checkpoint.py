@@ -1,0 +1,86 @@
+"""Checkpoints that a kill cannot destroy.
+
+Each checkpoint is a new directory `checkpoints/ckpt-<iteration>/` holding the weights
+(`model.safetensors` + `config.json`, the format of `save_weights`) and `trainer_state.pt`
+(optimizer, schedule, position, RNG; tensors and plain values only, read back with
+`torch.load(weights_only=True)`). Only once every file is on disk does the small pointer
+file `checkpoints/latest` switch to it (temporary file, fsync, rename), so whatever moment
+a process dies, `latest` names a complete checkpoint. Older ones are then removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ResNetLabError
+from ..factory import load_weights, save_weights, write_atomic
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.pt"
+POINTER = "latest"
+
+
+class CheckpointError(ResNetLabError):
+    """A checkpoint that cannot be written or read."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: Path, model: nn.Module, state: dict[str, Any],
+                    class_names: list[str] | None, data_config: dict[str, Any],
+                    keep: int = 1) -> Path:
+    """Write a complete checkpoint, then point `latest` at it, then prune older ones."""
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"ckpt-{int(state['iteration']):08d}"
+    try:
+        if target.exists():
+            shutil.rmtree(target)
+        tmp = root / f".tmp-{target.name}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_weights(model, tmp, class_names=class_names, **data_config)
+        write_atomic(tmp / STATE_FILE, lambda p: torch.save(state, p))
+        _fsync_dir(tmp)
+        os.replace(tmp, target)
+        write_atomic(root / POINTER, lambda p: Path(p).write_text(target.name + "\n"))
+        _fsync_dir(root)
+    except OSError as e:
+        raise CheckpointError(f"cannot write a checkpoint in {root}: {e.strerror or e}; "
+                              "the previous checkpoint is kept") from None
+    for old in sorted(root.glob("ckpt-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return target
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    pointer = root / POINTER
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / STATE_FILE).is_file() else None
+
+
+def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
+    """Load the weights into `model` and return the trainer state (no pickle code runs)."""
+    load_weights(model, path)
+    try:
+        return torch.load(path / STATE_FILE, weights_only=True, map_location="cpu")
+    except Exception as e:  # a crafted or damaged file: refuse it, never execute it
+        raise CheckpointError(f"{path / STATE_FILE} cannot be loaded safely: "
+                              f"{str(e).splitlines()[0]}") from None

@@ -1,0 +1,274 @@
+"""Typed training configuration, the shipped presets, and the one override path.
+
+A run's configuration is: the dataclass defaults, then a preset, then a YAML file
+(`--config`), then `--set key=value` pairs; each layer goes through the same checks, and
+the resolved result is saved as `config.yaml` in the run directory (which `--config` reads
+back). Every wrong key, type or value is a one-line ConfigError naming the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..data import DATASETS
+from ..errors import ConfigError
+from ..models.registry import ARCH_KEYS, build_model, get_spec
+
+SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    val_split: int = 5000  # examples held out of the training set for choices
+    normalize: str = "channel"  # "channel" mean/std, or "pixel": the paper's per-pixel mean
+    pad: int = 4  # random crop of the image zero-padded by this much (0: no crop)
+    flip: bool = True
+    verify: bool = True  # MD5-check the official files
+    limit_train: int = 0  # use only the first N training examples (0: all); for smoke runs
+    limit_test: int = 0
+    image_size: int = 224  # folder data sets
+    workers: int = 2  # folder data sets: DataLoader workers
+    lighting: float = 0.1  # folder data sets: AlexNet PCA colour augmentation std
+
+
+@dataclass
+class ModelSection:
+    name: str = "resnet20"
+    options: dict[str, Any] = field(default_factory=dict)  # ResNet overrides: shortcut, ...
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    decay_bn_and_bias: bool = True  # False: no weight decay on BN parameters and biases
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # max global gradient norm; 0 disables
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "multistep"
+    iterations: int = 64000
+    milestones: list[int] = field(default_factory=lambda: [32000, 48000])
+    gamma: float = 0.1
+    warmup_iters: int = 0  # linear ramp from warmup_lr to lr over these iterations
+    warmup_lr: float = 0.0
+    # > 0: hold warmup_lr until the training error falls below this (paper sec. 4.2, 110 layers)
+    warmup_until_error: float = 0.0
+    final_lr: float = 0.0  # floor of cosine and one-cycle
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "custom"
+    seed: int = 0
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval_every: int = 0  # iterations between evaluations; 0: once an epoch
+    log_every: int = 50  # iterations between metric lines
+    test_curve: bool = True  # also score the test set at each evaluation, for the curve only
+    channels_last: bool = True
+    bf16: bool = False  # bfloat16 autocast
+    threads: int = 0  # torch intra-op threads; 0: PyTorch's default
+    nonfinite: str = "stop"  # on a NaN/inf loss: "stop", or "skip" the step
+
+
+def _cifar_preset(depth: int, plain: bool) -> dict[str, Any]:
+    # Paper sec. 4.2: SGD, momentum 0.9, wd 1e-4, batch 128, lr 0.1 /10 at 32k and 48k,
+    # stop at 64k, 45k/5k split, per-pixel mean, pad 4 + crop + flip.
+    sched: dict[str, Any] = {"kind": "multistep", "iterations": 64000,
+                             "milestones": [32000, 48000]}
+    if depth >= 110:  # "0.01 to warm up until the training error is below 80%"
+        sched.update(warmup_lr=0.01, warmup_until_error=0.8)
+    return {"data": {"dataset": "cifar10", "val_split": 5000, "normalize": "pixel"},
+            "model": {"name": f"{'plain' if plain else 'resnet'}{depth}"},
+            "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+            "schedule": sched, "batch_size": 128, "eval_every": 1000}
+
+
+def _imagenet_preset(depth: int) -> dict[str, Any]:
+    # Paper sec. 3.4: batch 256, lr 0.1 /10 on plateaus (here: every 150k), 60e4 iterations.
+    return {"data": {"dataset": "folder", "val_split": 0, "image_size": 224},
+            "model": {"name": f"resnet{depth}"}, "batch_size": 256, "eval_batch_size": 250,
+            "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+            "schedule": {"kind": "multistep", "iterations": 600000,
+                         "milestones": [150000, 300000, 450000]},
+            "eval_every": 5000, "test_curve": False}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The README's main job: a CIFAR-style ResNet sized for a 2-core CPU.
+    "fashion-mnist": {
+        "data": {"dataset": "fashion-mnist", "val_split": 5000, "pad": 2},
+        "model": {"name": "resnet20"},
+        "optim": {"lr": 0.2, "nesterov": True, "weight_decay": 5e-4, "label_smoothing": 0.1},
+        "schedule": {"kind": "onecycle", "iterations": 1700, "warmup_iters": 250,
+                     "milestones": []},
+        "eval_every": 430,
+    },
+    "smoke": {
+        "data": {"dataset": "fashion-mnist", "val_split": 128, "limit_train": 640,
+                 "limit_test": 256},
+        "model": {"name": "resnet8", "options": {}},
+        "batch_size": 32, "eval_batch_size": 256, "log_every": 5, "eval_every": 10,
+        "schedule": {"kind": "cosine", "iterations": 20, "milestones": []},
+    },
+    **{f"cifar10-resnet{d}": _cifar_preset(d, False) for d in (20, 32, 44, 56, 110, 1202)},
+    **{f"cifar10-plain{d}": _cifar_preset(d, True) for d in (20, 32, 44, 56, 110)},
+    **{f"imagenet-resnet{d}": _imagenet_preset(d) for d in (18, 34, 50, 101, 152)},
+}
+
+
+# ----------------------------------------------------------------------- the override path
+
+def _closest(key: str, choices: list[str]) -> str:
+    near = difflib.get_close_matches(key, choices, n=1)
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        return _coerce(path, value, next(a for a in args if a is not type(None)))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (bool, str) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{path} must be {tp.__name__}, got {value!r}")
+
+
+def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> Any:
+    """A copy of dataclass `obj` with `updates` (a nested mapping) checked and applied."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    changes = {}
+    for key, value in updates.items():
+        path = prefix + str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown key {path!r}{_closest(str(key), list(fields))}; "
+                              f"valid keys: {', '.join(prefix + k for k in fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = _merge(current, value, path + ".")
+        else:
+            changes[key] = _coerce(path, value, hints[key])
+    return dataclasses.replace(obj, **changes)
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`["optim.lr=0.05", "model.options={shortcut: B}"]` -> a nested mapping (YAML values)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: {raw!r} is not a valid value ({e})") from None
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is set twice")
+        node[leaf] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys")
+    return data
+
+
+def _check_range(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Checks no type annotation can express: choices and ranges."""
+    d, s, o = cfg.data, cfg.schedule, cfg.optim
+    _check_range(d.dataset in DATASETS, f"data.dataset must be one of {', '.join(DATASETS)}")
+    _check_range(d.normalize in ("channel", "pixel"), "data.normalize must be channel or pixel")
+    _check_range(s.kind in SCHEDULES, f"schedule.kind must be one of {', '.join(SCHEDULES)}")
+    _check_range(cfg.nonfinite in ("stop", "skip"), "nonfinite must be stop or skip")
+    _check_range(cfg.batch_size >= 1 and cfg.eval_batch_size >= 1, "batch sizes must be >= 1")
+    _check_range(s.iterations >= 1, "schedule.iterations must be >= 1")
+    _check_range(o.lr > 0, "optim.lr must be > 0")
+    _check_range(0 <= o.momentum < 1, "optim.momentum must be in [0, 1)")
+    _check_range(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
+    _check_range(0 <= o.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)")
+    _check_range(0 <= s.warmup_until_error < 1, "schedule.warmup_until_error must be in [0, 1)")
+    _check_range(d.pad >= 0 and d.val_split >= 0, "data.pad and data.val_split must be >= 0")
+    _check_range(s.milestones == sorted(s.milestones), "schedule.milestones must increase")
+    spec = get_spec(cfg.model.name)
+    bad = sorted(set(cfg.model.options) - set(ARCH_KEYS))
+    _check_range(not bad, f"unknown model.options {bad}; valid: {', '.join(ARCH_KEYS)}")
+    with torch.device("meta"):  # bad option values fail here, before any data is read
+        build_model(spec, spec.num_classes, 3, cfg.model.options)
+    return cfg
+
+
+def resolve(preset: str | None, config_file: str | None = None,
+            sets: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the preset, then the YAML file, then the --set pairs."""
+    cfg = TrainConfig()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}{_closest(preset, list(PRESETS))}; "
+                              f"choose one of {', '.join(PRESETS)}")
+        cfg = _merge(cfg, {**PRESETS[preset], "preset": preset})
+    if config_file:
+        cfg = _merge(cfg, load_yaml(config_file))
+    if sets:
+        cfg = _merge(cfg, parse_set(sets))
+    return validate(cfg)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(asdict(cfg), sort_keys=False)

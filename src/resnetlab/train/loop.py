@@ -1,0 +1,254 @@
+"""The training loop: plain functions over explicit objects.
+
+The position in the data is a function of the iteration alone (every epoch has the same
+number of batches and its order comes from (seed, epoch)), so a checkpoint needs only the
+iteration, the weights, the optimizer, the schedule's state and the RNG to resume exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..data import DataBundle, build_data
+from ..errors import ConfigError, ResNetLabError
+from ..evaluate import EvalResult, evaluate
+from ..factory import create_model, save_weights
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig, load_yaml, to_yaml
+from .report import MetricsLog, plot_confusion, plot_curves
+from .schedule import LRSchedule
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(ResNetLabError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    weights: Path
+    curves: Path
+    test: EvalResult
+    iterations: int
+    seconds: float
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    o = cfg.optim
+    if o.decay_bn_and_bias:
+        groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
+    else:  # weight decay only on conv and fc weights (Bag of Tricks sec. 3.1)
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                           weight_decay=o.weight_decay)
+
+
+def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
+    saved = run_dir / "config.yaml"
+    started = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
+    if not (saved.exists() and started):
+        return
+    if not resume:
+        raise ConfigError(f"{run_dir} already holds a run; pass --resume auto to continue it "
+                          "or choose another --out")
+    old, new = load_yaml(saved), asdict(cfg)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        raise ConfigError(f"{run_dir} was started with another config (differs in "
+                          f"{', '.join(diff)}); resume it with --config {saved}")
+
+
+class _Window:
+    """Loss and error sums kept on the device between log steps (no per-step host sync)."""
+
+    def __init__(self) -> None:
+        self.loss = torch.zeros(())
+        self.wrong = torch.zeros((), dtype=torch.long)
+        self.n, self.t0 = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, wrong: torch.Tensor, n: int) -> None:
+        self.loss += loss.detach().float() * n
+        self.wrong += wrong
+        self.n += n
+
+    def read(self) -> tuple[float, float, float]:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return self.loss.item() / max(self.n, 1), self.wrong.item() / max(self.n, 1), self.n / dt
+
+
+def _eval_splits(model: nn.Module, data: DataBundle, n_classes: int,
+                 with_test: bool) -> tuple[dict[str, Any], EvalResult | None]:
+    rec: dict[str, Any] = {"val_error": None, "test_error": None}
+    test = None
+    if data.val is not None:
+        rec["val_error"] = evaluate(model, data.val.batches(0), n_classes).top1_error
+    if with_test:
+        test = evaluate(model, data.test.batches(0), n_classes)
+        rec["test_error"] = test.top1_error
+    return rec, test
+
+
+def train(cfg: TrainConfig, run_dir: Path, resume: bool = False,
+          progress: bool | None = None) -> RunResult:
+    """Train `cfg` into `run_dir`; with `resume`, continue from its latest checkpoint."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_dir(run_dir, cfg, resume)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
+                      cfg.channels_last)
+    n_classes = len(data.classes)
+    model = create_model(cfg.model.name, num_classes=n_classes, in_chans=data.in_chans,
+                         **cfg.model.options)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    data_cfg = {"input_size": data.input_size, "mean": data.mean, "std": data.std}
+    opt = make_optimizer(model, cfg)
+    sched = LRSchedule(cfg.schedule, cfg.optim.lr)
+    recent: deque[float] = deque(maxlen=10)  # batch errors seen by the conditional warm-up
+    steps = len(data.train)
+    if steps == 0:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set")
+    total, it = cfg.schedule.iterations, 0
+    ckpt_dir, metrics = run_dir / "checkpoints", MetricsLog(run_dir)
+
+    found = latest_checkpoint(ckpt_dir) if resume else None
+    if found is not None:
+        state = load_checkpoint(found, model)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        recent.extend(state["recent_errors"])
+        torch.set_rng_state(state["rng"])
+        it = int(state["iteration"])
+        log.info("resuming %s from iteration %d", run_dir, it)
+    metrics.truncate_after(it)
+
+    def checkpoint() -> None:
+        state = {"iteration": it, "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                 "recent_errors": list(recent), "rng": torch.get_rng_state()}
+        save_checkpoint(ckpt_dir, model, state, data.classes, data_cfg)
+
+    eval_every = cfg.eval_every or steps
+    crit = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else \
+        contextlib.nullcontext()
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(total=total, initial=it, unit="it", disable=not show, dynamic_ncols=True,
+               desc=cfg.model.name)
+    window, t_start = _Window(), time.perf_counter()
+    last: dict[str, Any] = {}
+    final_test: EvalResult | None = None
+    model.train()
+    try:
+        while it < total:
+            epoch, start = divmod(it, steps)
+            for x, y in data.train.batches(epoch, start):
+                lr = sched(it)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                with autocast:
+                    out = model(x)
+                    loss = crit(out.float(), y)
+                wrong = (out.argmax(1) != y).sum()
+                if cfg.nonfinite == "skip" and not torch.isfinite(loss):
+                    log.warning("iteration %d: non-finite loss, step skipped", it)
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.optim.grad_clip > 0:
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                    opt.step()
+                    window.add(loss, wrong, len(y))
+                if not sched.warmup.done:  # paper sec. 4.2: needs the error now, so sync
+                    recent.append(wrong.item() / len(y))
+                    sched.observe_train_error(it, sum(recent) / len(recent))
+                    if sched.warmup.done:
+                        log.info("warm-up ended at iteration %d (train error %.1f%%)", it,
+                                 100 * sum(recent) / len(recent))
+                it += 1
+                bar.update(1)
+                is_eval = it % eval_every == 0 or it == total
+                if it % cfg.log_every == 0 or is_eval:
+                    last = _log_train(metrics, window, it, steps, lr, ckpt_dir)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}",
+                                    err=f"{100 * last['train_error']:.1f}%",
+                                    lr=f"{lr:.3g}", ips=f"{last['images_per_s']:.0f}")
+                    window = _Window()
+                if is_eval:
+                    ev, final_test = _eval_splits(model, data, n_classes,
+                                                  cfg.test_curve or it == total)
+                    metrics.write({"kind": "eval", "iteration": it, "epoch": it / steps,
+                                   "train_loss": last["loss"],
+                                   "train_error": last["train_error"], "lr": lr,
+                                   "images_per_s": last["images_per_s"],
+                                   "elapsed_s": time.perf_counter() - t_start, **ev})
+                    log.info("iteration %d/%d: %s", it, total, ", ".join(
+                        f"{k.replace('_', ' ')} {100 * v:.2f}%" for k, v in ev.items()
+                        if v is not None))
+                    checkpoint()
+                    window = _Window()  # the evaluation's time is not training speed
+                if it >= total:
+                    break
+    except KeyboardInterrupt:
+        if window.n == 0 or math.isfinite(window.read()[0]):
+            checkpoint()
+        raise
+    finally:
+        bar.close()
+    return finish(model, data, run_dir, metrics, cfg, it, time.perf_counter() - t_start,
+                  final_test if it == total else None)
+
+
+def _log_train(metrics: MetricsLog, window: _Window, it: int, steps: int, lr: float,
+               ckpt_dir: Path) -> dict[str, Any]:
+    loss, err, speed = window.read()
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"the loss became {loss} before iteration {it}; the last good "
+                                 f"checkpoint is kept in {ckpt_dir} (lower optim.lr, or set "
+                                 "nonfinite=skip)")
+    rec = {"kind": "train", "iteration": it, "epoch": it / steps, "loss": loss,
+           "train_error": err, "lr": lr, "images_per_s": speed}
+    metrics.write(rec)
+    return rec
+
+
+def finish(model: nn.Module, data: DataBundle, run_dir: Path, metrics: MetricsLog,
+           cfg: TrainConfig, iterations: int, seconds: float,
+           test: EvalResult | None = None) -> RunResult:
+    """Final weights, the test evaluation (unless the last step already made it), figures."""
+    weights = save_weights(model, run_dir / "final", class_names=data.classes,
+                           input_size=data.input_size, mean=data.mean, std=data.std)
+    if test is None:
+        test = evaluate(model, data.test.batches(0), len(data.classes))
+    (run_dir / "eval.json").write_text(json.dumps({"split": "test", "tta": "center",
+                                                   **test.summary(),
+                                                   "per_class_accuracy": dict(zip(
+                                                       data.classes, test.per_class_accuracy,
+                                                       strict=True))}, indent=2) + "\n")
+    plot_confusion(test.confusion, data.classes, run_dir / "confusion.png",
+                   f"{cfg.model.name}: test error {100 * test.top1_error:.2f}%")
+    curves = plot_curves(metrics.records(), run_dir / "curves.png",
+                         f"{cfg.model.name} on {cfg.data.dataset}")
+    return RunResult(run_dir, weights, curves, test, iterations, seconds)
+
+
+__all__ = ["NonFiniteLossError", "RunResult", "make_optimizer", "train"]

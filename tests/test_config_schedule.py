@@ -1,0 +1,107 @@
+"""Presets, the override path and its errors, and learning-rate schedules."""
+
+from pathlib import Path
+
+import pytest
+
+from resnetlab.errors import ConfigError
+from resnetlab.train.config import PRESETS, ScheduleConfig, parse_set, resolve, to_yaml
+from resnetlab.train.schedule import LRSchedule
+
+
+def test_paper_cifar_recipe() -> None:
+    cfg = resolve("cifar10-resnet110")
+    assert cfg.model.name == "resnet110" and cfg.batch_size == 128
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 1e-4)
+    s = cfg.schedule
+    assert (s.kind, s.iterations, s.milestones) == ("multistep", 64000, [32000, 48000])
+    assert (s.warmup_lr, s.warmup_until_error) == (0.01, 0.8)
+    assert cfg.data.val_split == 5000 and cfg.data.normalize == "pixel" and cfg.data.pad == 4
+    assert resolve("cifar10-resnet56").schedule.warmup_until_error == 0
+    assert resolve("cifar10-plain20").model.name == "plain20"
+
+
+def test_every_preset_resolves() -> None:
+    for name in PRESETS:
+        assert resolve(name).preset == name
+    assert {f"imagenet-resnet{d}" for d in (18, 34, 50, 101, 152)} <= set(PRESETS)
+    ims = resolve("imagenet-resnet50")
+    assert (ims.batch_size, ims.schedule.iterations, ims.data.dataset) == (256, 600000, "folder")
+
+
+def test_set_overrides_with_types() -> None:
+    cfg = resolve("smoke", sets=["optim.lr=0.05", "schedule.milestones=[5, 10]",
+                                 "model.options={shortcut: B}", "data.data_dir=/x",
+                                 "optim.nesterov=true", "optim.weight_decay=0"])
+    assert cfg.optim.lr == 0.05 and cfg.schedule.milestones == [5, 10]
+    assert cfg.model.options == {"shortcut": "B"} and cfg.data.data_dir == "/x"
+    assert cfg.optim.nesterov is True and cfg.optim.weight_decay == 0.0
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["optim.lrr=1"], "unknown key 'optim.lrr' \\(did you mean lr\\?\\); valid keys: optim.lr"),
+    (["optim.lr=fast"], "optim.lr must be float, got 'fast'"),
+    (["batch_size=1.5"], "batch_size must be int"),
+    (["optim.nesterov=3"], "optim.nesterov must be bool"),
+    (["schedule.kind=linear"], "schedule.kind must be one of multistep, cosine"),
+    (["optim.momentum=1.5"], "momentum must be in"),
+    (["model.name=resnet21"], "unknown model 'resnet21'"),
+    (["model.options={shortcut: D}"], "resnet8: shortcut must be one of"),
+    (["model.options={bogus: 1}"], "unknown model.options \\['bogus'\\]"),
+    (["noequals"], "key=value"),
+])
+def test_bad_settings_are_named(sets: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve("smoke", sets=sets)
+
+
+def test_unknown_preset_lists_choices() -> None:
+    with pytest.raises(ConfigError, match=r"did you mean smoke.*choose one of fashion-mnist"):
+        resolve("smok")
+
+
+def test_yaml_round_trip(tmp_path: Path) -> None:
+    cfg = resolve("cifar10-resnet110", sets=["seed=3"])
+    path = tmp_path / "c.yaml"
+    path.write_text(to_yaml(cfg))
+    assert resolve(None, str(path)) == cfg
+    path.write_text("optim: [1, 2]\n")
+    with pytest.raises(ConfigError, match="optim must be a mapping"):
+        resolve(None, str(path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve(None, str(tmp_path / "missing.yaml"))
+
+
+def test_parse_set_nests() -> None:
+    assert parse_set(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_multistep_schedule_values() -> None:
+    s = LRSchedule(ScheduleConfig(kind="multistep", iterations=64000,
+                                  milestones=[32000, 48000]), 0.1)
+    assert [s(i) for i in (0, 31999)] == [0.1, 0.1]
+    assert s(32000) == pytest.approx(0.01) and s(47999) == pytest.approx(0.01)
+    assert s(48000) == pytest.approx(0.001) and s(63999) == pytest.approx(0.001)
+
+
+def test_110_layer_warmup_switches_back_to_0_1() -> None:
+    s = LRSchedule(resolve("cifar10-resnet110").schedule, 0.1)
+    assert s(0) == 0.01 and s(399) == 0.01
+    s.observe_train_error(399, 0.85)
+    assert s(400) == 0.01
+    s.observe_train_error(400, 0.79)
+    assert s(401) == 0.1 and s.warmup.ended_at == 400
+    assert s(32000) == pytest.approx(0.01)
+    restored = LRSchedule(resolve("cifar10-resnet110").schedule, 0.1)
+    restored.load_state_dict(s.state_dict())
+    assert restored(401) == 0.1
+
+
+def test_cosine_and_onecycle() -> None:
+    cos = LRSchedule(ScheduleConfig(kind="cosine", iterations=100, milestones=[]), 0.2)
+    assert cos(0) == pytest.approx(0.2) and cos(50) == pytest.approx(0.1)
+    assert cos(100) == pytest.approx(0.0)
+    one = LRSchedule(ScheduleConfig(kind="onecycle", iterations=100, warmup_iters=20,
+                                    milestones=[]), 0.2)
+    assert one(0) == 0.0 and one(10) == pytest.approx(0.1) and one(20) == pytest.approx(0.2)
+    assert one(60) == pytest.approx(0.1) and one(100) == pytest.approx(0.0)

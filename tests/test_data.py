@@ -1,0 +1,229 @@
+"""Data formats read from test-written files, the in-memory loader and augmentation."""
+
+import hashlib
+import http.server
+import pickle
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from resnetlab.data import build_data, holdout
+from resnetlab.data.memory import BatchAugment, InMemoryLoader, Normalize
+from resnetlab.data.sources import (
+    ArrayDataset,
+    DataError,
+    download_fashion_mnist,
+    load_cifar_split,
+    load_idx_split,
+    locate_fashion_mnist,
+    md5sum,
+)
+from resnetlab.train.config import DataConfig
+
+from .conftest import synthetic_images, write_idx
+
+
+def _md5_table(root: Path, names: list[str]) -> dict[str, str]:
+    return {n: hashlib.md5((root / n).read_bytes()).hexdigest() for n in names}
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_files_load(tmp_path: Path, compress: bool) -> None:
+    images, labels = synthetic_images(30, 0)
+    write_idx(tmp_path / "train-images-idx3-ubyte", images, compress)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels, compress)
+    ds = load_idx_split(tmp_path, "train", [str(i) for i in range(10)], checksums=None)
+    assert ds.images.shape == (30, 1, 28, 28) and ds.images.dtype == torch.uint8
+    assert torch.equal(ds.images[:, 0], torch.from_numpy(images))
+    assert ds.labels.tolist() == labels.tolist()
+
+
+def test_idx_checksum_and_truncation_are_reported(tmp_path: Path) -> None:
+    images, labels = synthetic_images(30, 0)
+    write_idx(tmp_path / "train-images-idx3-ubyte", images, compress=False)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels, compress=False)
+    with pytest.raises(DataError, match="MD5"):
+        load_idx_split(tmp_path, "train", [], checksums={"train-images-idx3-ubyte": "0" * 32})
+    raw = (tmp_path / "train-images-idx3-ubyte").read_bytes()
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(raw[:-5])
+    with pytest.raises(DataError, match="truncated"):
+        load_idx_split(tmp_path, "train", [], checksums=None)
+
+
+def _write_cifar(root: Path, n_classes: int) -> dict[str, str]:
+    rng = np.random.default_rng(0)
+    if n_classes == 10:
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir()
+        names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        for name in names:
+            data = {b"batch_label": name.encode(), b"labels": rng.integers(0, 10, 4).tolist(),
+                    b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                    b"filenames": [b"x.png"] * 4}
+            (folder / name).write_bytes(pickle.dumps(data, protocol=2))
+        meta = {b"label_names": [f"c{i}".encode() for i in range(10)], b"num_vis": 3072}
+        (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+        return _md5_table(folder, [*names, "batches.meta"])
+    folder = root / "cifar-100-python"
+    folder.mkdir()
+    for name, n in (("train", 6), ("test", 3)):
+        data = {b"fine_labels": rng.integers(0, 100, n).tolist(),
+                b"coarse_labels": rng.integers(0, 20, n).tolist(),
+                b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+        (folder / name).write_bytes(pickle.dumps(data, protocol=2))
+    meta = {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+            b"coarse_label_names": [f"k{i}".encode() for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return _md5_table(folder, ["train", "test", "meta"])
+
+
+@pytest.mark.parametrize("n_classes", [10, 100])
+def test_cifar_python_batches_load(tmp_path: Path, n_classes: int) -> None:
+    sums = _write_cifar(tmp_path, n_classes)
+    train = load_cifar_split(tmp_path, n_classes, "train", sums)
+    test = load_cifar_split(tmp_path, n_classes, "test", sums)
+    assert train.images.shape == ((20 if n_classes == 10 else 6), 3, 32, 32)
+    assert len(test) == (4 if n_classes == 10 else 3)
+    assert train.classes[:2] == (["c0", "c1"] if n_classes == 10 else ["f0", "f1"])
+    assert int(train.labels.max()) < n_classes
+    bad = dict(sums, test_batch="0" * 32, test="0" * 32)
+    with pytest.raises(DataError, match="MD5"):
+        load_cifar_split(tmp_path, n_classes, "test", bad)
+
+
+def test_cifar_hostile_pickle_never_runs(tmp_path: Path) -> None:
+    _write_cifar(tmp_path, 10)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(DataError, match="refusing"):
+        load_cifar_split(tmp_path, 10, "test", checksums=None)
+    assert not marker.exists()
+
+
+def test_fashion_mnist_search_order_and_message(tmp_path: Path, fashion_dir: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    assert locate_fashion_mnist(fashion_dir) == fashion_dir
+    monkeypatch.setenv("RESNETLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("resnetlab.data.sources.FASHION_MNIST_DEBIAN_DIR", tmp_path / "none")
+    with pytest.raises(DataError, match="does not hold"):
+        locate_fashion_mnist(tmp_path)
+    monkeypatch.setattr("resnetlab.data.sources.FASHION_MNIST_URL", "http://127.0.0.1:9/")
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        locate_fashion_mnist(None)
+    cached = tmp_path / "cache" / "fashion-mnist"
+    cached.mkdir(parents=True, exist_ok=True)  # the failed download may have made it
+    for f in fashion_dir.iterdir():
+        (cached / f.name).write_bytes(f.read_bytes())
+    assert locate_fashion_mnist(None) == cached
+
+
+def test_download_checks_md5(tmp_path: Path, fashion_dir: Path) -> None:
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(  # noqa: E731
+        *a, directory=str(fashion_dir), **k)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        sums = {f.name: md5sum(f.read_bytes()) for f in fashion_dir.iterdir()}
+        dest = download_fashion_mnist(tmp_path / "dl", url, sums)
+        assert sorted(p.name for p in dest.iterdir()) == sorted(sums)
+        bad = dict(sums, **{"t10k-labels-idx1-ubyte.gz": "0" * 32})
+        (dest / "t10k-labels-idx1-ubyte.gz").unlink()
+        with pytest.raises(DataError, match="MD5"):
+            download_fashion_mnist(dest, url, bad)
+        assert not (dest / "t10k-labels-idx1-ubyte.gz").exists()
+    finally:
+        server.shutdown()
+
+
+def _labelled_constant_images(n: int) -> ArrayDataset:
+    labels = torch.arange(n) % 10
+    images = ((labels + 1) * 20).to(torch.uint8).view(n, 1, 1, 1).expand(n, 3, 12, 12)
+    return ArrayDataset(images.contiguous(), labels, [str(i) for i in range(10)])
+
+
+def test_augmentation_keeps_labels_aligned() -> None:
+    data = _labelled_constant_images(200)
+    norm = Normalize([0.0, 0.0, 0.0], [1 / 255] * 3)  # undo the /255: values back in 0..255
+    loader = InMemoryLoader(data, 32, norm, BatchAugment(pad=4, flip=True), seed=3)
+    seen = 0
+    for x, y in loader.batches(epoch=1):
+        assert torch.allclose(x.amax(dim=(1, 2, 3)), ((y + 1) * 20).float(), atol=1e-3)
+        # pad-4 crops of a 12x12 image keep at least 8x8 = 64 original pixels per channel
+        assert ((x > 0).sum(dim=(2, 3)) >= 64).all()
+        seen += len(y)
+    assert seen == 192  # drop_last
+
+
+def test_augmentation_crops_and_flips() -> None:
+    x = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).repeat(64, 1, 1, 1)
+    out = BatchAugment(pad=1, flip=True)(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    flips = sum(torch.equal(o, x[0].flip(-1)) for o in out)
+    same = sum(torch.equal(o, x[0]) for o in out)
+    assert flips > 0 and same > 0 and flips + same < 64  # some shifted crops too
+
+
+def test_resumed_epoch_draws_the_same_batches() -> None:
+    data = _labelled_constant_images(100)
+    norm = Normalize([0.5] * 3, [0.5] * 3)
+    loader = InMemoryLoader(data, 16, norm, BatchAugment(), seed=7)
+    full = list(loader.batches(2))
+    tail = list(loader.batches(2, start=3))
+    assert len(full) == 6 and len(tail) == 3
+    for (a, ya), (b, yb) in zip(full[3:], tail, strict=True):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    assert not torch.equal(full[0][1], next(iter(loader.batches(3)))[1])
+
+
+def test_holdout_is_disjoint_and_fixed() -> None:
+    tr, va = holdout(50000, 5000)
+    assert len(tr) == 45000 and len(va) == 5000
+    assert len(set(tr.tolist()) | set(va.tolist())) == 50000
+    assert torch.equal(holdout(50000, 5000)[1], va)
+
+
+def test_pixel_and_channel_normalisation() -> None:
+    imgs = torch.randint(0, 256, (20, 3, 8, 8), dtype=torch.uint8)
+    for mode, shape in (("pixel", (3, 8, 8)), ("channel", (3, 1, 1))):
+        n = Normalize.fit(imgs, mode)
+        assert n.mean.shape == shape
+        out = n(imgs)
+        assert out.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+
+
+def test_build_data_for_fashion_layout(fashion_dir: Path) -> None:
+    cfg = DataConfig(data_dir=str(fashion_dir), verify=False, val_split=40)
+    data = build_data(cfg, batch_size=64, eval_batch_size=100, seed=0)
+    assert len(data.train.data) == 600 and len(data.val.data) == 40 and len(data.test.data) == 256
+    x, y = next(iter(data.train.batches(0)))
+    assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32 and y.shape == (64,)
+    assert data.in_chans == 1 and data.input_size == 28 and len(data.classes) == 10
+
+
+def test_build_data_for_image_folders(tmp_path: Path) -> None:
+    for split, n in (("train", 6), ("val", 2)):
+        for cls, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40 + i, 30), colour).save(d / f"{i}.jpg")
+    (tmp_path / "train" / "cat" / "broken.jpg").write_bytes(b"not an image")
+    cfg = DataConfig(dataset="folder", data_dir=str(tmp_path), val_split=0, image_size=24,
+                     workers=0)
+    data = build_data(cfg, batch_size=4, eval_batch_size=4, seed=0)
+    assert data.classes == ["cat", "dog"]
+    seen = [(x.shape, y.tolist()) for x, y in data.train.batches(0)]
+    assert all(s[1:] == (3, 24, 24) for s, _ in seen)
+    assert sum(len(y) for _, y in seen) >= 8  # the broken file is skipped, not fatal
+    xs, ys = next(iter(data.test.batches(0)))
+    assert xs.shape == (4, 3, 24, 24) and sorted(ys.tolist()) == [0, 0, 1, 1]

@@ -1,0 +1,157 @@
+"""Evaluation (single view, 10-crop, multi-scale, BN re-estimation) and prediction."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import resnetlab
+from resnetlab.cli import main
+from resnetlab.evaluate import evaluate, multiscale_probs, recompute_bn, ten_crop_probs
+from resnetlab.images import ImageError, load_image
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("evalrun") / "run"
+    assert main(["train", "--preset", "smoke", "--data-dir", str(fashion_dir), "--set",
+                 "data.verify=false", "--out", str(out)]) == 0
+    return out
+
+
+def test_ten_crop_of_constant_image_equals_centre_view() -> None:
+    model = resnetlab.create_model("resnet8").eval()
+    x = torch.full((2, 3, 32, 32), 0.7)
+    with torch.no_grad():
+        assert torch.allclose(ten_crop_probs(model, x), model(x).softmax(1), atol=1e-5)
+        probs = multiscale_probs(model, torch.randn(2, 3, 32, 32))
+    assert probs.shape == (2, 10) and torch.allclose(probs.sum(1), torch.ones(2))
+
+
+def test_evaluate_counts_errors() -> None:
+    class Fixed(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.eye(3)[x[:, 0, 0, 0].long()] * 10
+
+    x = torch.tensor([0, 1, 2, 2]).float().view(4, 1, 1, 1)
+    y = torch.tensor([0, 1, 1, 2])
+    res = evaluate(Fixed(), [(x, y)], 3)
+    assert res.top1_error == 0.25 and res.count == 4
+    assert res.per_class_accuracy == [1.0, 0.5, 1.0]
+    assert res.confusion == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
+
+
+def test_recompute_bn_changes_running_stats() -> None:
+    model = resnetlab.create_model("resnet8").eval()
+    batches = [(torch.randn(8, 3, 32, 32) * 3 + 2, torch.zeros(8)) for _ in range(3)]
+    recompute_bn(model, batches)
+    assert model.stem.bn.running_mean.abs().mean() > 0.5  # fresh stats are all zeros
+    assert model.stem.bn.num_batches_tracked == 3
+    assert not model.training and model.stem.bn.momentum == 0.1  # mode and momentum restored
+
+
+@pytest.mark.parametrize("tta", ["center", "10crop", "multiscale"])
+def test_eval_cli(run_dir: Path, tta: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(run_dir), "--tta", tta]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 error" in out and "Trouser" in out
+    result = json.loads((run_dir / "final" / f"eval-test-{tta}.json").read_text())
+    assert result["count"] == 256 and 0 <= result["top1_error"] <= 1
+    assert (run_dir / "final" / f"eval-test-{tta}.png").exists()
+    if tta == "center":
+        assert result["top1_error"] == pytest.approx(
+            json.loads((run_dir / "eval.json").read_text())["top1_error"])
+
+
+def test_eval_recompute_bn_and_val_split(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "e.json"
+    assert main(["eval", str(run_dir), "--split", "val", "--recompute-bn", "--out",
+                 str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["count"] == 128 and res["recompute_bn"] is True
+
+
+def test_eval_bare_weights_need_data(run_dir: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    bare = tmp_path / "w"
+    resnetlab.save_weights(resnetlab.load_model(run_dir / "final"), bare)
+    assert main(["eval", str(bare)]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def _image_files(d: Path) -> dict[str, Path]:
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8), "RGB")
+    files = {}
+
+    def save(name: str, im: Image.Image, **kw: object) -> None:
+        files[name] = d / name
+        im.save(files[name], **kw)
+
+    save("rgb.jpg", rgb)
+    save("gray.png", rgb.convert("L"))
+    save("rgba.png", rgb.convert("RGBA"))
+    pal = rgb.convert("P")
+    save("palette.png", pal, transparency=0)
+    save("cmyk.jpg", rgb.convert("CMYK"))
+    save("deep16.png", Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)))
+    save("tiny.png", Image.new("RGB", (1, 1), (255, 0, 0)))
+    save("image.webp", rgb)
+    save("image.bmp", rgb)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise
+    save("rotated.jpg", rgb, exif=exif)
+    return files
+
+
+def test_every_image_mode_is_converted(tmp_path: Path) -> None:
+    files = _image_files(tmp_path)
+    for name, path in files.items():
+        for mode in ("RGB", "L"):
+            im = load_image(path, mode)
+            assert im.mode == mode, name
+    assert load_image(files["rotated.jpg"]).size == (40, 30)  # 30x40 turned upright
+    deep = np.asarray(load_image(files["deep16.png"], "L"))
+    assert deep.max() > 200 and deep.min() < 50  # scaled, not clipped to white
+
+
+def test_bad_files_get_one_line_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.png").write_text("hello")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[:200])
+    for name in ("empty.jpg", "text.png", "cut.jpg", "missing.png"):
+        with pytest.raises(ImageError, match=name):
+            load_image(tmp_path / name)
+
+
+def test_decompression_bomb_is_refused_fast(tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (30000, 30000)).save(bomb)  # ~100 KB on disk, 900 Mpx decoded
+    assert bomb.stat().st_size < 2_000_000
+    with pytest.raises(ImageError, match="bomb"):
+        load_image(bomb)
+
+
+def test_predict_cli_every_mode_and_bad_files(run_dir: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    files = _image_files(tmp_path)
+    (tmp_path / "bad.png").write_text("not an image")
+    paths = [str(p) for p in files.values()] + [str(tmp_path / "bad.png")]
+    assert main(["predict", str(run_dir), *paths, "--topk", "3", "--json"]) == 1
+    captured = capsys.readouterr()
+    lines = [json.loads(ln) for ln in captured.out.splitlines()]
+    assert [ln["path"] for ln in lines] == paths[:-1]
+    classes = {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+               "Sneaker", "Bag", "Ankle boot"}
+    for ln in lines:
+        probs = [p["prob"] for p in ln["predictions"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True)
+        assert {p["label"] for p in ln["predictions"]} <= classes
+    assert captured.err.strip().splitlines() == [
+        f"error: {tmp_path / 'bad.png'}: not a recognised image format"]

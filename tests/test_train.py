@@ -1,0 +1,165 @@
+"""The training loop: learning, run directory contents, exact resume, failures."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import resnetlab
+from resnetlab.cli import main
+from resnetlab.train.checkpoint import latest_checkpoint, load_checkpoint
+from resnetlab.train.config import resolve
+from resnetlab.train.loop import NonFiniteLossError, make_optimizer, train
+from resnetlab.train.schedule import LRSchedule
+
+
+def _smoke(fashion_dir: Path, *sets: str):
+    return resolve("smoke", sets=[f"data.data_dir={fashion_dir}", "data.verify=false", *sets])
+
+
+def test_overfits_a_tiny_batch() -> None:
+    model = resnetlab.create_model("resnet8", in_chans=1)
+    cfg = resolve("smoke", sets=["optim.weight_decay=0"])
+    opt = make_optimizer(model, cfg)
+    x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert (model(x).argmax(1) == y).all()
+    assert loss.item() < 0.05
+
+
+def test_smoke_run_leaves_a_complete_run_directory(tmp_path: Path, smoke_args: list[str],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["train", *smoke_args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and str(out / "final") in printed
+    for name in ("config.yaml", "metrics.jsonl", "summary.csv", "curves.png", "eval.json",
+                 "confusion.png", "final/model.safetensors", "final/config.json",
+                 "checkpoints/latest"):
+        assert (out / name).exists(), name
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["iteration"] for r in train_recs] == [5, 10, 15, 20]
+    assert [r["iteration"] for r in evals] == [10, 20]
+    assert {"loss", "train_error", "lr", "images_per_s", "epoch"} <= set(train_recs[0])
+    assert evals[-1]["val_error"] is not None and evals[-1]["test_error"] is not None
+    csv_lines = (out / "summary.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("iteration,epoch,train_loss") and len(csv_lines) == 3
+    result = json.loads((out / "eval.json").read_text())
+    assert result["count"] == 256 and result["top1_error"] == pytest.approx(
+        evals[-1]["test_error"])
+    cfg = json.loads((out / "final" / "config.json").read_text())
+    assert cfg["in_chans"] == 1 and cfg["input_size"] == 28 and len(cfg["class_names"]) == 10
+    # Learning happened: the synthetic classes are easy.
+    assert result["top1_error"] < 0.8
+
+
+def test_resume_is_bit_identical(tmp_path: Path, fashion_dir: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _smoke(fashion_dir, "schedule.iterations=24", "eval_every=8")
+    full = train(cfg, tmp_path / "full", progress=False)
+    original = LRSchedule.__call__
+
+    def interrupt(self: LRSchedule, it: int) -> float:
+        if it == 13:
+            raise KeyboardInterrupt
+        return original(self, it)
+
+    monkeypatch.setattr(LRSchedule, "__call__", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(LRSchedule, "__call__", original)
+    assert latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "ckpt-00000013"
+    resumed = train(cfg, tmp_path / "cut", resume=True, progress=False)
+    a = resnetlab.load_model(full.weights).state_dict()
+    b = resnetlab.load_model(resumed.weights).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state_a = torch.load(latest_checkpoint(tmp_path / "full" / "checkpoints") /
+                         "trainer_state.pt", weights_only=True)
+    state_b = torch.load(latest_checkpoint(tmp_path / "cut" / "checkpoints") /
+                         "trainer_state.pt", weights_only=True)
+    mom_a = [v["momentum_buffer"] for v in state_a["optimizer"]["state"].values()]
+    mom_b = [v["momentum_buffer"] for v in state_b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b, strict=True))
+    iters = [json.loads(ln)["iteration"] for ln in
+             (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert iters == sorted(iters) and len(iters) == len(set(iters)) + 3  # evals share rows
+
+
+def test_existing_run_needs_resume(tmp_path: Path, fashion_dir: Path) -> None:
+    cfg = _smoke(fashion_dir, "schedule.iterations=4", "eval_every=4")
+    train(cfg, tmp_path / "r", progress=False)
+    with pytest.raises(resnetlab.ConfigError, match="--resume auto"):
+        train(cfg, tmp_path / "r", progress=False)
+    other = _smoke(fashion_dir, "schedule.iterations=8")
+    with pytest.raises(resnetlab.ConfigError, match=r"another config .*schedule"):
+        train(other, tmp_path / "r", resume=True, progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(
+        tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _smoke(fashion_dir, "schedule.iterations=20", "eval_every=5", "log_every=5")
+    calls = {"n": 0}
+    original = nn.CrossEntropyLoss.forward
+
+    def poisoned(self: nn.CrossEntropyLoss, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = original(self, out, y)
+        return loss * float("nan") if calls["n"] == 8 else loss
+
+    monkeypatch.setattr(nn.CrossEntropyLoss, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="before iteration 10"):
+        train(cfg, tmp_path / "nan", progress=False)
+    ckpt = latest_checkpoint(tmp_path / "nan" / "checkpoints")
+    assert ckpt.name == "ckpt-00000005"
+    model = resnetlab.create_model("resnet8", in_chans=1)
+    state = load_checkpoint(ckpt, model)
+    assert state["iteration"] == 5
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nonfinite_skip_keeps_training(tmp_path: Path, fashion_dir: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _smoke(fashion_dir, "schedule.iterations=10", "nonfinite=skip")
+    calls = {"n": 0}
+    original = nn.CrossEntropyLoss.forward
+
+    def poisoned(self: nn.CrossEntropyLoss, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = original(self, out, y)
+        return loss * float("inf") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(nn.CrossEntropyLoss, "forward", poisoned)
+    res = train(cfg, tmp_path / "skip", progress=False)
+    assert res.iterations == 10
+    model = resnetlab.load_model(res.weights)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--preset", "nope"], "unknown preset 'nope'"),
+    (["train", "--preset", "smoke", "--set", "optim.lrr=1"], "unknown key 'optim.lrr'"),
+    (["train", "--preset", "smoke", "--set", "batch_size=x"], "batch_size must be int"),
+    (["train", "--preset", "smoke", "--set", "optim.lr=-1"], "optim.lr must be > 0"),
+    (["train", "--preset", "smoke", "--data-dir", "/nonexistent"], "/nonexistent does not hold"),
+    (["train", "--preset", "smoke", "--set", "model.name=resnet21"], "unknown model"),
+])
+def test_cli_errors_are_one_line(argv: list[str], message: str, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_print_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--preset", "cifar10-resnet110", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "warmup_until_error: 0.8" in out and "milestones:\n  - 32000\n  - 48000" in out
