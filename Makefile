@@ -29,7 +29,7 @@ demo: setup data
 	$(BIN)/resnetlab train --preset fashion-mnist --out runs/demo --resume auto
 
 lint: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 
 test: lint
 	$(BIN)/pytest -m "not slow"

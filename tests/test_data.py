@@ -227,3 +227,15 @@ def test_build_data_for_image_folders(tmp_path: Path) -> None:
     assert sum(len(y) for _, y in seen) >= 8  # the broken file is skipped, not fatal
     xs, ys = next(iter(data.test.batches(0)))
     assert xs.shape == (4, 3, 24, 24) and sorted(ys.tolist()) == [0, 0, 1, 1]
+
+
+def test_build_data_for_mnist_idx(tmp_path: Path) -> None:
+    for split, n in (("train", 50), ("t10k", 20)):
+        images, labels = synthetic_images(n, 5)
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte", images, compress=False)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte", labels, compress=False)
+    cfg = DataConfig(dataset="mnist", data_dir=str(tmp_path), verify=False, val_split=10)
+    data = build_data(cfg, batch_size=8, eval_batch_size=8, seed=0)
+    assert data.classes[:3] == ["0", "1", "2"] and len(data.test.data) == 20
+    with pytest.raises(DataError, match="MD5"):
+        build_data(DataConfig(dataset="mnist", data_dir=str(tmp_path), val_split=10), 8, 8, 0)

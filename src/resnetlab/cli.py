@@ -83,21 +83,28 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="resnetlab", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="resnetlab", description="Deep residual networks (He et al. 2016): build, train, "
+        "evaluate and predict. `resnetlab COMMAND --help` describes each command.")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # --debug is accepted after the command too; SUPPRESS keeps the top-level value otherwise.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks of errors")
 
-    m = sub.add_parser("models", help="table of every registered model")
+    m = sub.add_parser("models", parents=[common], help="table of every registered model")
     m.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. 'resnet5*'")
     m.set_defaults(func=cmd_models)
 
-    i = sub.add_parser("info", help="per-stage table of one model (paper Table 1 style)")
+    i = sub.add_parser("info", parents=[common],
+                       help="per-stage table of one model (paper Table 1 style)")
     i.add_argument("model")
     i.add_argument("--input-size", type=int, help="square input side (default: native)")
     i.add_argument("--in-chans", type=int, help="input channels (default 3)")
     i.add_argument("--num-classes", type=int, help="classes of the fc layer")
     i.set_defaults(func=cmd_info)
-    add_train_parser(sub)
+    add_train_parser(sub, common)
     return p
 
 

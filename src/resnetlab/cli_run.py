@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from .data import build_data
-from .data.memory import Normalize
 from .errors import ConfigError
 from .evaluate import TTA_MODES, evaluate, recompute_bn
 from .factory import load_model
@@ -20,8 +19,9 @@ from .train.loop import train
 from .train.report import plot_confusion
 
 
-def add_train_parser(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train", help="train a model (default: the fashion-mnist preset)",
+def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    t = sub.add_parser("train", parents=[common],
+                       help="train a model (default: the fashion-mnist preset)",
                        description="Train with a preset, a YAML config and --set overrides, "
                        "in that order. Presets: " + ", ".join(PRESETS))
     t.add_argument("--preset", help="a shipped recipe (default fashion-mnist unless --config)")
@@ -35,7 +35,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--print-config", action="store_true", help="print the resolved config")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="top-1/top-5 error of a run or weights directory")
+    e = sub.add_parser("eval", parents=[common],
+                       help="top-1/top-5 error of a run or weights directory")
     e.add_argument("weights", help="run directory or weights directory")
     e.add_argument("--data", help="data set, when the weights are not inside a run directory")
     e.add_argument("--data-dir", help="folder holding the data set's files")
@@ -48,7 +49,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", help="JSON file for the results (default: next to the weights)")
     e.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="classify image files")
+    p = sub.add_parser("predict", parents=[common], help="classify image files")
     p.add_argument("weights", help="run directory or weights directory")
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, BMP, ...)")
     p.add_argument("--topk", type=int, default=5)
@@ -78,18 +79,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_data_config(args: argparse.Namespace, wdir: Path) -> TrainConfig:
-    """The run's own config if the weights sit in a run directory, else --data."""
-    for run_cfg in (wdir / "config.yaml", wdir.parent / "config.yaml",
-                    wdir.parent.parent / "config.yaml"):
-        if run_cfg.is_file() and not args.data:
-            cfg = resolve(None, str(run_cfg))
-            break
-    else:
-        if not args.data:
-            raise ConfigError(f"{wdir} is not inside a run directory: say which data set "
-                              "with --data (fashion-mnist, mnist, cifar10, cifar100, folder)")
+def _eval_data_config(args: argparse.Namespace, given: Path) -> TrainConfig:
+    """--data if given, else the config of the run directory the weights sit in."""
+    if args.data:
         cfg = resolve(None, sets=[f"data.dataset={args.data}"])
+    else:
+        found = [p / "config.yaml" for p in (given, given.parent, given.parent.parent)
+                 if (p / "config.yaml").is_file()]
+        if not found:
+            raise ConfigError(f"{given} is not inside a run directory: say which data set "
+                              "with --data (fashion-mnist, mnist, cifar10, cifar100, folder)")
+        cfg = resolve(None, str(found[0]))
     if args.data_dir:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=args.data_dir))
     return cfg
@@ -99,11 +99,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     wdir = weights_dir(args.weights)
     model = load_model(wdir)
     cfg = _eval_data_config(args, Path(args.weights))
-    data = build_data(cfg.data, cfg.batch_size, args.batch_size, cfg.seed)
     mc = model.model_config
-    for loader in (data.train_eval, data.val, data.test):  # the weights' own statistics
-        if loader is not None and hasattr(loader, "normalize"):
-            loader.normalize = Normalize(mc.mean, mc.std)
+    data = build_data(cfg.data, cfg.batch_size, args.batch_size, cfg.seed,
+                      stats=(mc.mean, mc.std))
     if args.recompute_bn:
         recompute_bn(model, data.train.batches(0))
     split = data.test if args.split == "test" else data.val

@@ -78,15 +78,19 @@ def _limit(data: ArrayDataset, n: int) -> ArrayDataset:
 
 
 def build_data(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
-               channels_last: bool = False) -> DataBundle:
-    """Loaders for a `DataConfig` (see resnetlab.train.config)."""
+               channels_last: bool = False, stats: tuple[list, list] | None = None
+               ) -> DataBundle:
+    """Loaders for a `DataConfig` (see resnetlab.train.config).
+
+    `stats` = (mean, std) of trained weights; by default they are fitted on the training split.
+    """
     if cfg.dataset == "folder":
-        return _build_folder(cfg, batch_size, eval_batch_size, seed, channels_last)
+        return _build_folder(cfg, batch_size, eval_batch_size, seed, channels_last, stats)
     full = _limit(load_arrays(cfg.dataset, cfg.data_dir, "train", cfg.verify), cfg.limit_train)
     test = _limit(load_arrays(cfg.dataset, cfg.data_dir, "test", cfg.verify), cfg.limit_test)
     tr_idx, va_idx = holdout(len(full), cfg.val_split)
     train = full.subset(tr_idx)
-    norm = Normalize.fit(train.images, cfg.normalize)
+    norm = Normalize(*stats) if stats else Normalize.fit(train.images, cfg.normalize)
     aug = BatchAugment(cfg.pad, cfg.flip) if (cfg.pad or cfg.flip) else None
 
     def loader(data: ArrayDataset, training: bool) -> InMemoryLoader:
@@ -101,11 +105,12 @@ def build_data(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
 
 
 def _build_folder(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
-                  channels_last: bool) -> DataBundle:
+                  channels_last: bool, stats: tuple[list, list] | None) -> DataBundle:
     if not cfg.data_dir:
         raise ConfigError("dataset=folder needs --data-dir with train/ and val/ sub-folders")
     root = Path(cfg.data_dir)
-    size, mean, std = cfg.image_size, list(IMAGENET_MEAN), list(IMAGENET_STD)
+    mean, std = stats or (list(IMAGENET_MEAN), list(IMAGENET_STD))
+    size = cfg.image_size
     train_ds = ImageFolderDataset(root / "train", train_transform(size, mean, std,
                                                                   lighting=cfg.lighting))
     plain_ds = ImageFolderDataset(root / "train", eval_transform(size, mean, std))

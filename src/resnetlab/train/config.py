@@ -116,13 +116,15 @@ def _imagenet_preset(depth: int) -> dict[str, Any]:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The README's main job: a CIFAR-style ResNet sized for a 2-core CPU.
+    # Chosen on the validation split: for a ~10-minute budget the cheaper ResNet-14 with
+    # more iterations and a light 1-pixel crop beat ResNet-20 (val 6.8% vs 7.0-7.7%).
     "fashion-mnist": {
-        "data": {"dataset": "fashion-mnist", "val_split": 5000, "pad": 2},
-        "model": {"name": "resnet20"},
+        "data": {"dataset": "fashion-mnist", "val_split": 5000, "pad": 1},
+        "model": {"name": "resnet14"},
         "optim": {"lr": 0.2, "nesterov": True, "weight_decay": 5e-4, "label_smoothing": 0.1},
-        "schedule": {"kind": "onecycle", "iterations": 1700, "warmup_iters": 250,
+        "schedule": {"kind": "onecycle", "iterations": 2200, "warmup_iters": 250,
                      "milestones": []},
-        "eval_every": 430,
+        "eval_every": 550,
     },
     "smoke": {
         "data": {"dataset": "fashion-mnist", "val_split": 128, "limit_train": 640,

@@ -60,6 +60,26 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
                            weight_decay=o.weight_decay)
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, crit: nn.Module,
+               x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+               autocast: contextlib.AbstractContextManager[Any],
+               ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Forward, backward, clip, update. Returns (loss, wrong predictions); loss is None for a
+    step skipped under `nonfinite=skip` (that check is the only host sync here)."""
+    with autocast:
+        out = model(x)
+        loss = crit(out.float(), y)
+    wrong = (out.argmax(1) != y).sum()
+    if cfg.nonfinite == "skip" and not torch.isfinite(loss):
+        return None, wrong
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    opt.step()
+    return loss, wrong
+
+
 def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     saved = run_dir / "config.yaml"
     started = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
@@ -165,18 +185,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False,
                 lr = sched(it)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                with autocast:
-                    out = model(x)
-                    loss = crit(out.float(), y)
-                wrong = (out.argmax(1) != y).sum()
-                if cfg.nonfinite == "skip" and not torch.isfinite(loss):
+                loss, wrong = train_step(model, opt, crit, x, y, cfg, autocast)
+                if loss is None:
                     log.warning("iteration %d: non-finite loss, step skipped", it)
                 else:
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.optim.grad_clip > 0:
-                        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                    opt.step()
                     window.add(loss, wrong, len(y))
                 if not sched.warmup.done:  # paper sec. 4.2: needs the error now, so sync
                     recent.append(wrong.item() / len(y))
@@ -251,4 +263,4 @@ def finish(model: nn.Module, data: DataBundle, run_dir: Path, metrics: MetricsLo
     return RunResult(run_dir, weights, curves, test, iterations, seconds)
 
 
-__all__ = ["NonFiniteLossError", "RunResult", "make_optimizer", "train"]
+__all__ = ["NonFiniteLossError", "RunResult", "make_optimizer", "train", "train_step"]
