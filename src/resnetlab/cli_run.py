@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +35,8 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     t.add_argument("--resume", choices=["auto", "no"], default="no",
                    help="auto: continue from the run directory's last checkpoint, if any")
     t.add_argument("--print-config", action="store_true", help="print the resolved config")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (runs torchrun for you)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", parents=[common],
@@ -57,6 +61,19 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     p.set_defaults(func=cmd_predict)
 
 
+def _torchrun(args: argparse.Namespace, out: Path) -> int:
+    """`--nproc N`: relaunch this same command under torchrun with N local processes."""
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={args.nproc}", "-m", "resnetlab", "train", "--out", str(out),
+            "--resume", args.resume]
+    for flag, value in (("--preset", args.preset), ("--config", args.config),
+                        ("--data-dir", args.data_dir)):
+        if value:
+            argv += [flag, value]
+    argv += [f"--set={s}" for s in args.sets]
+    return subprocess.run(argv).returncode
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     preset = args.preset or (None if args.config else "fashion-mnist")
     sets = list(args.sets) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
@@ -66,9 +83,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out) if args.out else \
         Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"training {cfg.model.name} ({cfg.preset} preset, {cfg.schedule.iterations} "
-          f"iterations) into {out}", flush=True)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _torchrun(args, out)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank:
+        print(f"training {cfg.model.name} ({cfg.preset} preset, {cfg.schedule.iterations} "
+              f"iterations) into {out}", flush=True)
     res = train(cfg, out, resume=args.resume == "auto")
+    if not main_rank:
+        return 0
     acc = 100 * (1 - res.test.top1_error)
     print(f"test accuracy {acc:.2f}% (top-1 error {100 * res.test.top1_error:.2f}%, "
           f"top-5 error {100 * res.test.top5_error:.2f}%) on {res.test.count:,} test images")

@@ -41,6 +41,12 @@ def multiscale_probs(model: nn.Module, x: torch.Tensor,
     return torch.stack(probs).mean(0)
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's tensors live (the CPU for a model that has none)."""
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def predict_probs(model: nn.Module, x: torch.Tensor, tta: str = "center") -> torch.Tensor:
     if tta == "center":
         return model(x).softmax(1)
@@ -67,30 +73,40 @@ class EvalResult:
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              num_classes: int, tta: str = "center",
-             progress: Callable[[int], None] | None = None) -> EvalResult:
-    """Top-1/top-5 error, mean NLL, per-class accuracy and the confusion matrix."""
+             progress: Callable[[int], None] | None = None,
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalResult:
+    """Top-1/top-5 error, mean NLL, per-class accuracy and the confusion matrix.
+
+    `reduce` sums a tensor over data-parallel ranks that each scored their own shard, so
+    the result is that of one process scoring the whole split.
+    """
     was_training = model.training
     model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    top5_hits, nll, n = 0, 0.0, 0
+    device = model_device(model)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # top-5 hits, summed NLL
+    k = min(5, num_classes)
     with torch.inference_mode():
         for x, y in batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             probs = predict_probs(model, x, tta).float()
-            nll += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum").item()
-            k = min(5, num_classes)
-            top5_hits += (probs.topk(k, 1).indices == y[:, None]).any(1).sum().item()
+            sums[0] += (probs.topk(k, 1).indices == y[:, None]).any(1).sum()
+            sums[1] += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum")
             confusion += torch.bincount(y * num_classes + probs.argmax(1),
                                         minlength=num_classes ** 2).view(num_classes, -1)
-            n += len(y)
             if progress:
                 progress(len(y))
     model.train(was_training)
+    if reduce is not None:
+        confusion, sums = reduce(confusion), reduce(sums)
+    confusion, sums = confusion.cpu(), sums.cpu()
+    n = int(confusion.sum())
     if n == 0:
         raise ValueError("evaluation got no examples")
     correct = confusion.diag()
     per_class = (correct.float() / confusion.sum(1).clamp_min(1)).tolist()
-    return EvalResult(1 - correct.sum().item() / n, 1 - top5_hits / n, nll / n, n,
-                      per_class, confusion.tolist())
+    return EvalResult(1 - correct.sum().item() / n, 1 - sums[0].item() / n, sums[1].item() / n,
+                      n, per_class, confusion.tolist())
 
 
 def recompute_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -103,11 +119,12 @@ def recompute_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
         m.momentum = None  # cumulative moving average
     was_training = model.training
     model.train()
+    device = model_device(model)
     with torch.no_grad():
         for i, (x, _) in enumerate(batches):
             if i >= max_batches:
                 break
-            model(x)
+            model(x.to(device))
     for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
     model.train(was_training)

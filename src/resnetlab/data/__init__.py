@@ -78,14 +78,18 @@ def _limit(data: ArrayDataset, n: int) -> ArrayDataset:
 
 
 def build_data(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
-               channels_last: bool = False, stats: tuple[list, list] | None = None
-               ) -> DataBundle:
+               channels_last: bool = False, stats: tuple[list, list] | None = None,
+               rank: int = 0, world: int = 1) -> DataBundle:
     """Loaders for a `DataConfig` (see resnetlab.train.config).
 
-    `stats` = (mean, std) of trained weights; by default they are fitted on the training split.
+    `stats` = (mean, std) of trained weights; by default they are fitted on the training
+    split. `rank`/`world`: this process's share in data-parallel training.
     """
+    if batch_size % world:
+        raise ConfigError(f"batch_size {batch_size} must divide by the {world} processes")
     if cfg.dataset == "folder":
-        return _build_folder(cfg, batch_size, eval_batch_size, seed, channels_last, stats)
+        return _build_folder(cfg, batch_size, eval_batch_size, seed, channels_last, stats,
+                             rank, world)
     full = _limit(load_arrays(cfg.dataset, cfg.data_dir, "train", cfg.verify), cfg.limit_train)
     test = _limit(load_arrays(cfg.dataset, cfg.data_dir, "test", cfg.verify), cfg.limit_test)
     tr_idx, va_idx = holdout(len(full), cfg.val_split)
@@ -96,7 +100,7 @@ def build_data(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
     def loader(data: ArrayDataset, training: bool) -> InMemoryLoader:
         return InMemoryLoader(data, batch_size if training else eval_batch_size, norm,
                               aug if training else None, shuffle=training, drop_last=training,
-                              seed=seed, channels_last=channels_last)
+                              seed=seed, channels_last=channels_last, rank=rank, world=world)
 
     mean, std = norm.as_lists()
     return DataBundle(loader(train, True), loader(full.subset(va_idx), False) if len(va_idx)
@@ -105,7 +109,8 @@ def build_data(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
 
 
 def _build_folder(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
-                  channels_last: bool, stats: tuple[list, list] | None) -> DataBundle:
+                  channels_last: bool, stats: tuple[list, list] | None, rank: int,
+                  world: int) -> DataBundle:
     if not cfg.data_dir:
         raise ConfigError("dataset=folder needs --data-dir with train/ and val/ sub-folders")
     root = Path(cfg.data_dir)
@@ -121,7 +126,7 @@ def _build_folder(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
 
     def loader(ds: Any, training: bool) -> FolderLoader:
         return FolderLoader(ds, batch_size if training else eval_batch_size, training,
-                            training, cfg.workers, seed, channels_last)
+                            training, cfg.workers, seed, channels_last, rank, world)
 
     return DataBundle(loader(Subset(train_ds, tr_idx.tolist()), True),
                       loader(Subset(plain_ds, va_idx.tolist()), False) if len(va_idx) else None,

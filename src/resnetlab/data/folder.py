@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from ..images import ImageError, load_image
-from .memory import epoch_permutation
+from .memory import epoch_permutation, shard
 from .sources import DataError
 
 log = logging.getLogger(__name__)
@@ -100,38 +100,58 @@ def _collate(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 class _EpochSampler(Sampler[int]):
-    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
-        self.n, self.seed, self.shuffle = n, seed, shuffle
+    """The (seed, epoch) order, from global batch `start` on; with `world` > 1, this rank's
+    slice of every global batch (training) or its contiguous shard (evaluation)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool, batch: int, rank: int,
+                 world: int) -> None:
+        self.n, self.seed, self.shuffle, self.batch = n, seed, shuffle, batch
+        self.rank, self.world = rank, world
         self.epoch, self.start = 0, 0
 
+    def _indices(self) -> list[int]:
+        if not self.shuffle:
+            part = shard(self.n, self.rank, self.world)
+            return list(range(part.start, part.stop))[self.start * self.batch:]
+        order = epoch_permutation(self.n, self.seed, self.epoch).tolist()
+        local = self.batch // self.world
+        out = []
+        for i in range(self.start, self.n // self.batch):
+            first = i * self.batch + self.rank * local
+            out += order[first:first + local]
+        return out
+
     def __iter__(self) -> Iterator[int]:
-        order = epoch_permutation(self.n, self.seed, self.epoch) if self.shuffle \
-            else torch.arange(self.n)
-        return iter(order[self.start:].tolist())
+        return iter(self._indices())
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return len(self._indices())
 
 
 class FolderLoader:
     """DataLoader over an image folder with the same `batches(epoch, start)` interface."""
 
-    def __init__(self, dataset: ImageFolderDataset, batch_size: int, shuffle: bool,
-                 drop_last: bool, workers: int, seed: int = 0,
-                 channels_last: bool = False) -> None:
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool,
+                 workers: int, seed: int = 0, channels_last: bool = False, rank: int = 0,
+                 world: int = 1) -> None:
+        if shuffle and batch_size % world:
+            raise ValueError(f"batch size {batch_size} does not split over {world} processes")
         self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
         self.channels_last = channels_last
-        self.sampler = _EpochSampler(len(dataset), seed, shuffle)
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
+        self.sampler = _EpochSampler(len(dataset), seed, shuffle, batch_size, rank, world)
+        local = batch_size // world if shuffle else batch_size
+        self.loader = DataLoader(dataset, batch_size=local, sampler=self.sampler,
                                  num_workers=workers, collate_fn=_collate,
                                  drop_last=drop_last, persistent_workers=False)
 
     def __len__(self) -> int:
-        n, b = len(self.dataset), self.batch_size
+        n = len(self.dataset) if self.sampler.shuffle else \
+            len(shard(len(self.dataset), self.sampler.rank, self.sampler.world))
+        b = self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.sampler.epoch, self.sampler.start = epoch, start * self.batch_size
+        self.sampler.epoch, self.sampler.start = epoch, start
         for batch in self.loader:
             if batch is None:
                 continue

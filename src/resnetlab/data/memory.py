@@ -75,8 +75,20 @@ class Normalize:
         return mean, self.std.flatten().tolist()
 
 
+def shard(n: int, rank: int, world: int) -> range:
+    """A rank's contiguous share of n items: no padding, so nothing is counted twice."""
+    per = -(-n // world)
+    return range(min(n, rank * per), min(n, (rank + 1) * per))
+
+
 class InMemoryLoader:
-    """Batches of a whole-tensor split; `batches(epoch, start)` resumes mid-epoch."""
+    """Batches of a whole-tensor split; `batches(epoch, start)` resumes mid-epoch.
+
+    With `world` > 1 (data-parallel training) a shuffled loader still draws and augments
+    the global batch of `batch_size` examples, and yields this rank's contiguous slice of
+    it, so N ranks see exactly the examples one process would; an evaluation loader
+    (shuffle=False) walks this rank's contiguous shard of the split.
+    """
 
     def __init__(
         self,
@@ -88,26 +100,42 @@ class InMemoryLoader:
         drop_last: bool = True,
         seed: int = 0,
         channels_last: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if shuffle and batch_size % world:
+            raise ValueError(f"batch size {batch_size} does not split over {world} processes")
         self.data, self.batch_size, self.normalize = data, batch_size, normalize
         self.augment, self.shuffle, self.drop_last = augment, shuffle, drop_last
-        self.seed, self.channels_last = seed, channels_last
+        self.seed, self.channels_last, self.rank, self.world = seed, channels_last, rank, world
+
+    def _size(self) -> int:
+        return len(self.data) if self.shuffle else len(shard(len(self.data), self.rank,
+                                                             self.world))
 
     def __len__(self) -> int:
-        n, b = len(self.data), self.batch_size
+        n, b = self._size(), self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.data)
-        order = epoch_permutation(n, self.seed, epoch) if self.shuffle else torch.arange(n)
+        if self.shuffle:
+            order = epoch_permutation(n, self.seed, epoch)
+        else:
+            part = shard(n, self.rank, self.world)
+            order = torch.arange(part.start, part.stop)
+        local = self.batch_size // self.world if self.shuffle else self.batch_size
         for i in range(start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.data.images[idx]
+            x, y = self.data.images[idx], self.data.labels[idx]
             if self.augment is not None:
                 x = self.augment(x, batch_generator(self.seed, epoch, i))
+            if self.shuffle and self.world > 1:
+                mine = slice(self.rank * local, (self.rank + 1) * local)
+                x, y = x[mine], y[mine]
             x = self.normalize(x)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.data.labels[idx]
+            yield x, y

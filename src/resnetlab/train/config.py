@@ -89,6 +89,9 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 autocast
     threads: int = 0  # torch intra-op threads; 0: PyTorch's default
     nonfinite: str = "stop"  # on a NaN/inf loss: "stop", or "skip" the step
+    device: str = "auto"  # "auto" (this rank's GPU if any, else CPU), "cpu", "cuda"
+    sync_bn: bool = False  # data-parallel runs: BatchNorm statistics over the global batch
+    dist_timeout_s: int = 300  # how long ranks wait for a dead peer before the job fails
 
 
 def _cifar_preset(depth: int, plain: bool) -> dict[str, Any]:
@@ -239,6 +242,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_range(d.normalize in ("channel", "pixel"), "data.normalize must be channel or pixel")
     _check_range(s.kind in SCHEDULES, f"schedule.kind must be one of {', '.join(SCHEDULES)}")
     _check_range(cfg.nonfinite in ("stop", "skip"), "nonfinite must be stop or skip")
+    _check_range(cfg.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda")
+    _check_range(cfg.dist_timeout_s >= 1, "dist_timeout_s must be >= 1")
     _check_range(cfg.batch_size >= 1 and cfg.eval_batch_size >= 1, "batch sizes must be >= 1")
     _check_range(s.iterations >= 1, "schedule.iterations must be >= 1")
     _check_range(o.lr > 0, "optim.lr must be > 0")

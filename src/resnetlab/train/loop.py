@@ -28,6 +28,7 @@ from ..evaluate import EvalResult, evaluate
 from ..factory import create_model, save_weights
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_yaml, to_yaml
+from .distributed import SINGLE_PROCESS, DistInfo, convert_sync_bn, init_from_env, shutdown
 from .report import MetricsLog, plot_confusion, plot_curves
 from .schedule import LRSchedule
 
@@ -62,15 +63,16 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, crit: nn.Module,
                x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-               autocast: contextlib.AbstractContextManager[Any],
+               autocast: contextlib.AbstractContextManager[Any], dist: DistInfo = SINGLE_PROCESS,
                ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Forward, backward, clip, update. Returns (loss, wrong predictions); loss is None for a
-    step skipped under `nonfinite=skip` (that check is the only host sync here)."""
+    step skipped under `nonfinite=skip` (that check is the only host sync here, and all
+    ranks agree on it, or the ones that stepped would wait forever for the others)."""
     with autocast:
         out = model(x)
         loss = crit(out.float(), y)
     wrong = (out.argmax(1) != y).sum()
-    if cfg.nonfinite == "skip" and not torch.isfinite(loss):
+    if cfg.nonfinite == "skip" and dist.sum(torch.isfinite(loss).float()).item() < dist.world:
         return None, wrong
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -96,51 +98,80 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
 
 
 class _Window:
-    """Loss and error sums kept on the device between log steps (no per-step host sync)."""
+    """Loss and error sums kept on the device between log steps (no per-step host sync);
+    read() sums them over all ranks."""
 
-    def __init__(self) -> None:
-        self.loss = torch.zeros(())
-        self.wrong = torch.zeros((), dtype=torch.long)
-        self.n, self.t0 = 0, time.perf_counter()
+    def __init__(self, device: torch.device, dist: DistInfo) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, wrong, count
+        self.dist, self.t0 = dist, time.perf_counter()
 
     def add(self, loss: torch.Tensor, wrong: torch.Tensor, n: int) -> None:
-        self.loss += loss.detach().float() * n
-        self.wrong += wrong
-        self.n += n
+        self.sums[0] += loss.detach().double() * n
+        self.sums[1] += wrong
+        self.sums[2] += n
 
     def read(self) -> tuple[float, float, float]:
+        loss, wrong, n = self.dist.sum(self.sums).tolist()
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        return self.loss.item() / max(self.n, 1), self.wrong.item() / max(self.n, 1), self.n / dt
+        return loss / max(n, 1), wrong / max(n, 1), n / dt
 
 
-def _eval_splits(model: nn.Module, data: DataBundle, n_classes: int,
-                 with_test: bool) -> tuple[dict[str, Any], EvalResult | None]:
+def _eval_splits(model: nn.Module, data: DataBundle, n_classes: int, with_test: bool,
+                 dist: DistInfo) -> tuple[dict[str, Any], EvalResult | None]:
     rec: dict[str, Any] = {"val_error": None, "test_error": None}
     test = None
     if data.val is not None:
-        rec["val_error"] = evaluate(model, data.val.batches(0), n_classes).top1_error
+        rec["val_error"] = evaluate(model, data.val.batches(0), n_classes,
+                                    reduce=dist.sum).top1_error
     if with_test:
-        test = evaluate(model, data.test.batches(0), n_classes)
+        test = evaluate(model, data.test.batches(0), n_classes, reduce=dist.sum)
         rec["test_error"] = test.top1_error
     return rec, test
 
 
+def _prepare_model(cfg: TrainConfig, n_classes: int, in_chans: int, device: torch.device,
+                   dist: DistInfo) -> tuple[nn.Module, nn.Module]:
+    """(the model to step, the plain model inside it for saving and evaluating)."""
+    core = create_model(cfg.model.name, num_classes=n_classes, in_chans=in_chans,
+                        **cfg.model.options).to(device)
+    if cfg.channels_last:
+        core = core.to(memory_format=torch.channels_last)
+    if not dist.enabled:
+        return core, core
+    if cfg.sync_bn:
+        convert_sync_bn(core, device)
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(core, device_ids=ids), core
+
+
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False,
           progress: bool | None = None) -> RunResult:
-    """Train `cfg` into `run_dir`; with `resume`, continue from its latest checkpoint."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Train `cfg` into `run_dir`; with `resume`, continue from its latest checkpoint.
+
+    Under torchrun each rank calls this; rank 0 alone writes files.
+    """
+    dist = init_from_env(cfg.dist_timeout_s)
+    try:
+        return _train(cfg, run_dir, resume, progress, dist)
+    finally:
+        shutdown(dist)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
+           dist: DistInfo) -> RunResult:
+    device = dist.device(cfg.device)
     _check_run_dir(run_dir, cfg, resume)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    dist.barrier()  # every rank has looked before rank 0 writes anything
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
-                      cfg.channels_last)
+                      cfg.channels_last, rank=dist.rank, world=dist.world)
     n_classes = len(data.classes)
-    model = create_model(cfg.model.name, num_classes=n_classes, in_chans=data.in_chans,
-                         **cfg.model.options)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model, core = _prepare_model(cfg, n_classes, data.in_chans, device, dist)
     data_cfg = {"input_size": data.input_size, "mean": data.mean, "std": data.std}
     opt = make_optimizer(model, cfg)
     sched = LRSchedule(cfg.schedule, cfg.optim.lr)
@@ -153,28 +184,32 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False,
 
     found = latest_checkpoint(ckpt_dir) if resume else None
     if found is not None:
-        state = load_checkpoint(found, model)
+        state = load_checkpoint(found, core)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
         recent.extend(state["recent_errors"])
         torch.set_rng_state(state["rng"])
         it = int(state["iteration"])
         log.info("resuming %s from iteration %d", run_dir, it)
-    metrics.truncate_after(it)
+    if dist.main:
+        metrics.truncate_after(it)
 
     def checkpoint() -> None:
-        state = {"iteration": it, "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
-                 "recent_errors": list(recent), "rng": torch.get_rng_state()}
-        save_checkpoint(ckpt_dir, model, state, data.classes, data_cfg)
+        if dist.main:
+            state = {"iteration": it, "optimizer": opt.state_dict(),
+                     "schedule": sched.state_dict(), "recent_errors": list(recent),
+                     "rng": torch.get_rng_state()}
+            save_checkpoint(ckpt_dir, core, state, data.classes, data_cfg)
+        dist.barrier()
 
     eval_every = cfg.eval_every or steps
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else \
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else \
         contextlib.nullcontext()
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=total, initial=it, unit="it", disable=not show, dynamic_ncols=True,
-               desc=cfg.model.name)
-    window, t_start = _Window(), time.perf_counter()
+    bar = tqdm(total=total, initial=it, unit="it", disable=not (show and dist.main),
+               dynamic_ncols=True, desc=cfg.model.name)
+    window, t_start = _Window(device, dist), time.perf_counter()
     last: dict[str, Any] = {}
     final_test: EvalResult | None = None
     model.train()
@@ -182,16 +217,17 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False,
         while it < total:
             epoch, start = divmod(it, steps)
             for x, y in data.train.batches(epoch, start):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 lr = sched(it)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                loss, wrong = train_step(model, opt, crit, x, y, cfg, autocast)
+                loss, wrong = train_step(model, opt, crit, x, y, cfg, autocast, dist)
                 if loss is None:
                     log.warning("iteration %d: non-finite loss, step skipped", it)
                 else:
                     window.add(loss, wrong, len(y))
                 if not sched.warmup.done:  # paper sec. 4.2: needs the error now, so sync
-                    recent.append(wrong.item() / len(y))
+                    recent.append(dist.sum(wrong.double()).item() / (len(y) * dist.world))
                     sched.observe_train_error(it, sum(recent) / len(recent))
                     if sched.warmup.done:
                         log.info("warm-up ended at iteration %d (train error %.1f%%)", it,
@@ -200,37 +236,39 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False,
                 bar.update(1)
                 is_eval = it % eval_every == 0 or it == total
                 if it % cfg.log_every == 0 or is_eval:
-                    last = _log_train(metrics, window, it, steps, lr, ckpt_dir)
+                    last = _log_train(metrics if dist.main else None, window, it, steps, lr,
+                                      ckpt_dir)
                     bar.set_postfix(loss=f"{last['loss']:.3f}",
                                     err=f"{100 * last['train_error']:.1f}%",
                                     lr=f"{lr:.3g}", ips=f"{last['images_per_s']:.0f}")
-                    window = _Window()
+                    window = _Window(device, dist)
                 if is_eval:
-                    ev, final_test = _eval_splits(model, data, n_classes,
-                                                  cfg.test_curve or it == total)
-                    metrics.write({"kind": "eval", "iteration": it, "epoch": it / steps,
-                                   "train_loss": last["loss"],
-                                   "train_error": last["train_error"], "lr": lr,
-                                   "images_per_s": last["images_per_s"],
-                                   "elapsed_s": time.perf_counter() - t_start, **ev})
-                    log.info("iteration %d/%d: %s", it, total, ", ".join(
-                        f"{k.replace('_', ' ')} {100 * v:.2f}%" for k, v in ev.items()
-                        if v is not None))
+                    ev, final_test = _eval_splits(core, data, n_classes,
+                                                  cfg.test_curve or it == total, dist)
+                    if dist.main:
+                        metrics.write({"kind": "eval", "iteration": it, "epoch": it / steps,
+                                       "train_loss": last["loss"],
+                                       "train_error": last["train_error"], "lr": lr,
+                                       "images_per_s": last["images_per_s"],
+                                       "elapsed_s": time.perf_counter() - t_start, **ev})
+                        log.info("iteration %d/%d: %s", it, total, ", ".join(
+                            f"{k.replace('_', ' ')} {100 * v:.2f}%" for k, v in ev.items()
+                            if v is not None))
                     checkpoint()
-                    window = _Window()  # the evaluation's time is not training speed
+                    window = _Window(device, dist)  # the evaluation is not training speed
                 if it >= total:
                     break
     except KeyboardInterrupt:
-        if window.n == 0 or math.isfinite(window.read()[0]):
+        if not dist.enabled and math.isfinite(window.read()[0]):
             checkpoint()
         raise
     finally:
         bar.close()
-    return finish(model, data, run_dir, metrics, cfg, it, time.perf_counter() - t_start,
-                  final_test if it == total else None)
+    return finish(core, data, run_dir, metrics, cfg, it, time.perf_counter() - t_start,
+                  final_test if it == total else None, dist)
 
 
-def _log_train(metrics: MetricsLog, window: _Window, it: int, steps: int, lr: float,
+def _log_train(metrics: MetricsLog | None, window: _Window, it: int, steps: int, lr: float,
                ckpt_dir: Path) -> dict[str, Any]:
     loss, err, speed = window.read()
     if not math.isfinite(loss):
@@ -239,18 +277,22 @@ def _log_train(metrics: MetricsLog, window: _Window, it: int, steps: int, lr: fl
                                  "nonfinite=skip)")
     rec = {"kind": "train", "iteration": it, "epoch": it / steps, "loss": loss,
            "train_error": err, "lr": lr, "images_per_s": speed}
-    metrics.write(rec)
+    if metrics is not None:
+        metrics.write(rec)
     return rec
 
 
 def finish(model: nn.Module, data: DataBundle, run_dir: Path, metrics: MetricsLog,
            cfg: TrainConfig, iterations: int, seconds: float,
-           test: EvalResult | None = None) -> RunResult:
+           test: EvalResult | None = None, dist: DistInfo = SINGLE_PROCESS) -> RunResult:
     """Final weights, the test evaluation (unless the last step already made it), figures."""
-    weights = save_weights(model, run_dir / "final", class_names=data.classes,
-                           input_size=data.input_size, mean=data.mean, std=data.std)
     if test is None:
-        test = evaluate(model, data.test.batches(0), len(data.classes))
+        test = evaluate(model, data.test.batches(0), len(data.classes), reduce=dist.sum)
+    weights, curves = run_dir / "final", run_dir / "curves.png"
+    if not dist.main:
+        return RunResult(run_dir, weights, curves, test, iterations, seconds)
+    save_weights(model, weights, class_names=data.classes, input_size=data.input_size,
+                 mean=data.mean, std=data.std)
     (run_dir / "eval.json").write_text(json.dumps({"split": "test", "tta": "center",
                                                    **test.summary(),
                                                    "per_class_accuracy": dict(zip(
@@ -258,8 +300,7 @@ def finish(model: nn.Module, data: DataBundle, run_dir: Path, metrics: MetricsLo
                                                        strict=True))}, indent=2) + "\n")
     plot_confusion(test.confusion, data.classes, run_dir / "confusion.png",
                    f"{cfg.model.name}: test error {100 * test.top1_error:.2f}%")
-    curves = plot_curves(metrics.records(), run_dir / "curves.png",
-                         f"{cfg.model.name} on {cfg.data.dataset}")
+    plot_curves(metrics.records(), curves, f"{cfg.model.name} on {cfg.data.dataset}")
     return RunResult(run_dir, weights, curves, test, iterations, seconds)
 
 
