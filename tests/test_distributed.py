@@ -65,8 +65,15 @@ def test_two_ranks_of_64_match_one_process_of_128(ddp_run: Path, fashion_dir: Pa
     assert a.keys() == b.keys()
     assert _max_diff(a, b) < TOLERANCE
     assert all(torch.equal(a[k], b[k]) for k in a if not a[k].is_floating_point())
-    per_rank_bn = _ddp_train(fashion_dir, tmp_path / "no-sync", "sync_bn=false")
-    assert _max_diff(a, resnetlab.load_model(per_rank_bn / "final").state_dict()) > TOLERANCE
+    # The negative control, launched through the `--nproc` shortcut (which runs torchrun).
+    out = tmp_path / "no-sync"
+    proc = subprocess.run([sys.executable, "-m", "resnetlab", "train", "--nproc", "2",
+                           "--preset", "smoke", "--data-dir", str(fashion_dir), "--out", str(out),
+                           *[f"--set={s}" for s in SETS], "--set=sync_bn=false"],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test accuracy" in proc.stdout
+    assert _max_diff(a, resnetlab.load_model(out / "final").state_dict()) > TOLERANCE
 
 
 def test_only_rank_0_writes_and_eval_equals_single_process(ddp_run: Path,
