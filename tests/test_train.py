@@ -104,18 +104,23 @@ def test_existing_run_needs_resume(tmp_path: Path, fashion_dir: Path) -> None:
         train(other, tmp_path / "r", resume=True, progress=False)
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(
-        tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = _smoke(fashion_dir, "schedule.iterations=20", "eval_every=5", "log_every=5")
+def _poison_loss(monkeypatch: pytest.MonkeyPatch, at_call: int, value: float) -> None:
+    """Multiply the training loss of the `at_call`-th step by `value` (NaN or inf)."""
     calls = {"n": 0}
     original = nn.CrossEntropyLoss.forward
 
     def poisoned(self: nn.CrossEntropyLoss, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         calls["n"] += 1
         loss = original(self, out, y)
-        return loss * float("nan") if calls["n"] == 8 else loss
+        return loss * value if calls["n"] == at_call else loss
 
     monkeypatch.setattr(nn.CrossEntropyLoss, "forward", poisoned)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(
+        tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _smoke(fashion_dir, "schedule.iterations=20", "eval_every=5", "log_every=5")
+    _poison_loss(monkeypatch, at_call=8, value=float("nan"))
     with pytest.raises(NonFiniteLossError, match="before iteration 10"):
         train(cfg, tmp_path / "nan", progress=False)
     ckpt = latest_checkpoint(tmp_path / "nan" / "checkpoints")
@@ -129,15 +134,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(
 def test_nonfinite_skip_keeps_training(tmp_path: Path, fashion_dir: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _smoke(fashion_dir, "schedule.iterations=10", "nonfinite=skip")
-    calls = {"n": 0}
-    original = nn.CrossEntropyLoss.forward
-
-    def poisoned(self: nn.CrossEntropyLoss, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        calls["n"] += 1
-        loss = original(self, out, y)
-        return loss * float("inf") if calls["n"] == 3 else loss
-
-    monkeypatch.setattr(nn.CrossEntropyLoss, "forward", poisoned)
+    _poison_loss(monkeypatch, at_call=3, value=float("inf"))
     res = train(cfg, tmp_path / "skip", progress=False)
     assert res.iterations == 10
     model = resnetlab.load_model(res.weights)
