@@ -6,6 +6,7 @@ and `config.json` (everything needed to rebuild the model and feed it images).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -97,8 +98,9 @@ def create_model(
             raise ConfigError(f"{weights} holds a {saved.architecture}, not a {name}")
         num_classes = _merge(saved.num_classes, num_classes, "num_classes")
         in_chans = _merge(saved.in_chans, in_chans, "in_chans")
+        defaults = {k: p.default for k, p in inspect.signature(ResNet).parameters.items()}
         for k, v in overrides.items():
-            _merge(saved.overrides.get(k, spec.arch.get(k)), v, k)
+            _merge(saved.overrides.get(k, spec.arch.get(k, defaults.get(k))), v, k)
         overrides = {**saved.overrides, **overrides}
     num_classes = spec.num_classes if num_classes is None else num_classes
     in_chans = 3 if in_chans is None else in_chans
