@@ -160,3 +160,28 @@ def test_print_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--preset", "cifar10-resnet110", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "warmup_until_error: 0.8" in out and "milestones:\n  - 32000\n  - 48000" in out
+
+
+def test_nan_gradient_stops_the_run_with_the_last_good_checkpoint(
+        tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _smoke(fashion_dir, "schedule.iterations=20", "eval_every=5", "log_every=5")
+    calls = {"n": 0}
+    original = torch.optim.SGD.step
+
+    def step_with_nan_grad(self: torch.optim.SGD, *args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 7:  # the loss of step 7 is finite; one gradient entry is not
+            self.param_groups[0]["params"][0].grad.view(-1)[0] = float("nan")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", step_with_nan_grad)
+    with pytest.raises(NonFiniteLossError, match="before iteration 10"):
+        train(cfg, tmp_path / "nangrad", progress=False)
+    ckpt = latest_checkpoint(tmp_path / "nangrad" / "checkpoints")
+    assert ckpt.name == "ckpt-00000005"
+    model = resnetlab.create_model("resnet8", in_chans=1)
+    assert load_checkpoint(ckpt, model)["iteration"] == 5
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    monkeypatch.setattr(torch.optim.SGD, "step", original)
+    resumed = train(cfg, tmp_path / "nangrad", resume=True, progress=False)
+    assert resumed.iterations == 20
