@@ -22,6 +22,7 @@ from resnetlab.data.sources import (
     locate_fashion_mnist,
     md5sum,
 )
+from resnetlab.images import ImageError
 from resnetlab.train.config import DataConfig
 
 from .conftest import synthetic_images, write_idx
@@ -210,16 +211,22 @@ def test_build_data_for_fashion_layout(fashion_dir: Path) -> None:
     assert data.in_chans == 1 and data.input_size == 28 and len(data.classes) == 10
 
 
-def test_build_data_for_image_folders(tmp_path: Path) -> None:
+def _image_folders(root: Path, broken: int) -> Path:
     for split, n in (("train", 6), ("val", 2)):
         for cls, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
-            d = tmp_path / split / cls
+            d = root / split / cls
             d.mkdir(parents=True)
             for i in range(n):
                 Image.new("RGB", (40 + i, 30), colour).save(d / f"{i}.jpg")
-    (tmp_path / "train" / "cat" / "broken.jpg").write_bytes(b"not an image")
-    cfg = DataConfig(dataset="folder", data_dir=str(tmp_path), val_split=0, image_size=24,
-                     workers=0)
+    for i in range(broken):
+        (root / "train" / "cat" / f"broken{i}.jpg").write_bytes(b"not an image")
+    (root / "val" / "dog" / "zz-broken.png").write_text("not an image either")
+    return root
+
+
+def test_build_data_for_image_folders(tmp_path: Path) -> None:
+    cfg = DataConfig(dataset="folder", data_dir=str(_image_folders(tmp_path, 1)), val_split=0,
+                     image_size=24, workers=0, max_bad_fraction=0.2)
     data = build_data(cfg, batch_size=4, eval_batch_size=4, seed=0)
     assert data.classes == ["cat", "dog"]
     seen = [(x.shape, y.tolist()) for x, y in data.train.batches(0)]
@@ -227,6 +234,24 @@ def test_build_data_for_image_folders(tmp_path: Path) -> None:
     assert sum(len(y) for _, y in seen) >= 8  # the broken file is skipped, not fatal
     xs, ys = next(iter(data.test.batches(0)))
     assert xs.shape == (4, 3, 24, 24) and sorted(ys.tolist()) == [0, 0, 1, 1]
+
+
+def test_too_many_unreadable_files_stop_with_a_count(tmp_path: Path) -> None:
+    cfg = DataConfig(dataset="folder", data_dir=str(_image_folders(tmp_path, 6)), val_split=0,
+                     image_size=24, workers=2)
+    data = build_data(cfg, batch_size=4, eval_batch_size=4, seed=0)
+    with pytest.raises(DataError, match=r"of 1[68] images could not be read"):
+        list(data.train.batches(0))
+
+
+def test_strict_evaluation_names_the_first_bad_file(tmp_path: Path) -> None:
+    cfg = DataConfig(dataset="folder", data_dir=str(_image_folders(tmp_path, 0)), val_split=0,
+                     image_size=24, workers=2)
+    data = build_data(cfg, batch_size=4, eval_batch_size=4, seed=0, strict=True)
+    with pytest.raises(ImageError) as err:
+        list(data.test.batches(0))
+    assert str(err.value) == f"{tmp_path / 'val' / 'dog' / 'zz-broken.png'}: not a recognised " \
+        "image format"
 
 
 def test_build_data_for_mnist_idx(tmp_path: Path) -> None:

@@ -50,6 +50,8 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     e.add_argument("--recompute-bn", action="store_true",
                    help="re-estimate BatchNorm statistics on training data first")
     e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image file (folder data sets)")
     e.add_argument("--out", help="JSON file for the results (default: next to the weights)")
     e.set_defaults(func=cmd_eval)
 
@@ -124,7 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _eval_data_config(args, Path(args.weights))
     mc = model.model_config
     data = build_data(cfg.data, cfg.batch_size, args.batch_size, cfg.seed,
-                      stats=(mc.mean, mc.std))
+                      stats=(mc.mean, mc.std), strict=args.strict)
     if args.recompute_bn:
         recompute_bn(model, data.train.batches(0))
     split = data.test if args.split == "test" else data.val

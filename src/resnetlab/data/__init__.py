@@ -79,17 +79,18 @@ def _limit(data: ArrayDataset, n: int) -> ArrayDataset:
 
 def build_data(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
                channels_last: bool = False, stats: tuple[list, list] | None = None,
-               rank: int = 0, world: int = 1) -> DataBundle:
+               rank: int = 0, world: int = 1, strict: bool = False) -> DataBundle:
     """Loaders for a `DataConfig` (see resnetlab.train.config).
 
     `stats` = (mean, std) of trained weights; by default they are fitted on the training
-    split. `rank`/`world`: this process's share in data-parallel training.
+    split. `rank`/`world`: this process's share in data-parallel training. `strict`: an
+    unreadable image file in a folder data set is an error instead of being skipped.
     """
     if batch_size % world:
         raise ConfigError(f"batch_size {batch_size} must divide by the {world} processes")
     if cfg.dataset == "folder":
         return _build_folder(cfg, batch_size, eval_batch_size, seed, channels_last, stats,
-                             rank, world)
+                             rank, world, strict)
     full = _limit(load_arrays(cfg.dataset, cfg.data_dir, "train", cfg.verify), cfg.limit_train)
     test = _limit(load_arrays(cfg.dataset, cfg.data_dir, "test", cfg.verify), cfg.limit_test)
     tr_idx, va_idx = holdout(len(full), cfg.val_split)
@@ -110,7 +111,7 @@ def build_data(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
 
 def _build_folder(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
                   channels_last: bool, stats: tuple[list, list] | None, rank: int,
-                  world: int) -> DataBundle:
+                  world: int, strict: bool) -> DataBundle:
     if not cfg.data_dir:
         raise ConfigError("dataset=folder needs --data-dir with train/ and val/ sub-folders")
     root = Path(cfg.data_dir)
@@ -118,15 +119,17 @@ def _build_folder(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
     size = cfg.image_size
     train_ds = ImageFolderDataset(root / "train", train_transform(size, mean, std,
                                                                   lighting=cfg.lighting))
-    plain_ds = ImageFolderDataset(root / "train", eval_transform(size, mean, std))
-    test_ds = ImageFolderDataset(root / "val", eval_transform(size, mean, std))
+    plain_ds = ImageFolderDataset(root / "train", eval_transform(size, mean, std),
+                                  strict=strict)
+    test_ds = ImageFolderDataset(root / "val", eval_transform(size, mean, std), strict=strict)
     if test_ds.classes != train_ds.classes:
         raise DataError(f"{root}/val has classes {test_ds.classes}, train has {train_ds.classes}")
     tr_idx, va_idx = holdout(len(train_ds), cfg.val_split)
 
     def loader(ds: Any, training: bool) -> FolderLoader:
         return FolderLoader(ds, batch_size if training else eval_batch_size, training,
-                            training, cfg.workers, seed, channels_last, rank, world)
+                            training, cfg.workers, seed, channels_last, rank, world,
+                            cfg.max_bad_fraction)
 
     return DataBundle(loader(Subset(train_ds, tr_idx.tolist()), True),
                       loader(Subset(plain_ds, va_idx.tolist()), False) if len(va_idx) else None,

@@ -9,6 +9,7 @@ resizes the shorter side to 256 and takes the centre 224.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -70,9 +71,11 @@ def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2
 
 
 class ImageFolderDataset(torchvision.datasets.ImageFolder):
-    """torchvision's ImageFolder with our decoder; an unreadable file yields None (skipped)."""
+    """torchvision's ImageFolder with our decoder. An unreadable file is logged with its path
+    and yields None (skipped and counted by the loader), or, with `strict`, raises."""
 
-    def __init__(self, root: Path, transform: v2.Compose, mode: str = "RGB") -> None:
+    def __init__(self, root: Path, transform: v2.Compose, mode: str = "RGB",
+                 strict: bool = False) -> None:
         if not root.is_dir():
             raise DataError(f"{root} is not a folder of class sub-folders")
         try:
@@ -82,21 +85,25 @@ class ImageFolderDataset(torchvision.datasets.ImageFolder):
             raise DataError(f"{root}: {e}") from None
         if not self.samples:
             raise DataError(f"{root} holds no images in class sub-folders")
+        self.strict = strict
 
     def __getitem__(self, index: int):  # type: ignore[override]
         try:
             return super().__getitem__(index)
         except ImageError as e:
-            log.warning("skipping %s", e)
+            if self.strict:
+                raise
+            log.warning("skipping unreadable %s", e)
             return None
 
 
-def _collate(batch: list) -> tuple[torch.Tensor, torch.Tensor] | None:
-    batch = [b for b in batch if b is not None]
-    if not batch:
-        return None
-    xs, ys = zip(*batch, strict=True)
-    return torch.stack(xs), torch.tensor(ys)
+def _collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    """(images, labels, how many files of the batch could not be read)."""
+    good = [b for b in batch if b is not None]
+    if not good:
+        return None, None, len(batch)
+    xs, ys = zip(*good, strict=True)
+    return torch.stack(xs), torch.tensor(ys), len(batch) - len(good)
 
 
 class _EpochSampler(Sampler[int]):
@@ -129,15 +136,19 @@ class _EpochSampler(Sampler[int]):
 
 
 class FolderLoader:
-    """DataLoader over an image folder with the same `batches(epoch, start)` interface."""
+    """DataLoader over an image folder with the same `batches(epoch, start)` interface.
+
+    Unreadable files are skipped and counted; once more than `max_bad_fraction` of the
+    files seen in a pass failed, the pass stops with a DataError (the log names each file).
+    """
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool,
                  workers: int, seed: int = 0, channels_last: bool = False, rank: int = 0,
-                 world: int = 1) -> None:
+                 world: int = 1, max_bad_fraction: float = 0.01) -> None:
         if shuffle and batch_size % world:
             raise ValueError(f"batch size {batch_size} does not split over {world} processes")
         self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
-        self.channels_last = channels_last
+        self.channels_last, self.max_bad_fraction = channels_last, max_bad_fraction
         self.sampler = _EpochSampler(len(dataset), seed, shuffle, batch_size, rank, world)
         local = batch_size // world if shuffle else batch_size
         self.loader = DataLoader(dataset, batch_size=local, sampler=self.sampler,
@@ -150,12 +161,26 @@ class FolderLoader:
         b = self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
+    def _check(self, bad: int, seen: int, final: bool) -> None:
+        if bad and (final or seen >= 100) and bad > self.max_bad_fraction * seen:
+            raise DataError(f"{bad} of {seen} images could not be read (more than "
+                            f"{100 * self.max_bad_fraction:g}%); the log above names them. "
+                            "Fix or remove them, or raise data.max_bad_fraction")
+
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start = epoch, start
-        for batch in self.loader:
-            if batch is None:
-                continue
-            x, y = batch
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y
+        bad = seen = 0
+        try:
+            for x, y, skipped in self.loader:
+                bad += skipped
+                seen += skipped + (0 if y is None else len(y))
+                self._check(bad, seen, final=False)
+                if x is None or y is None:
+                    continue
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield x, y
+        except ImageError as e:  # --strict: a worker's error arrives wrapped in a traceback
+            found = re.findall(r"ImageError: (.+)", str(e))
+            raise ImageError(found[-1] if found else str(e).splitlines()[0]) from None
+        self._check(bad, seen, final=True)
