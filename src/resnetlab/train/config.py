@@ -197,6 +197,11 @@ def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> Any:
     return dataclasses.replace(obj, **changes)
 
 
+def _one_line(e: Exception) -> str:
+    """YAML errors span lines with a caret drawing; the CLI promises one line."""
+    return " ".join(str(e).split())
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
     """`["optim.lr=0.05", "model.options={shortcut: B}"]` -> a nested mapping (YAML values)."""
     out: dict[str, Any] = {}
@@ -207,7 +212,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         try:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: {raw!r} is not a valid value ({e})") from None
+            raise ConfigError(f"--set {key}: {raw!r} is not a valid value "
+                              f"({_one_line(e)})") from None
         node = out
         *parents, leaf = key.split(".")
         for p in parents:
@@ -224,7 +230,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_one_line(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
