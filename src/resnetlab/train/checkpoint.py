@@ -63,8 +63,10 @@ def save_checkpoint(root: Path, model: nn.Module, state: dict[str, Any],
                               "the previous checkpoint is kept") from None
     for old in sorted(root.glob("ckpt-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):
+    for stale in root.glob(".tmp-*"):  # what a save killed midway left behind
         shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(f".{POINTER}.*.tmp"):
+        stale.unlink(missing_ok=True)
     return target
 
 

@@ -84,6 +84,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval_every: int = 0  # iterations between evaluations; 0: once an epoch
+    checkpoint_every: int = 0  # iterations between extra checkpoints (each evaluation saves one)
     log_every: int = 50  # iterations between metric lines
     test_curve: bool = True  # also score the test set at each evaluation, for the curve only
     channels_last: bool = True
@@ -252,6 +253,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_range(cfg.nonfinite in ("stop", "skip"), "nonfinite must be stop or skip")
     _check_range(cfg.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda")
     _check_range(cfg.dist_timeout_s >= 1, "dist_timeout_s must be >= 1")
+    _check_range(min(cfg.eval_every, cfg.checkpoint_every) >= 0 and cfg.log_every >= 1,
+                 "eval_every and checkpoint_every must be >= 0, log_every >= 1")
     _check_range(cfg.batch_size >= 1 and cfg.eval_batch_size >= 1, "batch sizes must be >= 1")
     _check_range(s.iterations >= 1, "schedule.iterations must be >= 1")
     _check_range(o.lr > 0, "optim.lr must be > 0")

@@ -256,6 +256,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
                             if v is not None))
                     checkpoint()
                     window = _Window(device, dist)  # the evaluation is not training speed
+                elif cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
+                    checkpoint()
                 if it >= total:
                     break
     except KeyboardInterrupt:
