@@ -50,3 +50,18 @@ def fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def smoke_args(fashion_dir: Path) -> list[str]:
     """CLI arguments that run the smoke preset on the test-written files."""
     return ["--preset", "smoke", "--data-dir", str(fashion_dir), "--set", "data.verify=false"]
+
+
+@pytest.fixture(scope="session")
+def folder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same kind of synthetic data as PNG files in the ImageNet folder layout."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folder")
+    for split, n, seed in (("train", 640, 1), ("val", 64, 2)):
+        images, labels = synthetic_images(n, seed)
+        for i, (img, label) in enumerate(zip(images, labels, strict=True)):
+            d = root / split / f"class{label}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img, "L").convert("RGB").save(d / f"{i}.png")
+    return root

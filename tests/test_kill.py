@@ -20,13 +20,16 @@ from resnetlab.train.loop import train
 # 16 batches an epoch (512 examples, batch 32): checkpoints every 3 iterations fall
 # mid-epoch, and the evaluation at each epoch end (16, 32) saves one on the boundary.
 SETS = ["data.verify=false", "schedule.iterations=40", "eval_every=16", "checkpoint_every=3",
-        "log_every=4"]
+        "log_every=4", "ema_decay=0.9"]
+# In-memory batches (no loader workers) and an image folder read by 2 DataLoader workers.
+KINDS = {"memory-0-workers": [],
+         "folder-2-workers": ["data.dataset=folder", "data.image_size=28", "data.workers=2"]}
 
 
-def _start(fashion_dir: Path, out: Path) -> subprocess.Popen[bytes]:
+def _start(data_dir: Path, out: Path, extra: list[str]) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "resnetlab", "train", "--preset", "smoke", "--data-dir",
-           str(fashion_dir), "--out", str(out), "--resume", "auto",
-           *[f"--set={s}" for s in SETS]]
+           str(data_dir), "--out", str(out), "--resume", "auto",
+           *[f"--set={s}" for s in [*SETS, *extra]]]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -47,19 +50,21 @@ def _kill_after(proc: subprocess.Popen[bytes], ckpts: Path, at_least: int,
     raise AssertionError("no checkpoint appeared")
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_sigkill_mid_epoch_and_at_epoch_boundary_then_resume_is_bit_identical(
-        tmp_path: Path, fashion_dir: Path, seed: int) -> None:
-    rng = random.Random(seed)
-    reference = train(resolve("smoke", sets=[f"data.data_dir={fashion_dir}", *SETS]),
+        tmp_path: Path, fashion_dir: Path, folder_dir: Path, kind: str) -> None:
+    extra = KINDS[kind]
+    data_dir = folder_dir if extra else fashion_dir
+    rng = random.Random(kind)
+    reference = train(resolve("smoke", sets=[f"data.data_dir={data_dir}", *SETS, *extra]),
                       tmp_path / "reference", progress=False)
     out = tmp_path / "killed"
     ckpts = out / "checkpoints"
     killed_at = []
     for target in (rng.choice([3, 6, 9]), 16):  # mid-epoch, then the epoch boundary
-        killed_at.append(_kill_after(_start(fashion_dir, out), ckpts, target,
+        killed_at.append(_kill_after(_start(data_dir, out, extra), ckpts, target,
                                      rng.uniform(0, 0.2)))
-    final = _start(fashion_dir, out)
+    final = _start(data_dir, out, extra)
     assert final.wait(timeout=300) == 0
     assert killed_at[0] % 16 and killed_at[1] >= 16
     a, b = load_file(reference.weights / "model.safetensors"), \
@@ -72,6 +77,8 @@ def test_sigkill_mid_epoch_and_at_epoch_boundary_then_resume_is_bit_identical(
     for x, y in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values(),
                     strict=True):
         assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
+    assert sa["ema"].keys() == sb["ema"].keys()
+    assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])
 
 
 def test_resume_with_another_batch_stream_differs(tmp_path: Path, fashion_dir: Path,

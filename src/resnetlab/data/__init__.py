@@ -7,10 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Subset
 
 from ..errors import ConfigError
-from .folder import FolderLoader, ImageFolderDataset, eval_transform, train_transform
+from .folder import (
+    FolderLoader,
+    ImageFolderDataset,
+    SeededSubset,
+    eval_transform,
+    train_transform,
+)
 from .memory import BatchAugment, InMemoryLoader, Normalize
 from .sources import (
     CIFAR10_MD5,
@@ -131,10 +136,10 @@ def _build_folder(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
                             training, cfg.workers, seed, channels_last, rank, world,
                             cfg.max_bad_fraction)
 
-    return DataBundle(loader(Subset(train_ds, tr_idx.tolist()), True),
-                      loader(Subset(plain_ds, va_idx.tolist()), False) if len(va_idx) else None,
-                      loader(test_ds, False), train_ds.classes, 3, size, mean, std,
-                      loader(Subset(plain_ds, tr_idx.tolist()), False))
+    return DataBundle(loader(SeededSubset(train_ds, tr_idx.tolist()), True),
+                      loader(SeededSubset(plain_ds, va_idx.tolist()), False) if len(va_idx)
+                      else None, loader(test_ds, False), train_ds.classes, 3, size, mean, std,
+                      loader(SeededSubset(plain_ds, tr_idx.tolist()), False))
 
 
 __all__ = ["DATASETS", "ArrayDataset", "BatchAugment", "DataBundle", "DataError",

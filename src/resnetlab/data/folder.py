@@ -97,6 +97,25 @@ class ImageFolderDataset(torchvision.datasets.ImageFolder):
             return None
 
 
+class SeededSubset(Dataset):
+    """`dataset[indices[i]]`; a key (i, seed) draws that example's random augmentation from
+    `seed`, so it is the same in any worker, with any number of workers, after a resume."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | tuple[int, int]):  # type: ignore[override]
+        if isinstance(key, int):
+            return self.dataset[self.indices[key]]
+        i, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[self.indices[i]]
+
+
 def _collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
     """(images, labels, how many files of the batch could not be read)."""
     good = [b for b in batch if b is not None]
@@ -128,8 +147,11 @@ class _EpochSampler(Sampler[int]):
             out += order[first:first + local]
         return out
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
+        if not self.shuffle:
+            return iter(self._indices())
+        # Training examples carry the seed of their augmentation (see SeededSubset).
+        return iter((i, hash((self.seed, self.epoch, i)) % 2**62) for i in self._indices())
 
     def __len__(self) -> int:
         return len(self._indices())

@@ -85,6 +85,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval_every: int = 0  # iterations between evaluations; 0: once an epoch
     checkpoint_every: int = 0  # iterations between extra checkpoints (each evaluation saves one)
+    ema_decay: float = 0.0  # > 0: evaluate and ship an exponential moving average of weights
     log_every: int = 50  # iterations between metric lines
     test_curve: bool = True  # also score the test set at each evaluation, for the curve only
     channels_last: bool = True
@@ -261,6 +262,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_range(0 <= o.momentum < 1, "optim.momentum must be in [0, 1)")
     _check_range(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
     _check_range(0 <= o.label_smoothing < 1, "optim.label_smoothing must be in [0, 1)")
+    _check_range(0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)")
     _check_range(0 <= s.warmup_until_error < 1, "schedule.warmup_until_error must be in [0, 1)")
     _check_range(d.pad >= 0 and d.val_split >= 0, "data.pad and data.val_split must be >= 0")
     _check_range(s.milestones == sorted(s.milestones), "schedule.milestones must increase")

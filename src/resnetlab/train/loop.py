@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from ..data import DataBundle, build_data
@@ -173,6 +174,9 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
     n_classes = len(data.classes)
     model, core = _prepare_model(cfg, n_classes, data.in_chans, device, dist)
     data_cfg = {"input_size": data.input_size, "mean": data.mean, "std": data.std}
+    ema = AveragedModel(core, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                        use_buffers=True) if cfg.ema_decay else None
+    scored = ema.module if ema is not None else core  # what evaluations and final/ hold
     opt = make_optimizer(model, cfg)
     sched = LRSchedule(cfg.schedule, cfg.optim.lr)
     recent: deque[float] = deque(maxlen=10)  # batch errors seen by the conditional warm-up
@@ -188,6 +192,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["schedule"])
         recent.extend(state["recent_errors"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"])
         it = int(state["iteration"])
         log.info("resuming %s from iteration %d", run_dir, it)
@@ -196,9 +202,11 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
 
     def checkpoint() -> None:
         if dist.main:
-            state = {"iteration": it, "optimizer": opt.state_dict(),
-                     "schedule": sched.state_dict(), "recent_errors": list(recent),
-                     "rng": torch.get_rng_state()}
+            epoch, batch = divmod(it, steps)
+            state = {"iteration": it, "epoch": epoch, "batch_in_epoch": batch,
+                     "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
+                     "recent_errors": list(recent), "rng": torch.get_rng_state(),
+                     **({"ema": ema.state_dict()} if ema is not None else {})}
             save_checkpoint(ckpt_dir, core, state, data.classes, data_cfg)
         dist.barrier()
 
@@ -226,6 +234,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
                     log.warning("iteration %d: non-finite loss, step skipped", it)
                 else:
                     window.add(loss, wrong, len(y))
+                    if ema is not None:
+                        ema.update_parameters(core)
                 if not sched.warmup.done:  # paper sec. 4.2: needs the error now, so sync
                     recent.append(dist.sum(wrong.double()).item() / (len(y) * dist.world))
                     sched.observe_train_error(it, sum(recent) / len(recent))
@@ -243,7 +253,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
                                     lr=f"{lr:.3g}", ips=f"{last['images_per_s']:.0f}")
                     window = _Window(device, dist)
                 if is_eval:
-                    ev, final_test = _eval_splits(core, data, n_classes,
+                    ev, final_test = _eval_splits(scored, data, n_classes,
                                                   cfg.test_curve or it == total, dist)
                     if dist.main:
                         metrics.write({"kind": "eval", "iteration": it, "epoch": it / steps,
@@ -266,7 +276,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
         raise
     finally:
         bar.close()
-    return finish(core, data, run_dir, metrics, cfg, it, time.perf_counter() - t_start,
+    return finish(scored, data, run_dir, metrics, cfg, it, time.perf_counter() - t_start,
                   final_test if it == total else None, dist)
 
 
