@@ -224,12 +224,17 @@ def _image_folders(root: Path, broken: int) -> Path:
     return root
 
 
-def test_build_data_for_image_folders(tmp_path: Path) -> None:
-    cfg = DataConfig(dataset="folder", data_dir=str(_image_folders(tmp_path, 1)), val_split=0,
+def test_build_data_for_image_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = _image_folders(tmp_path, 1)
+    (root / "train" / "empty-class").mkdir()
+    (root / "val" / "empty-class").mkdir()
+    cfg = DataConfig(dataset="folder", data_dir=str(root), val_split=0,
                      image_size=24, workers=0, max_bad_fraction=0.2)
     data = build_data(cfg, batch_size=4, eval_batch_size=4, seed=0)
-    assert data.classes == ["cat", "dog"]
-    seen = [(x.shape, y.tolist()) for x, y in data.train.batches(0)]
+    assert data.classes == ["cat", "dog", "empty-class"]
+    with caplog.at_level("WARNING"):
+        seen = [(x.shape, y.tolist()) for x, y in data.train.batches(0)]
+    assert str(root / "train" / "cat" / "broken0.jpg") in caplog.text
     assert all(s[1:] == (3, 24, 24) for s, _ in seen)
     assert sum(len(y) for _, y in seen) >= 8  # the broken file is skipped, not fatal
     xs, ys = next(iter(data.test.batches(0)))

@@ -142,16 +142,21 @@ def test_predict_cli_every_mode_and_bad_files(run_dir: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     files = _image_files(tmp_path)
     (tmp_path / "bad.png").write_text("not an image")
-    paths = [str(p) for p in files.values()] + [str(tmp_path / "bad.png")]
-    assert main(["predict", str(run_dir), *paths, "--topk", "3", "--json"]) == 1
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "cut.jpg").write_bytes(files["rgb.jpg"].read_bytes()[:300])
+    bad = [str(tmp_path / n) for n in ("bad.png", "empty.jpg", "cut.jpg")]
+    paths = [str(p) for p in files.values()]
+    assert main(["predict", str(run_dir), bad[0], *paths, *bad[1:], "--topk", "3",
+                 "--json"]) == 1
     captured = capsys.readouterr()
     lines = [json.loads(ln) for ln in captured.out.splitlines()]
-    assert [ln["path"] for ln in lines] == paths[:-1]
+    assert [ln["path"] for ln in lines] == paths  # every good file, in order
     classes = {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                "Sneaker", "Bag", "Ankle boot"}
     for ln in lines:
         probs = [p["prob"] for p in ln["predictions"]]
         assert len(probs) == 3 and probs == sorted(probs, reverse=True)
         assert {p["label"] for p in ln["predictions"]} <= classes
-    assert captured.err.strip().splitlines() == [
-        f"error: {tmp_path / 'bad.png'}: not a recognised image format"]
+    errors = captured.err.strip().splitlines()
+    assert errors[0] == f"error: {tmp_path / 'bad.png'}: not a recognised image format"
+    assert [e.split(":")[1].strip() for e in errors] == bad  # one line per bad file

@@ -3,6 +3,8 @@
 import os
 import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,39 @@ def test_failing_save_keeps_previous_checkpoint(tmp_path: Path,
     assert latest_checkpoint(tmp_path / "ckpts") == ckpt
     state = load_checkpoint(ckpt, resnetlab.create_model("resnet8"))
     assert state["iteration"] == 3
+
+
+BOMB = '''
+import resource, sys, time
+from PIL import Image
+from resnetlab.images import ImageError, load_image
+Image.new("1", (30000, 30000)).save(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+try:
+    load_image(sys.argv[1])
+except ImageError as e:
+    print("refused", time.perf_counter() - t, before,
+          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, e)
+'''
+
+
+def test_decompression_bomb_is_refused_fast_with_bounded_memory(tmp_path: Path) -> None:
+    script = tmp_path / "bomb.py"
+    script.write_text(BOMB)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "bomb.png")],
+                         capture_output=True, text=True, timeout=120).stdout.split()
+    assert out[0] == "refused"
+    seconds, rss_before, rss_after = float(out[1]), int(out[2]), int(out[3])
+    assert seconds < 1.0
+    assert rss_after - rss_before < 50_000  # KiB: the 900-megapixel image was never decoded
+
+
+def test_debug_flag_shows_the_traceback() -> None:
+    plain = subprocess.run([sys.executable, "-m", "resnetlab", "train", "--preset", "nope"],
+                           capture_output=True, text=True)
+    debug = subprocess.run([sys.executable, "-m", "resnetlab", "train", "--preset", "nope",
+                            "--debug"], capture_output=True, text=True)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr
+    assert len(plain.stderr.strip().splitlines()) == 1
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
