@@ -142,11 +142,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, acc in zip(names, res.per_class_accuracy, strict=True):
         print(f"  {name:<{width}}  {100 * acc:6.2f}%")
     out = Path(args.out) if args.out else wdir / f"eval-{args.split}-{args.tta}.json"
-    out.write_text(json.dumps({"weights": str(wdir), "split": args.split, "tta": args.tta,
-                               "recompute_bn": args.recompute_bn, **res.summary(),
-                               "per_class_accuracy": dict(zip(names, res.per_class_accuracy,
-                                                              strict=True)),
-                               "confusion": res.confusion}, indent=2) + "\n")
+    report = res.report(names, weights=str(wdir), split=args.split, tta=args.tta,
+                        recompute_bn=args.recompute_bn)
+    out.write_text(json.dumps(report, indent=2) + "\n")
     png = plot_confusion(res.confusion, names, out.with_suffix(".png"),
                          f"{mc.architecture}, {args.split}: {100 * res.top1_error:.2f}% error")
     print(f"results: {out}\nconfusion matrix: {png}")

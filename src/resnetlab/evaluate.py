@@ -70,6 +70,12 @@ class EvalResult:
         return {"top1_error": self.top1_error, "top5_error": self.top5_error,
                 "loss": self.loss, "count": self.count}
 
+    def report(self, classes: list[str], **context: object) -> dict[str, object]:
+        """What eval.json files hold: `context`, the summary, per-class accuracy, confusion."""
+        return {**context, **self.summary(),
+                "per_class_accuracy": dict(zip(classes, self.per_class_accuracy, strict=True)),
+                "confusion": self.confusion}
+
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              num_classes: int, tta: str = "center",

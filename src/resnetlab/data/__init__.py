@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..models.registry import IMAGENET_MEAN, IMAGENET_STD
 from .folder import (
     FolderLoader,
     ImageFolderDataset,
@@ -33,8 +34,6 @@ from .sources import (
 )
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLIT_SEED = 20151210  # the held-out split never depends on the run's seed
 
 

@@ -305,11 +305,8 @@ def finish(model: nn.Module, data: DataBundle, run_dir: Path, metrics: MetricsLo
         return RunResult(run_dir, weights, curves, test, iterations, seconds)
     save_weights(model, weights, class_names=data.classes, input_size=data.input_size,
                  mean=data.mean, std=data.std)
-    (run_dir / "eval.json").write_text(json.dumps({"split": "test", "tta": "center",
-                                                   **test.summary(),
-                                                   "per_class_accuracy": dict(zip(
-                                                       data.classes, test.per_class_accuracy,
-                                                       strict=True))}, indent=2) + "\n")
+    report = test.report(data.classes, split="test", tta="center")
+    (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_confusion(test.confusion, data.classes, run_dir / "confusion.png",
                    f"{cfg.model.name}: test error {100 * test.top1_error:.2f}%")
     plot_curves(metrics.records(), curves, f"{cfg.model.name} on {cfg.data.dataset}")
