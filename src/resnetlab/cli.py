@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
+from .cli_reproduce import add_reproduce_parser
 from .cli_run import add_train_parser
 from .complexity import meta_model, model_summary, stage_table
 from .errors import ResNetLabError
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--num-classes", type=int, help="classes of the fc layer")
     i.set_defaults(func=cmd_info)
     add_train_parser(sub, common)
+    add_reproduce_parser(sub, common)
     return p
 
 

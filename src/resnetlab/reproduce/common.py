@@ -1,0 +1,257 @@
+"""What every experiment shares: scales, sub-runs (normal run directories), reports.
+
+An experiment names the networks it needs; each is trained once per scale into
+`<out>/runs/<label>/` by the ordinary trainer, so an interrupted `reproduce` resumes where
+it stopped, a finished sub-run is never trained again, and experiments that need the same
+network (degradation, responses and lesion all use ResNet-56) share one run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..data import build_data
+from ..errors import ConfigError
+from ..factory import load_model
+from ..models.resnet import ResNet
+from ..train.config import TrainConfig, resolve, to_yaml
+from ..train.loop import train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big every experiment is; the code path is the same at every scale."""
+
+    name: str
+    dataset: str
+    iterations: int
+    milestones: tuple[int, ...]  # lr / 10 at these iterations (paper: 32k and 48k of 64k)
+    eval_every: int
+    log_every: int
+    batch_size: int
+    val_split: int
+    pad: int
+    depths: tuple[int, ...]  # degradation (Fig. 6)
+    response_depths: tuple[int, ...]  # Fig. 7
+    pair_depths: tuple[int, ...]  # preact: v1 against v2 at these depths
+    lesion_depth: int
+    shortcut_depth: int
+    gradient_depth: int
+    gradient_steps: int  # "early in training" for the gradients experiment
+    analysis_images: int  # test images scored per lesion and used for responses (0: all)
+    lesion_draws: int  # random draws per k in the k-blocks lesion curve
+    limit_train: int = 0
+    limit_test: int = 0
+    eval_batch_size: int = 1000
+
+    def train_config(self, net: Net, data_dir: str | None = None,
+                     sets: Sequence[str] = ()) -> TrainConfig:
+        """The paper's CIFAR recipe (sec. 4.2) with this scale's sizes."""
+        sched: dict[str, Any] = {"kind": "multistep", "iterations": self.iterations,
+                                 "milestones": list(self.milestones)}
+        if net.depth >= 110 and not net.plain:  # "0.01 until the training error is below 80%"
+            sched.update(warmup_lr=0.01, warmup_until_error=0.8)
+        data: dict[str, Any] = {"dataset": self.dataset, "val_split": self.val_split,
+                                "normalize": "pixel", "pad": self.pad, "flip": True,
+                                "limit_train": self.limit_train, "limit_test": self.limit_test}
+        if data_dir:
+            data["data_dir"] = data_dir
+        base = {"preset": f"reproduce-{self.name}", "seed": 0, "batch_size": self.batch_size,
+                "eval_batch_size": self.eval_batch_size, "data": data,
+                "model": {"name": f"resnet{net.depth}", "options": net.options},
+                "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+                "schedule": sched, "eval_every": self.eval_every, "log_every": self.log_every}
+        return resolve(None, sets=[f"{k}={json.dumps(v)}" for k, v in base.items()] + list(sets))
+
+
+SCALES: dict[str, Scale] = {
+    # Seconds, for the tests: tiny nets (6n+2 with n = 1, 2) on whatever data is given.
+    "smoke": Scale("smoke", "fashion-mnist", iterations=6, milestones=(3, 5), eval_every=3,
+                   log_every=2, batch_size=32, val_split=0, pad=1, depths=(8, 14),
+                   response_depths=(8, 14), pair_depths=(8,), lesion_depth=14,
+                   shortcut_depth=8, gradient_depth=14, gradient_steps=2, analysis_images=128,
+                   lesion_draws=2, limit_train=256, limit_test=128, eval_batch_size=128),
+    # Fashion-MNIST on a 2-core CPU: 800 iterations of batch 128 (1.7 epochs) per net, so the
+    # eight degradation nets train in about an hour. All 60k images train (no val split:
+    # nothing is tuned here); the test curve is scored on all 10k every 200 iterations.
+    "cpu": Scale("cpu", "fashion-mnist", iterations=800, milestones=(400, 600),
+                 eval_every=200, log_every=20, batch_size=128, val_split=0, pad=1,
+                 depths=(20, 32, 44, 56), response_depths=(20, 56), pair_depths=(20, 56),
+                 lesion_depth=56, shortcut_depth=20, gradient_depth=56, gradient_steps=100,
+                 analysis_images=2000, lesion_draws=5),
+    # Paper sec. 4.2 on CIFAR-10: 64k iterations, 45k/5k split, lr /10 at 32k and 48k.
+    "paper": Scale("paper", "cifar10", iterations=64000, milestones=(32000, 48000),
+                   eval_every=1000, log_every=100, batch_size=128, val_split=5000, pad=4,
+                   depths=(20, 32, 44, 56, 110), response_depths=(20, 56, 110),
+                   pair_depths=(56, 110), lesion_depth=110, shortcut_depth=32,
+                   gradient_depth=110, gradient_steps=400, analysis_images=0, lesion_draws=10),
+}
+
+
+def get_scale(name: str) -> Scale:
+    if name not in SCALES:
+        raise ConfigError(f"unknown scale {name!r}; choose one of {', '.join(SCALES)}")
+    return SCALES[name]
+
+
+@dataclass(frozen=True)
+class Net:
+    """One CIFAR-style network an experiment trains (paper sec. 4.2, 6n+2 layers)."""
+
+    depth: int
+    plain: bool = False
+    shortcut: str = "A"
+    preact: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.plain:
+            return f"plain{self.depth}"
+        tags = ([self.shortcut] if self.shortcut != "A" else []) + \
+            (["preact"] if self.preact else [])
+        return "-".join([f"resnet{self.depth}", *tags])
+
+    @property
+    def options(self) -> dict[str, Any]:
+        if self.plain:
+            return {"plain": True}
+        opts: dict[str, Any] = {}
+        if self.shortcut != "A":
+            opts["shortcut"] = self.shortcut
+        if self.preact:
+            opts["preact"] = True
+        return opts
+
+
+@dataclass
+class Context:
+    """Where an experiment reads and writes, and how it reports progress."""
+
+    scale: Scale
+    out: Path  # <out>/runs/<label>/ for sub-runs, <out>/<experiment>/ for reports
+    data_dir: str | None = None
+    sets: Sequence[str] = ()  # --set overrides applied to every sub-run (e.g. data.verify=false)
+    progress: bool | None = None  # tqdm bars of the trainer (None: when stderr is a terminal)
+    say: Callable[[str], None] = log.info
+
+    def config(self, net: Net) -> TrainConfig:
+        return self.scale.train_config(net, self.data_dir, self.sets)
+
+    def run_dir(self, net: Net) -> Path:
+        return self.out / "runs" / net.label
+
+    def report_dir(self, experiment: str) -> Path:
+        path = self.out / experiment
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@dataclass
+class SubRun:
+    """A finished sub-run: its directory, final test error and metric records."""
+
+    net: Net
+    run_dir: Path
+    test_error: float
+    records: list[dict[str, Any]]
+
+    def model(self) -> ResNet:
+        return load_model(self.run_dir / "final")
+
+
+def _finished(run_dir: Path, cfg: TrainConfig) -> bool:
+    if not ((run_dir / "eval.json").is_file() and (run_dir / "final" / "config.json").is_file()):
+        return False
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    if saved != yaml.safe_load(to_yaml(cfg)):
+        raise ConfigError(f"{run_dir} holds a finished run of another configuration; "
+                          "remove it or pass another --out")
+    return True
+
+
+def _load(net: Net, run_dir: Path) -> SubRun:
+    report = json.loads((run_dir / "eval.json").read_text())
+    records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
+               if ln.strip()]
+    return SubRun(net, run_dir, float(report["top1_error"]), records)
+
+
+def ensure_trained(ctx: Context, nets: Sequence[Net]) -> dict[Net, SubRun]:
+    """Train the nets not yet finished (resuming interrupted ones), one progress line each."""
+    out: dict[Net, SubRun] = {}
+    for i, net in enumerate(nets, 1):
+        cfg, run_dir = ctx.config(net), ctx.run_dir(net)
+        head = f"[{i}/{len(nets)}] {net.label}"
+        if _finished(run_dir, cfg):
+            out[net] = _load(net, run_dir)
+            ctx.say(f"{head}: already trained, test error {100 * out[net].test_error:.2f}%")
+            continue
+        resuming = (run_dir / "checkpoints").exists()
+        ctx.say(f"{head}: {'resuming' if resuming else 'training'} "
+                f"({cfg.schedule.iterations} iterations) in {run_dir}")
+        t0 = time.perf_counter()
+        train(cfg, run_dir, resume=True, progress=ctx.progress)
+        out[net] = _load(net, run_dir)
+        ctx.say(f"{head}: test error {100 * out[net].test_error:.2f}% "
+                f"({(time.perf_counter() - t0) / 60:.1f} min)")
+    return out
+
+
+def test_tensors(ctx: Context, net: Net) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale's analysis images of the test split, normalised as the sub-run trained."""
+    cfg = ctx.config(net)
+    data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
+                      channels_last=False)
+    xs, ys = zip(*data.test.batches(0), strict=True)
+    x, y = torch.cat(xs), torch.cat(ys)
+    n = ctx.scale.analysis_images or len(y)
+    return x[:n], y[:n]
+
+
+@torch.inference_mode()
+def error_rate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+               batch: int = 1000) -> float:
+    model.eval()
+    wrong = sum(int((model(x[i:i + batch]).argmax(1) != y[i:i + batch]).sum())
+                for i in range(0, len(y), batch))
+    return wrong / len(y)
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}"
+
+
+def trained_sizes(scale: Scale) -> str:
+    return (f"{scale.dataset}, {scale.iterations:,} iterations of batch {scale.batch_size} per "
+            f"network (lr 0.1, /10 at {' and '.join(f'{m:,}' for m in scale.milestones)})")
+
+
+def write_report(folder: Path, title: str, body: Sequence[str], results: dict[str, Any],
+                 scale: Scale, sizes: str | None = None) -> Path:
+    """report.md (title, what was run, body) and results.json (the raw numbers)."""
+    (folder / "results.json").write_text(json.dumps({"scale": scale.name, **results},
+                                                    indent=2) + "\n")
+    head = [f"# {title}", "",
+            f"Scale `{scale.name}`: {sizes or trained_sizes(scale)}; made by `resnetlab "
+            f"reproduce {folder.name} --scale {scale.name}`. Raw numbers: "
+            "[results.json](results.json).", ""]
+    path = folder / "report.md"
+    path.write_text("\n".join(head + list(body)) + "\n")
+    return path

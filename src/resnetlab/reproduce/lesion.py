@@ -1,0 +1,201 @@
+"""Veit et al. (NeurIPS 2016, seed 004): residual nets behave like ensembles of paths.
+
+Deleting one residual block at test time leaves the block's shortcut in its place (for a
+v1 block the input is already non-negative, so the final ReLU changes nothing), and barely
+hurts a ResNet; deleting a block of the plain twin (possible where input and output shapes
+agree) breaks the only path. Deleting k random blocks makes the error grow smoothly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import matplotlib.pyplot as plt
+import torch
+from torch import nn
+
+from ..models.resnet import ResNet
+from .common import (
+    Context,
+    Net,
+    ensure_trained,
+    error_rate,
+    md_table,
+    pct,
+    test_tensors,
+    write_report,
+)
+
+
+class Deleted(nn.Module):
+    """A block with its residual branch removed: only the shortcut (identity if plain)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.shortcut = block.shortcut if block.shortcut is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(x)
+
+
+def blocks(model: ResNet) -> list[tuple[str, int, nn.Module]]:
+    """(stage name, index in stage, block) for every block, in forward order."""
+    return [(name, j, blk) for name, stage in zip(model.stage_names, model.stages, strict=True)
+            for j, blk in enumerate(stage)]
+
+
+def deletable(block: nn.Module) -> bool:
+    """A residual block always is; a plain one only where its input and output shapes agree."""
+    if block.shortcut is not None:
+        return True
+    return block.conv1.stride == (1, 1) and block.conv1.in_channels == block.bn2.num_features
+
+
+def changes_shape(block: nn.Module) -> bool:
+    return block.conv1.stride != (1, 1) or block.conv1.in_channels != block.bn2.num_features
+
+
+@contextlib.contextmanager
+def delete(model: ResNet, which: Sequence[int]) -> Iterator[ResNet]:
+    """Temporarily replace the blocks at flat indices `which` by their shortcuts."""
+    table = blocks(model)
+    saved = []
+    for i in which:
+        name, j, blk = table[i]
+        stage = getattr(model, name)
+        saved.append((stage, j, blk))
+        stage[j] = Deleted(blk)
+    try:
+        yield model
+    finally:
+        for stage, j, blk in saved:
+            stage[j] = blk
+
+
+def single_deletions(model: ResNet, x: torch.Tensor, y: torch.Tensor) -> list[float | None]:
+    out: list[float | None] = []
+    for i, (_, _, blk) in enumerate(blocks(model)):
+        if not deletable(blk):
+            out.append(None)
+            continue
+        with delete(model, [i]):
+            out.append(error_rate(model, x, y))
+    return out
+
+
+def k_deletions(model: ResNet, x: torch.Tensor, y: torch.Tensor, ks: Sequence[int],
+                draws: int, seed: int = 0) -> dict[int, list[float]]:
+    """Error after deleting k blocks drawn at random (`draws` draws per k)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(blocks(model))
+    out: dict[int, list[float]] = {}
+    for k in ks:
+        out[k] = []
+        for _ in range(draws):
+            which = torch.randperm(n, generator=gen)[:k].tolist()
+            with delete(model, which):
+                out[k].append(error_rate(model, x, y))
+    return out
+
+
+def plot(res: dict[str, Any], path: Any) -> None:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for r, style in ((res["resnet"], "-o"), (res["plain"], "--s")):
+        idx = [i + 1 for i, e in enumerate(r["single"]) if e is not None]
+        a.plot(idx, [100 * r["single"][i - 1] for i in idx], style, ms=3, label=r["label"])
+        a.axhline(100 * r["baseline"], ls=":", lw=1, color=a.lines[-1].get_color())
+    for i in res["resnet"]["downsampling"]:
+        a.axvline(i + 1, color="grey", lw=0.6, alpha=0.5)
+    a.set_xlabel("deleted block (grey: downsampling blocks)")
+    a.set_ylabel("test error (%)   dotted: nothing deleted")
+    a.set_title("deleting one block")
+    a.legend(fontsize=8)
+    ks = sorted(res["resnet"]["k"])
+    vals = [res["resnet"]["k"][k] for k in ks]
+    mean = [100 * sum(v) / len(v) for v in vals]
+    std = [100 * float(torch.tensor(v).std()) if len(v) > 1 else 0.0 for v in vals]
+    b.errorbar(ks, mean, yerr=std, fmt="-o", ms=3, capsize=2, label=res["resnet"]["label"])
+    b.set_xlabel("number of blocks deleted at random")
+    b.set_ylabel("test error (%), mean and std over draws")
+    b.set_title("deleting k blocks")
+    b.legend(fontsize=8)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _study(model: ResNet, label: str, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    table = blocks(model)
+    return {"label": label, "baseline": error_rate(model, x, y),
+            "names": [f"{s}.{j}" for s, j, _ in table],
+            "downsampling": [i for i, (_, _, b) in enumerate(table) if changes_shape(b)],
+            "single": single_deletions(model, x, y)}
+
+
+def verdict(r: dict[str, Any], p: dict[str, Any]) -> list[str]:
+    down = set(r["downsampling"])
+    rest = [e - r["baseline"] for i, e in enumerate(r["single"]) if i not in down]
+    at_down = [r["single"][i] - r["baseline"] for i in down]
+    plain = [e - p["baseline"] for e in p["single"] if e is not None]
+    med = sorted(rest)[len(rest) // 2]
+    lines = [f"- {r['label']}: deleting one non-downsampling block changes the error by "
+             f"{100 * med:+.2f} points (median of {len(rest)}; worst {100 * max(rest):+.2f}); "
+             f"a downsampling block by {100 * sum(at_down) / len(at_down):+.2f} on average."]
+    if plain:
+        pm = sorted(plain)[len(plain) // 2]
+        lines.append(f"- {p['label']}: deleting one block changes the error by "
+                     f"{100 * pm:+.2f} points (median of {len(plain)} deletable blocks; "
+                     f"baseline {pct(p['baseline'])}%).")
+        lines.append("- The residual net is " + (
+            "far more robust to a deleted block than its plain twin, as Veit et al. found."
+            if med < pm / 2 else "not clearly more robust than its plain twin at this scale."))
+    ks = sorted(r["k"])
+    means = [r["baseline"]] + [sum(r["k"][k]) / len(r["k"][k]) for k in ks]
+    jumps = [b - a for a, b in itertools.pairwise(means)]
+    # Smooth: no single extra deletion accounts for more than a third of the whole rise.
+    smooth = max(jumps) <= max(means[-1] - means[0], 0) / 3
+    lines.append(f"- Deleting k = {ks[0]}..{ks[-1]} random blocks: mean error "
+                 f"{pct(means[1])}% -> {pct(means[-1])}% (nothing deleted: "
+                 f"{pct(means[0])}%); the largest step between consecutive k is "
+                 f"{100 * max(jumps):+.2f} points: "
+                 + ("the error grows smoothly, as in Veit et al. Fig. 5(b)." if smooth else
+                    "the error does not grow smoothly at this scale."))
+    return lines
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    d = ctx.scale.lesion_depth
+    res_net, plain_net = Net(d), Net(d, plain=True)
+    runs = ensure_trained(ctx, [res_net, plain_net])
+    x, y = test_tensors(ctx, res_net)
+    ctx.say(f"lesion study on {len(y):,} test images")
+    model = runs[res_net].model()
+    r = _study(model, res_net.label, x, y)
+    n = len(r["single"])
+    r["k"] = k_deletions(model, x, y, list(range(1, max(2, n // 2) + 1)),
+                         ctx.scale.lesion_draws)
+    p = _study(runs[plain_net].model(), plain_net.label, x, y)
+    folder = ctx.report_dir("lesion")
+    results = {"images": len(y), "resnet": r, "plain": p}
+    plot(results, folder / "lesion.png")
+    rows = [[i + 1, name, "yes" if i in r["downsampling"] else "",
+             pct(r["single"][i]), pct(p["single"][i])] for i, name in enumerate(r["names"])]
+    body = ["![error after deleting one block (left) and k random blocks (right)](lesion.png)",
+            "", f"{len(y):,} test images. Error with nothing deleted: {r['label']} "
+            f"{pct(r['baseline'])}%, {p['label']} {pct(p['baseline'])}%. A plain block whose "
+            "shapes change cannot be deleted (—).", "",
+            md_table(["#", "block", "downsampling", f"{r['label']} error (%)",
+                      f"{p['label']} error (%)"], rows), "",
+            md_table(["k deleted", "mean error (%)", "draws"],
+                     [[k, pct(sum(v) / len(v)), len(v)] for k, v in r["k"].items()]), "",
+            "Veit et al. (CIFAR-10, ResNet-110 and VGG-style plain nets): deleting one residual "
+            "block barely changes the error, except the downsampling blocks; deleting a layer "
+            "of a plain net sends it to chance; error grows smoothly with the number deleted.",
+            "", "## What came out", "", *verdict(r, p)]
+    write_report(folder, "Lesion study (Veit et al. 2016)", body, results, ctx.scale)
+    return results

@@ -1,0 +1,184 @@
+"""`resnetlab reproduce` at --scale smoke: the pipeline runs, resumes, reuses sub-runs, and the
+reports and figures hold the numbers the runs produced."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import resnetlab
+from resnetlab.cli import main
+from resnetlab.reproduce import EXPERIMENTS, run_experiment
+from resnetlab.reproduce.common import SCALES, Net, get_scale
+from resnetlab.reproduce.gradients import conv_grad_norms
+from resnetlab.reproduce.lesion import blocks, delete, deletable
+from resnetlab.reproduce.responses import response_layers, response_stds
+from resnetlab.train.schedule import LRSchedule
+
+SETS = ("data.verify=false",)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> Path:
+    """One smoke-scale output root shared by the tests, as experiments share sub-runs."""
+    out = tmp_path_factory.mktemp("reproduce")
+    run_experiment("degradation", "smoke", out, str(fashion_dir), SETS, progress=False)
+    return out
+
+
+def _eval_error(run_dir: Path) -> float:
+    return json.loads((run_dir / "eval.json").read_text())["top1_error"]
+
+
+def _png_ok(path: Path) -> None:
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 200
+
+
+def test_degradation_report_holds_the_runs_numbers(root: Path) -> None:
+    folder = root / "degradation"
+    _png_ok(folder / "degradation.png")
+    report = (folder / "report.md").read_text()
+    results = json.loads((folder / "results.json").read_text())
+    assert results["scale"] == "smoke" and set(results["errors"]) == {"8", "14"}
+    for depth in (8, 14):
+        for plain in (False, True):
+            err = _eval_error(root / "runs" / Net(depth, plain=plain).label)
+            key = "plain_test" if plain else "resnet_test"
+            assert results["errors"][str(depth)][key] == err
+            assert f"{100 * err:.2f}" in report
+    assert "reproduced" in report and "![" in report
+
+
+def test_finished_sub_runs_are_not_trained_again(root: Path, fashion_dir: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    weights = root / "runs" / "resnet8" / "final" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    caplog.set_level("INFO")
+    run_experiment("degradation", "smoke", root, str(fashion_dir), SETS, progress=False)
+    assert weights.stat().st_mtime_ns == before
+    assert sum("already trained" in r.message for r in caplog.records) == 4
+
+
+def test_interrupted_reproduce_resumes_to_the_same_result(
+        root: Path, tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    original = LRSchedule.__call__
+
+    def interrupt(self: LRSchedule, it: int) -> float:
+        if it == 4:
+            raise KeyboardInterrupt
+        return original(self, it)
+
+    monkeypatch.setattr(LRSchedule, "__call__", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment("preact", "smoke", tmp_path, str(fashion_dir), SETS, progress=False)
+    monkeypatch.setattr(LRSchedule, "__call__", original)
+    assert (tmp_path / "runs" / "resnet8" / "checkpoints").is_dir()
+    assert not (tmp_path / "runs" / "resnet8" / "eval.json").exists()
+    caplog.set_level("INFO")
+    run_experiment("preact", "smoke", tmp_path, str(fashion_dir), SETS, progress=False)
+    assert any("resnet8: resuming" in r.message for r in caplog.records)
+    # The resumed run ends where the uninterrupted one (degradation's resnet8) ended.
+    a = resnetlab.load_model(tmp_path / "runs" / "resnet8" / "final").state_dict()
+    b = resnetlab.load_model(root / "runs" / "resnet8" / "final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_changed_recipe_is_refused_for_a_finished_sub_run(root: Path,
+                                                           fashion_dir: Path) -> None:
+    with pytest.raises(resnetlab.ConfigError, match="another configuration"):
+        run_experiment("degradation", "smoke", root, str(fashion_dir),
+                       (*SETS, "optim.lr=0.05"), progress=False)
+
+
+def test_responses_report_and_stds(root: Path, fashion_dir: Path) -> None:
+    folder = run_experiment("responses", "smoke", root, str(fashion_dir), SETS, progress=False)
+    _png_ok(folder / "responses.png")
+    results = json.loads((folder / "results.json").read_text())
+    model = resnetlab.load_model(root / "runs" / "resnet14" / "final")
+    assert len(results["stds"]["resnet14"]) == len(response_layers(model)) == 13
+    report = (folder / "report.md").read_text()
+    for label, values in results["stds"].items():
+        assert f"| {label} | {len(values)} | {sum(values) / len(values):.3f} |" in report
+
+
+def test_response_std_matches_a_direct_computation() -> None:
+    model = resnetlab.create_model("resnet8", in_chans=1).eval()
+    x = torch.randn(64, 1, 28, 28)
+    outputs = []
+    handle = model.layer2[0].bn2.register_forward_hook(lambda m, i, o: outputs.append(o))
+    stds = response_stds(model, x, batch=24)  # three batches, pooled
+    handle.remove()
+    names = [n for n, _ in response_layers(model)]
+    assert names[0] == "stem.bn" and "layer2.0.shortcut.bn" not in names
+    direct = torch.cat(outputs).double().std(unbiased=False)
+    assert stds[names.index("layer2.0.bn2")] == pytest.approx(float(direct), rel=1e-6)
+
+
+def test_lesion_deletes_blocks_and_restores_them(root: Path, fashion_dir: Path) -> None:
+    # With every residual branch starting at zero, a block equals its shortcut: deleting
+    # all of them must not change the output, and the blocks come back afterwards.
+    model = resnetlab.create_model("resnet14", in_chans=1, zero_init_last=True).eval()
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        ref = model(x)
+        with delete(model, range(len(blocks(model)))):
+            assert torch.allclose(model(x), ref, atol=1e-6)
+        model.layer2[0].bn2.weight.data.fill_(1.0)
+        changed = model(x)
+        with delete(model, [2]):  # layer2.0, the block just changed
+            assert not torch.allclose(model(x), changed)
+        assert torch.equal(model(x), changed)
+    plain = resnetlab.create_model("plain20")
+    assert [deletable(b) for _, _, b in blocks(plain)] == [True] * 3 + [False, True, True] * 2
+
+    folder = run_experiment("lesion", "smoke", root, str(fashion_dir), SETS, progress=False)
+    _png_ok(folder / "lesion.png")
+    res = json.loads((folder / "results.json").read_text())
+    assert len(res["resnet"]["single"]) == 6 and res["plain"]["single"][2] is None
+    assert res["resnet"]["downsampling"] == [2, 4]
+    assert set(res["resnet"]["k"]) == {"1", "2", "3"}
+    assert all(len(v) == SCALES["smoke"].lesion_draws for v in res["resnet"]["k"].values())
+    report = (folder / "report.md").read_text()
+    assert f"resnet14 {100 * res['resnet']['baseline']:.2f}%" in report
+
+
+def test_gradients_shortcuts_preact_table1(root: Path, fashion_dir: Path) -> None:
+    for name in ("gradients", "shortcuts", "preact", "table1"):
+        folder = run_experiment(name, "smoke", root, str(fashion_dir), SETS, progress=False)
+        _png_ok(folder / f"{name}.png")
+        assert "## What came out" in (folder / "report.md").read_text()
+    grads = json.loads((root / "gradients" / "results.json").read_text())
+    assert len(grads["resnet14"]["init"]) == 13 and grads["plain14"]["init"] != \
+        grads["plain14"]["trained"]
+    short = json.loads((root / "shortcuts" / "results.json").read_text())
+    assert short["params"]["A"] < short["params"]["B"] < short["params"]["C"]
+    for opt in "ABC":
+        label = Net(8, shortcut=opt).label
+        assert short["test_error"][opt] == _eval_error(root / "runs" / label)
+    table = (root / "table1" / "report.md").read_text()
+    assert "| resnet50 | 25,557,032 | 3.86 | 3.8 |" in table
+
+
+def test_grad_norms_one_per_conv_layer() -> None:
+    model = resnetlab.create_model("resnet8", in_chans=1)
+    norms = conv_grad_norms(model, torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3]))
+    assert len(norms) == 7 and all(n > 0 for n in norms)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_cli_reproduce(root: Path, fashion_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["reproduce", "table1", "--scale", "smoke", "--out", str(root),
+            "--data-dir", str(fashion_dir), "--set", "data.verify=false"]
+    assert main(argv) == 0
+    assert f"report: {root / 'table1' / 'report.md'}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["reproduce", "nonsense"])
+    assert e.value.code == 2
+    assert set(EXPERIMENTS) == {"degradation", "shortcuts", "responses", "lesion", "preact",
+                                "gradients", "table1"}
+    with pytest.raises(resnetlab.ConfigError, match="unknown scale"):
+        get_scale("huge")
