@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
+from .cli_deploy import add_deploy_parser
 from .cli_reproduce import add_reproduce_parser
 from .cli_run import add_train_parser
 from .complexity import meta_model, model_summary, stage_table
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
     add_train_parser(sub, common)
     add_reproduce_parser(sub, common)
+    add_deploy_parser(sub, common)
     return p
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .data import build_data
+from .deploy.backends import BACKENDS, load_backend
 from .errors import ConfigError
 from .evaluate import TTA_MODES, evaluate, recompute_bn
 from .factory import load_model
@@ -19,6 +20,9 @@ from .predict import Prediction, Predictor, weights_dir
 from .train.config import PRESETS, TrainConfig, resolve, to_yaml
 from .train.loop import train
 from .train.report import plot_confusion
+
+BACKEND_HELP = ("inference runtime; auto: the fastest installed (openvino, onnxruntime, then "
+                "torch); the first use of a graph runtime exports the weights once")
 
 
 def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -53,6 +57,7 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     e.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image file (folder data sets)")
     e.add_argument("--out", help="JSON file for the results (default: next to the weights)")
+    e.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     e.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", parents=[common], help="classify image files")
@@ -60,6 +65,7 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, BMP, ...)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     p.set_defaults(func=cmd_predict)
 
 
@@ -122,8 +128,15 @@ def _eval_data_config(args: argparse.Namespace, given: Path) -> TrainConfig:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     wdir = weights_dir(args.weights)
-    model = load_model(wdir)
     cfg = _eval_data_config(args, Path(args.weights))
+    if args.recompute_bn:  # new BN statistics live in the PyTorch model, not in a graph
+        if args.backend not in ("auto", "torch"):
+            raise ConfigError("--recompute-bn needs --backend torch (or auto)")
+        model = load_model(wdir)
+        backend = "torch"
+    else:
+        model = load_backend(wdir, args.backend)
+        backend = model.name
     mc = model.model_config
     data = build_data(cfg.data, cfg.batch_size, args.batch_size, cfg.seed,
                       stats=(mc.mean, mc.std), strict=args.strict)
@@ -134,8 +147,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("this run has no validation split (data.val_split=0)")
     res = evaluate(model, split.batches(0), mc.num_classes, args.tta)
     names = mc.class_names or data.classes
-    print(f"{mc.architecture} on the {args.split} split ({res.count:,} images, tta={args.tta}"
-          f"{', BN recomputed' if args.recompute_bn else ''})")
+    print(f"{mc.architecture} on the {args.split} split ({res.count:,} images, tta={args.tta}, "
+          f"backend {backend}{', BN recomputed' if args.recompute_bn else ''})")
     print(f"top-1 error {100 * res.top1_error:.2f}%   top-5 error {100 * res.top5_error:.2f}%"
           f"   accuracy {100 * (1 - res.top1_error):.2f}%")
     width = max(len(n) for n in names)
@@ -143,7 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  {name:<{width}}  {100 * acc:6.2f}%")
     out = Path(args.out) if args.out else wdir / f"eval-{args.split}-{args.tta}.json"
     report = res.report(names, weights=str(wdir), split=args.split, tta=args.tta,
-                        recompute_bn=args.recompute_bn)
+                        recompute_bn=args.recompute_bn, backend=backend)
     out.write_text(json.dumps(report, indent=2) + "\n")
     png = plot_confusion(res.confusion, names, out.with_suffix(".png"),
                          f"{mc.architecture}, {args.split}: {100 * res.top1_error:.2f}% error")
@@ -152,7 +165,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    predictor = Predictor(args.weights)
+    predictor = Predictor(args.weights, args.backend)
     failed = 0
     for res in predictor.predict(args.images, args.topk):
         if not isinstance(res, Prediction):

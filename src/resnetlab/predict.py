@@ -10,7 +10,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from .data.memory import Normalize
-from .factory import load_model
+from .deploy.backends import load_backend
 from .images import ImageError, load_image
 
 
@@ -36,8 +36,10 @@ def weights_dir(path: str | os.PathLike[str]) -> Path:
 
 
 class Predictor:
-    def __init__(self, weights: str | os.PathLike[str]) -> None:
-        self.model = load_model(weights_dir(weights)).eval()
+    """Top-k classes of image files; `backend` is one of deploy.backends.BACKENDS."""
+
+    def __init__(self, weights: str | os.PathLike[str], backend: str = "torch") -> None:
+        self.model = load_backend(weights_dir(weights), backend).eval()
         cfg = self.model.model_config
         self.size, self.in_chans = cfg.input_size, cfg.in_chans
         self.normalize = Normalize(cfg.mean, cfg.std)

@@ -1,0 +1,134 @@
+"""BN folding, export with parity checks, and the inference backends."""
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import resnetlab
+from resnetlab.cli import main
+from resnetlab.deploy import ExportError, export, fold_batchnorm, load_backend
+from resnetlab.deploy.export import run_exported
+
+export_module = importlib.import_module("resnetlab.deploy.export")  # not the function
+
+FOLD_MODELS = ["resnet18", "resnet50", "resnet50b", "resnet50c", "resnet50d", "plain18",
+               "resnet20", "plain20", "preact_resnet18", "preact_resnet110"]
+
+
+def _realistic_bn(model: nn.Module, size: int) -> nn.Module:
+    """BN statistics from forward passes, so folding has real numbers to fold."""
+    model.train()
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, model.in_chans, size, size, dtype=dtype))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", FOLD_MODELS)
+def test_folding_is_exact(name: str) -> None:
+    model = _realistic_bn(resnetlab.create_model(name).double(), 32)
+    for m in model.modules():  # non-trivial affine parameters too
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    folded = fold_batchnorm(model)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert (folded(x) - model(x)).abs().max() < 1e-10
+    left = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    if name.startswith("preact"):  # BN -> ReLU -> conv cannot fold; the copy is unchanged
+        assert folded.folded_batchnorms == 0
+    else:
+        assert left == 0 and folded.folded_batchnorms > 0
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # original untouched
+
+
+def test_folding_float32_within_1e5() -> None:
+    model = _realistic_bn(resnetlab.create_model("resnet50"), 64)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        assert (fold_batchnorm(model)(x) - model(x)).abs().max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("deploy") / "weights"
+    model = _realistic_bn(resnetlab.create_model("resnet8", in_chans=1), 28)
+    resnetlab.save_weights(model, out, class_names=[f"c{i}" for i in range(10)])
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino", "torchscript"])
+def test_export_checks_parity_with_a_dynamic_batch(weights: Path, tmp_path: Path,
+                                                   fmt: str) -> None:
+    res = export(weights, fmt, tmp_path)
+    assert res.path.is_file() and res.top1_agree and res.max_abs_diff < 1e-4
+    model = resnetlab.load_model(weights).eval()
+    for batch in (1, 9):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        got = run_exported(res.path, fmt, x.numpy())
+        assert got.shape == (batch, 10) and np.abs(got - ref).max() < 1e-4
+
+
+def test_export_refuses_a_graph_that_disagrees(weights: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    original = export_module.run_exported
+    monkeypatch.setattr(export_module, "run_exported",
+                        lambda *a: original(*a) + np.float32(0.01))
+    with pytest.raises(ExportError, match="disagrees"):
+        export(weights, "onnx", tmp_path)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
+def test_backends_match_eager(weights: Path, backend: str) -> None:
+    model = resnetlab.load_model(weights).eval()
+    be = load_backend(weights, backend)
+    assert be.name == backend
+    for shape in ((6, 1, 28, 28), (2, 1, 40, 36)):  # native, and a multi-scale size
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert (be(x) - model(x)).abs().max() < 1e-4
+
+
+def test_auto_backend_and_stale_exports(tmp_path: Path) -> None:
+    wdir = tmp_path / "w"
+    resnetlab.save_weights(resnetlab.create_model("resnet8", in_chans=1), wdir)
+    x = torch.randn(3, 1, 28, 28)
+    first = load_backend(wdir, "auto")
+    assert first.name == "openvino"
+    before = first(x)
+    retrained = resnetlab.create_model("resnet8", in_chans=1).eval()
+    resnetlab.save_weights(retrained, wdir)  # new weights: the cached graph is stale
+    after = load_backend(wdir, "auto")(x)
+    with torch.no_grad():
+        assert (after - retrained(x)).abs().max() < 1e-4
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_export_and_predict_cli(weights: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", str(weights), "--format", "onnx", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"onnx: {tmp_path / 'model.onnx'}" in out and "top-1 identical" in out
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), np.uint8)).save(img)
+    probs = {}
+    for backend in ("torch", "onnxruntime", "openvino"):
+        assert main(["predict", str(weights), str(img), "--json", "--backend", backend]) == 0
+        probs[backend] = json.loads(capsys.readouterr().out)["predictions"]
+    assert [p["label"] for p in probs["torch"]] == [p["label"] for p in probs["onnxruntime"]] \
+        == [p["label"] for p in probs["openvino"]]
+    for backend in ("onnxruntime", "openvino"):
+        for a, b in zip(probs["torch"], probs[backend], strict=True):
+            assert a["prob"] == pytest.approx(b["prob"], abs=1e-4)
+    assert main(["export", str(tmp_path / "nowhere")]) == 2
