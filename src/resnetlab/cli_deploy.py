@@ -1,9 +1,10 @@
-"""`resnetlab export`: thin wrapper over resnetlab.deploy."""
+"""`resnetlab export` and `resnetlab bench`: thin wrappers over deploy/ and benchmarks/."""
 
 from __future__ import annotations
 
 import argparse
 
+from .benchmarks import BENCHMARKS, run_benchmark
 from .deploy.export import FORMATS, export
 from .predict import weights_dir
 
@@ -19,6 +20,13 @@ def add_deploy_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     x.add_argument("--out", help="folder for the graph (default <weights>/export)")
     x.add_argument("--tolerance", type=float, default=1e-3)
     x.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", parents=[common], help="speed benchmarks (docs/performance.md)",
+                       description="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items())
+                       + ". Options after the name go to the benchmark (NAME --help).")
+    b.add_argument("name", choices=list(BENCHMARKS))
+    b.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    b.set_defaults(func=lambda a: run_benchmark(a.name, a.options))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
-"""Time the README's main job: the `fashion-mnist` preset, trained and tested end to end.
+"""`resnetlab bench time-to-accuracy`: the README's main job, timed end to end.
 
-    .venv/bin/python bench/demo.py [--out DIR] [--set KEY=VALUE ...]
+    resnetlab bench time-to-accuracy [--out DIR] [--set KEY=VALUE ...]
 
 Runs `resnetlab train --preset fashion-mnist` in a fresh run directory as a separate
 process (so the time includes start-up and data loading, as a user sees it), then reports
@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="resnetlab bench time-to-accuracy",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--out", help="run directory (default: a new temporary folder)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="resnetlab-demo-")) / "run"
     cmd = [sys.executable, "-m", "resnetlab", "train", "--preset", "fashion-mnist",
            "--out", str(out)] + [f"--set={s}" for s in args.sets]
@@ -55,7 +56,3 @@ def main() -> int:
         print(f"  test accuracy >= {k}: " + ("not reached" if v is None else f"{v / 60:.1f} min"))
     print(f"figures: {out.parent / 'bench-demo.json'}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Timing rules shared by the benchmarks.
+
+Absolute speeds drift on shared machines, so every benchmark times its contenders in one
+process, alternating them round by round after a warm-up, and reports medians and the
+median of per-round ratios against its reference. It also measures the machine's sgemm
+rate in the same run, so each result can be put as a fraction of what the CPU can do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def sgemm_gflops(n: int = 2048, reps: int = 5) -> float:
+    """Best of `reps` float32 n x n matrix products, in GFLOP/s: the machine's practical peak."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+@dataclass
+class Timing:
+    """Items per second of one contender, one value per round."""
+
+    name: str
+    per_round: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.per_round)
+
+
+def alternate(contenders: dict[str, Callable[[], int]], rounds: int, calls: int = 1,
+              warmup: int = 1, progress: Callable[[str], None] | None = None,
+              ) -> dict[str, Timing]:
+    """Time `calls` calls of each contender per round, rotating who goes first.
+
+    Each contender returns how many items (images) one call processed.
+    """
+    for name, fn in contenders.items():
+        if progress:
+            progress(f"warm-up: {name}")
+        for _ in range(warmup):
+            fn()
+    out = {name: Timing(name) for name in contenders}
+    names = list(contenders)
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            t0, items = time.perf_counter(), 0
+            for _ in range(calls):
+                items += contenders[name]()
+            out[name].per_round.append(items / (time.perf_counter() - t0))
+        if progress:
+            progress(f"round {r + 1}/{rounds}: " + ", ".join(
+                f"{n} {out[n].per_round[-1]:.1f}/s" for n in names))
+    return out
+
+
+def ratio(a: Timing, b: Timing) -> float:
+    """Median over rounds of a/b: paired, so a slow round slows both."""
+    return statistics.median(x / y for x, y in zip(a.per_round, b.per_round, strict=True))
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def save(path: str | None, payload: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(o: Any) -> Any:
+    return asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)

@@ -1,0 +1,154 @@
+"""`resnetlab bench infer`: images/s at 224x224 for batch 1 and 32.
+
+Contenders: torchvision's eager model (the reference, holding the same weights), each
+resnetlab backend (`load_backend`: torch, onnxruntime, openvino), and stand-alone ONNX
+Runtime and OpenVINO driving the very graph resnetlab exported, with nothing around them:
+the bar our wrapping must not fall below. Before timing, every contender's logits are
+compared with the reference on one batch (max |difference| and top-1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+
+from ..convert import to_torchvision
+from ..deploy.backends import available, exported, load_backend
+from ..deploy.export import INPUT
+from ..factory import create_model, save_weights
+from .common import alternate, machine, markdown_table, ratio, save, sgemm_gflops
+
+# Paper Table 1 multiply-adds at 224 (ours count 1.81 G and 3.86 G; see `resnetlab info`).
+MACS = {"resnet18": 1.81e9, "resnet50": 3.86e9}
+# torchvision builds v1.5 (stride on the 3x3): our resnet50b; resnet18 is the same in both.
+OURS = {"resnet18": "resnet18", "resnet50": "resnet50b"}
+
+
+def standalone_ort(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: s.run(None, {INPUT: x})[0]
+
+
+def standalone_openvino(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    import openvino as ov
+
+    req = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY"}) \
+        .create_infer_request()
+    return lambda x: req.infer({0: x})[0]
+
+
+def _timed(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Callable[[], int]:
+    def call() -> int:
+        fn(x)
+        return len(x)
+
+    return call
+
+
+def contenders(model: str, weights: Path) -> dict[str, Callable[[torch.Tensor], Any]]:
+    ours = create_model(OURS[model], weights=weights).eval()
+    tv = getattr(torchvision.models, model)()
+    tv.load_state_dict(to_torchvision(ours.state_dict()))
+    tv.eval()
+
+    @torch.inference_mode()
+    def eager(x: torch.Tensor) -> torch.Tensor:
+        return tv(x)
+
+    out: dict[str, Callable[[torch.Tensor], Any]] = {"torchvision eager": eager}
+    for name in ("torch", "onnxruntime", "openvino"):
+        if available(name):
+            out[f"resnetlab {name}"] = load_backend(weights, name)
+    if available("onnxruntime"):
+        f = standalone_ort(exported(weights, "onnx"))
+        out["stand-alone onnxruntime"] = lambda x: f(x.numpy())
+    if available("openvino"):
+        g = standalone_openvino(exported(weights, "openvino"))
+        out["stand-alone openvino"] = lambda x: g(x.numpy())
+    return out
+
+
+def parity(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor) -> dict[str, Any]:
+    ref = fns["torchvision eager"](x).numpy()
+    res = {}
+    for name, fn in fns.items():
+        got = np.asarray(fn(x))
+        res[name] = {"max_abs_diff": float(np.abs(got - ref).max()),
+                     "top1_identical": bool((got.argmax(1) == ref.argmax(1)).all())}
+    return res
+
+
+def run(models: list[str], batches: list[int], rounds: int, seconds: float,
+        say: Callable[[str], None]) -> dict[str, Any]:
+    peak = sgemm_gflops()
+    say(f"sgemm peak {peak:.0f} GFLOP/s")
+    results: dict[str, Any] = {"machine": machine(), "sgemm_gflops": peak, "cases": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            weights = Path(tmp) / model
+            save_weights(create_model(OURS[model]), weights)
+            say(f"{model}: exporting and loading backends")
+            fns = contenders(model, weights)
+            for batch in batches:
+                x = torch.randn(batch, 3, 224, 224)
+                checks = parity(fns, x)
+                # Calls per round so that each contender runs about `seconds` per round.
+                est = batch / (MACS[model] * 2 / 50e9)  # images/s at a modest 50 GFLOP/s
+                calls = max(1, round(seconds * est / batch))
+                say(f"{model} batch {batch}: {rounds} rounds of {calls} calls")
+                t = alternate({k: _timed(f, x) for k, f in fns.items()}, rounds, calls, warmup=2,
+                              progress=say)
+                ref = t["torchvision eager"]
+                case = {}
+                for k, tk in t.items():
+                    gflops = tk.median * 2 * MACS[model] / 1e9
+                    case[k] = {"images_per_s": tk.median, "per_round": tk.per_round,
+                               "ratio_vs_eager": ratio(tk, ref), "gflops": gflops,
+                               "peak_fraction": gflops / peak, **checks[k]}
+                for name in ("openvino", "onnxruntime"):
+                    if f"resnetlab {name}" in t and f"stand-alone {name}" in t:
+                        case[f"resnetlab {name}"]["ratio_vs_standalone"] = ratio(
+                            t[f"resnetlab {name}"], t[f"stand-alone {name}"])
+                results["cases"][f"{model} batch {batch}"] = case
+    results["sgemm_gflops_end"] = sgemm_gflops()
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    rows = []
+    for case, res in results["cases"].items():
+        for k, r in res.items():
+            vs = r.get("ratio_vs_standalone")
+            rows.append([case, k, f"{r['images_per_s']:.1f}", f"{r['ratio_vs_eager']:.2f}x",
+                         "" if vs is None else f"{vs:.2f}x", f"{r['gflops']:.0f}",
+                         f"{100 * r['peak_fraction']:.0f}%", f"{r['max_abs_diff']:.1e}",
+                         "yes" if r["top1_identical"] else "NO"])
+    return markdown_table(["case", "contender", "images/s", "vs eager", "vs stand-alone",
+                           "GFLOP/s", "of sgemm peak", "max logit diff", "same top-1"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="resnetlab bench infer", description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", choices=list(MACS), default=list(MACS))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=2.0,
+                   help="rough time per contender per round")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    res = run(args.models, args.batches, args.rounds, args.seconds,
+              lambda s: print(s, flush=True))
+    print(f"\nsgemm peak {res['sgemm_gflops']:.0f} GFLOP/s (start), "
+          f"{res['sgemm_gflops_end']:.0f} (end); {res['machine']}")
+    print(report(res))
+    save(args.json, res)
+    return 0

@@ -1,0 +1,66 @@
+"""The benchmarks' machinery (not their speed: speed is never asserted in tests)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from resnetlab.benchmarks import BENCHMARKS, run_benchmark
+from resnetlab.benchmarks.common import Timing, alternate, ratio
+from resnetlab.cli import main
+
+
+def test_alternate_rotates_and_counts_items() -> None:
+    calls: list[str] = []
+
+    def contender(name: str, items: int):
+        def fn() -> int:
+            calls.append(name)
+            return items
+        return fn
+
+    t = alternate({"a": contender("a", 4), "b": contender("b", 8)}, rounds=3, calls=2, warmup=1)
+    assert calls[:2] == ["a", "b"]  # warm-up
+    assert calls[2:] == ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
+    assert all(len(x.per_round) == 3 and min(x.per_round) > 0 for x in t.values())
+
+
+def test_ratio_is_paired_by_round() -> None:
+    # A slow second round slows both: the paired ratio stays 2, the ratio of medians would not.
+    a, b = Timing("a", [20.0, 2.0, 18.0]), Timing("b", [10.0, 1.0, 10.0])
+    assert ratio(a, b) == 2.0
+
+
+def test_bench_train_runs_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    assert run_benchmark("train", ["--cases", "resnet20-28x28x1", "--rounds", "1", "--calls",
+                                   "1", "--workers", "0", "--no-compile", "--batch", "16",
+                                   "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    case = res["cases"]["resnet20-28x28x1"]
+    assert set(case) == {"reference", "resnetlab"}
+    assert case["reference"]["ratio_vs_reference"] == 1.0
+    assert case["resnetlab"]["images_per_s"] > 0 and case["resnetlab"]["peak_fraction"] > 0
+    assert res["sgemm_gflops"] > 0
+
+
+def test_infer_contenders_agree_with_torchvision(tmp_path: Path) -> None:
+    import torch
+
+    import resnetlab
+    from resnetlab.benchmarks.infer import contenders, parity
+
+    resnetlab.save_weights(resnetlab.create_model("resnet18"), tmp_path / "w")
+    fns = contenders("resnet18", tmp_path / "w")
+    assert set(fns) == {"torchvision eager", "resnetlab torch", "resnetlab onnxruntime",
+                        "resnetlab openvino", "stand-alone onnxruntime", "stand-alone openvino"}
+    checks = parity(fns, torch.randn(2, 3, 224, 224))
+    for name, c in checks.items():
+        assert c["max_abs_diff"] < 1e-3 and c["top1_identical"], name
+
+
+def test_bench_cli_lists_and_dispatches(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "infer", "--help"])
+    assert e.value.code == 0 and "--batches" in capsys.readouterr().out
+    assert set(BENCHMARKS) == {"train", "infer", "data", "time-to-accuracy"}
