@@ -13,7 +13,7 @@ from resnetlab.cli import main
 from resnetlab.reproduce import EXPERIMENTS, run_experiment
 from resnetlab.reproduce.common import SCALES, Net, get_scale
 from resnetlab.reproduce.gradients import conv_grad_norms
-from resnetlab.reproduce.lesion import blocks, delete, deletable
+from resnetlab.reproduce.lesion import blocks, deletable, delete
 from resnetlab.reproduce.responses import response_layers, response_stds
 from resnetlab.train.schedule import LRSchedule
 

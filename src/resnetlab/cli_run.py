@@ -110,7 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_data_config(args: argparse.Namespace, given: Path) -> TrainConfig:
+def eval_data_config(args: argparse.Namespace, given: Path) -> TrainConfig:
     """--data if given, else the config of the run directory the weights sit in."""
     if args.data:
         cfg = resolve(None, sets=[f"data.dataset={args.data}"])
@@ -128,7 +128,7 @@ def _eval_data_config(args: argparse.Namespace, given: Path) -> TrainConfig:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     wdir = weights_dir(args.weights)
-    cfg = _eval_data_config(args, Path(args.weights))
+    cfg = eval_data_config(args, Path(args.weights))
     if args.recompute_bn:  # new BN statistics live in the PyTorch model, not in a graph
         if args.backend not in ("auto", "torch"):
             raise ConfigError("--recompute-bn needs --backend torch (or auto)")

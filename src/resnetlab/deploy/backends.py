@@ -4,7 +4,9 @@ torch: the BN-folded model, channels_last, in inference mode. onnxruntime / open
 graph `resnetlab export` writes, exported on first use into `<weights>/export/` (or a user
 cache when the weights folder is read-only) and re-exported when the weights change.
 `auto` takes the first available of openvino, onnxruntime, torch: the order of their
-speeds in docs/performance.md. A backend is an nn.Module, so `evaluate` scores it as is.
+speeds in docs/performance.md. `onnxruntime-int8` runs the int8 graph that
+`resnetlab export --format onnx-int8` calibrates (deploy/quantize.py); never chosen by auto.
+A backend is an nn.Module, so `evaluate` scores it as is.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .fold import fold_batchnorm
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "onnxruntime-int8")
 PREFERENCE = ("openvino", "onnxruntime", "torch")
 _FORMAT = {"onnxruntime": "onnx", "openvino": "openvino"}
 STAMP = "source.sha256"
@@ -49,6 +51,7 @@ class Backend(nn.Module):
 def available(name: str) -> bool:
     if name == "torch":
         return True
+    name = name.removesuffix("-int8")
     mods = {"onnxruntime": ("onnxruntime", "onnxscript"), "openvino": ("openvino", "onnxscript")}
     return all(importlib.util.find_spec(m) is not None for m in mods[name])
 
@@ -98,21 +101,28 @@ def _torch_backend(weights: Path) -> Backend:
     return Backend("torch", run, model.model_config, folded)
 
 
-def _ort_backend(weights: Path, threads: int) -> Backend:
+def _ort_backend(weights: Path, threads: int, int8: bool = False) -> Backend:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(exported(weights, "onnx")), opts,
-                                   providers=["CPUExecutionProvider"])
+    if int8:  # calibration needs training data: `resnetlab export --format onnx-int8` makes it
+        path = export_dir(weights) / "model.int8.onnx"
+        if not path.is_file():
+            raise ConfigError(f"no int8 graph for {weights}: run `resnetlab export RUN_DIR "
+                              "--format onnx-int8` first (it calibrates on training images)")
+    else:
+        path = exported(weights, "onnx")
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
     def run(x: torch.Tensor) -> torch.Tensor:
         arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(session.run(None, {INPUT: arr})[0])
 
-    return Backend("onnxruntime", run, ModelConfig.from_json(weights / "config.json"))
+    return Backend("onnxruntime-int8" if int8 else "onnxruntime", run,
+                   ModelConfig.from_json(weights / "config.json"))
 
 
 def _openvino_backend(weights: Path, threads: int) -> Backend:
@@ -144,8 +154,8 @@ def load_backend(weights: str | os.PathLike[str], backend: str = "auto",
         try:
             if name == "torch":
                 return _torch_backend(wdir)
-            if name == "onnxruntime":
-                return _ort_backend(wdir, threads)
+            if name.startswith("onnxruntime"):
+                return _ort_backend(wdir, threads, int8=name.endswith("int8"))
             return _openvino_backend(wdir, threads)
         except ExportError as e:
             if backend != "auto":

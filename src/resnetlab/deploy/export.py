@@ -68,7 +68,7 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on its own internals
         torch.onnx.export(model, (example,), str(path), input_names=[INPUT],
-                          output_names=[OUTPUT], dynamo=True, verbose=False,
+                          output_names=[OUTPUT], dynamo=True, verbose=False, external_data=False,
                           dynamic_shapes={"x": {0: batch, 2: height, 3: width}})
 
 
