@@ -12,18 +12,17 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from ..data import build_data
 from ..errors import ConfigError
 from ..factory import load_model
 from ..models.resnet import ResNet
-from ..train.config import TrainConfig, resolve, to_yaml
+from ..train.config import TrainConfig, resolve, saved_config
 from ..train.loop import train
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,8 @@ class Scale:
                 "eval_batch_size": self.eval_batch_size, "data": data,
                 "model": {"name": f"resnet{net.depth}", "options": net.options},
                 "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
-                "schedule": sched, "eval_every": self.eval_every, "log_every": self.log_every}
+                "schedule": sched, "eval_every": self.eval_every, "log_every": self.log_every,
+                "bf16": False}  # fp32, as the paper, on every device
         return resolve(None, sets=[f"{k}={json.dumps(v)}" for k, v in base.items()] + list(sets))
 
 
@@ -173,8 +173,7 @@ class SubRun:
 def _finished(run_dir: Path, cfg: TrainConfig) -> bool:
     if not ((run_dir / "eval.json").is_file() and (run_dir / "final" / "config.json").is_file()):
         return False
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    if saved != yaml.safe_load(to_yaml(cfg)):
+    if saved_config(run_dir / "config.yaml") != asdict(cfg):
         raise ConfigError(f"{run_dir} holds a finished run of another configuration; "
                           "remove it or pass another --out")
     return True

@@ -89,7 +89,8 @@ class TrainConfig:
     log_every: int = 50  # iterations between metric lines
     test_curve: bool = True  # also score the test set at each evaluation, for the curve only
     channels_last: bool = True
-    bf16: bool = False  # bfloat16 autocast
+    bf16: bool | None = None  # bfloat16 autocast; None: on CUDA devices only
+    compile: bool | None = None  # torch.compile the model; None: on CUDA devices only
     threads: int = 0  # torch intra-op threads; 0: PyTorch's default
     nonfinite: str = "stop"  # on a NaN/inf loss: "stop", or "skip" the step
     device: str = "auto"  # "auto" (this rank's GPU if any, else CPU), "cpu", "cuda"
@@ -288,6 +289,16 @@ def resolve(preset: str | None, config_file: str | None = None,
     if sets:
         cfg = _merge(cfg, parse_set(sets))
     return validate(cfg)
+
+
+def saved_config(path: str | Path) -> dict[str, Any] | None:
+    """A run's saved config.yaml read through today's schema (keys added since then take
+    their defaults, so older runs still resume), as a plain mapping; None if it no longer
+    validates."""
+    try:
+        return asdict(_merge(TrainConfig(), load_yaml(path)))
+    except ConfigError:
+        return None
 
 
 def to_yaml(cfg: TrainConfig) -> str:

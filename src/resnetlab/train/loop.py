@@ -28,7 +28,7 @@ from ..errors import ConfigError, ResNetLabError
 from ..evaluate import EvalResult, evaluate
 from ..factory import create_model, save_weights
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig, load_yaml, to_yaml
+from .config import TrainConfig, saved_config, to_yaml
 from .distributed import SINGLE_PROCESS, DistInfo, convert_sync_bn, init_from_env, shutdown
 from .report import MetricsLog, plot_confusion, plot_curves
 from .schedule import LRSchedule
@@ -91,7 +91,7 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     if not resume:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume auto to continue it "
                           "or choose another --out")
-    old, new = load_yaml(saved), asdict(cfg)
+    old, new = saved_config(saved) or {}, asdict(cfg)
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         raise ConfigError(f"{run_dir} was started with another config (differs in "
@@ -145,6 +145,21 @@ def _prepare_model(cfg: TrainConfig, n_classes: int, in_chans: int, device: torc
     return nn.parallel.DistributedDataParallel(core, device_ids=ids), core
 
 
+def on_device(setting: bool | None, device: torch.device) -> bool:
+    """An on/off setting whose default (None) is: on for CUDA devices, off on the CPU."""
+    return device.type == "cuda" if setting is None else setting
+
+
+def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
+    """torch.compile, falling back to eager for whatever graph the compiler cannot handle."""
+    if not enabled:
+        return model
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # a failed compile runs that frame eagerly
+    return torch.compile(model)
+
+
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False,
           progress: bool | None = None) -> RunResult:
     """Train `cfg` into `run_dir`; with `resume`, continue from its latest checkpoint.
@@ -173,6 +188,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
                       cfg.channels_last, rank=dist.rank, world=dist.world)
     n_classes = len(data.classes)
     model, core = _prepare_model(cfg, n_classes, data.in_chans, device, dist)
+    model = maybe_compile(model, on_device(cfg.compile, device))
     data_cfg = {"input_size": data.input_size, "mean": data.mean, "std": data.std}
     ema = AveragedModel(core, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
                         use_buffers=True) if cfg.ema_decay else None
@@ -212,7 +228,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
 
     eval_every = cfg.eval_every or steps
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else \
+    bf16 = on_device(cfg.bf16, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else \
         contextlib.nullcontext()
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=total, initial=it, unit="it", disable=not (show and dist.main),
