@@ -90,12 +90,6 @@ def ratio(a: Timing, b: Timing) -> float:
     return statistics.median(x / y for x, y in zip(a.per_round, b.per_round, strict=True))
 
 
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def save(path: str | None, payload: dict[str, Any]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

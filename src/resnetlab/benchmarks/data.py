@@ -25,7 +25,8 @@ from ..data.folder import FolderLoader, ImageFolderDataset, SeededSubset, train_
 from ..data.memory import BatchAugment, InMemoryLoader, Normalize
 from ..data.sources import ArrayDataset
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD
-from .common import machine, markdown_table, save
+from ..train.report import markdown_table
+from .common import machine, save
 from .train import resnetlab_step
 
 

@@ -23,7 +23,8 @@ from ..convert import to_torchvision
 from ..deploy.backends import available, exported, load_backend
 from ..deploy.export import INPUT
 from ..factory import create_model, save_weights
-from .common import alternate, machine, markdown_table, ratio, save, sgemm_gflops
+from ..train.report import markdown_table
+from .common import alternate, machine, ratio, save, sgemm_gflops
 
 # Paper Table 1 multiply-adds at 224 (ours count 1.81 G and 3.86 G; see `resnetlab info`).
 MACS = {"resnet18": 1.81e9, "resnet50": 3.86e9}

@@ -31,7 +31,8 @@ from ..data.sources import ArrayDataset
 from ..factory import create_model
 from ..train.config import TrainConfig
 from ..train.loop import make_optimizer, train_step
-from .common import alternate, machine, markdown_table, ratio, save, sgemm_gflops
+from ..train.report import markdown_table
+from .common import alternate, machine, ratio, save, sgemm_gflops
 
 log = logging.getLogger(__name__)
 

@@ -207,7 +207,7 @@ def ensure_trained(ctx: Context, nets: Sequence[Net]) -> dict[Net, SubRun]:
     return out
 
 
-def test_tensors(ctx: Context, net: Net) -> tuple[torch.Tensor, torch.Tensor]:
+def analysis_tensors(ctx: Context, net: Net) -> tuple[torch.Tensor, torch.Tensor]:
     """The scale's analysis images of the test split, normalised as the sub-run trained."""
     cfg = ctx.config(net)
     data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
@@ -225,12 +225,6 @@ def error_rate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     wrong = sum(int((model(x[i:i + batch]).argmax(1) != y[i:i + batch]).sum())
                 for i in range(0, len(y), batch))
     return wrong / len(y)
-
-
-def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def pct(x: float | None) -> str:

@@ -11,7 +11,8 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from .common import Context, Net, SubRun, ensure_trained, md_table, pct, write_report
+from ..train.report import markdown_table
+from .common import Context, Net, SubRun, ensure_trained, pct, write_report
 
 # Paper Table 6, CIFAR-10 test error (%) of the residual nets; Fig. 6 gives the plain nets
 # only as curves (plain-110 above 60%), so no plain numbers are quoted.
@@ -98,7 +99,7 @@ def run(ctx: Context) -> dict[str, Any]:
         rows[d] = {"plain_train": final_train_error(plain), "plain_test": plain.test_error,
                    "resnet_train": final_train_error(res), "resnet_test": res.test_error}
     plot(runs, depths, folder / "degradation.png", ctx.scale.dataset)
-    table = md_table(
+    table = markdown_table(
         ["layers", "plain train", "plain test", "ResNet train", "ResNet test",
          "paper ResNet test (CIFAR-10)"],
         [[d, pct(r["plain_train"]), pct(r["plain_test"]), pct(r["resnet_train"]),

@@ -20,7 +20,8 @@ from torch import nn
 from ..data import build_data
 from ..factory import create_model
 from ..train.loop import make_optimizer, train_step
-from .common import Context, Net, md_table, write_report
+from ..train.report import markdown_table
+from .common import Context, Net, write_report
 
 
 def conv_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
@@ -96,7 +97,7 @@ def run(ctx: Context) -> dict[str, Any]:
                      + ("flatter with shortcuts, as the +1 argument predicts." if flatter else
                         "**not** flatter with shortcuts here."))
     body = ["![gradient norm per conv layer, plain dashed](gradients.png)", "",
-            md_table(["net", "when", "first layer", "last layer", "first / last",
+            markdown_table(["net", "when", "first layer", "last layer", "first / last",
                       "spread (log10 max/min)"], rows), "",
             "Seed 002: a residual block's derivative is 1 + F'(x), so the gradient of the "
             "loss reaches early layers through the identity terms; a plain net multiplies "

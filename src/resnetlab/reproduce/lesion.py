@@ -18,14 +18,14 @@ import torch
 from torch import nn
 
 from ..models.resnet import ResNet
+from ..train.report import markdown_table
 from .common import (
     Context,
     Net,
+    analysis_tensors,
     ensure_trained,
     error_rate,
-    md_table,
     pct,
-    test_tensors,
     write_report,
 )
 
@@ -172,7 +172,7 @@ def run(ctx: Context) -> dict[str, Any]:
     d = ctx.scale.lesion_depth
     res_net, plain_net = Net(d), Net(d, plain=True)
     runs = ensure_trained(ctx, [res_net, plain_net])
-    x, y = test_tensors(ctx, res_net)
+    x, y = analysis_tensors(ctx, res_net)
     ctx.say(f"lesion study on {len(y):,} test images")
     model = runs[res_net].model()
     r = _study(model, res_net.label, x, y)
@@ -189,9 +189,9 @@ def run(ctx: Context) -> dict[str, Any]:
             "", f"{len(y):,} test images. Error with nothing deleted: {r['label']} "
             f"{pct(r['baseline'])}%, {p['label']} {pct(p['baseline'])}%. A plain block whose "
             "shapes change cannot be deleted (—).", "",
-            md_table(["#", "block", "downsampling", f"{r['label']} error (%)",
+            markdown_table(["#", "block", "downsampling", f"{r['label']} error (%)",
                       f"{p['label']} error (%)"], rows), "",
-            md_table(["k deleted", "mean error (%)", "draws"],
+            markdown_table(["k deleted", "mean error (%)", "draws"],
                      [[k, pct(sum(v) / len(v)), len(v)] for k, v in r["k"].items()]), "",
             "Veit et al. (CIFAR-10, ResNet-110 and VGG-style plain nets): deleting one residual "
             "block barely changes the error, except the downsampling blocks; deleting a layer "

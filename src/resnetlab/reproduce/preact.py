@@ -10,7 +10,8 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from .common import Context, Net, ensure_trained, md_table, pct, write_report
+from ..train.report import markdown_table
+from .common import Context, Net, ensure_trained, pct, write_report
 from .degradation import curves
 
 # Identity Mappings, CIFAR-10 test error (%), the figures SPEC.md quotes.
@@ -39,7 +40,7 @@ def run(ctx: Context) -> dict[str, Any]:
              + ("v2 is better, as in Identity Mappings." if v2 < v1 else
                 "v2 is **not** better at this scale.") for d, (v1, v2) in errs.items()]
     body = ["![test error of v1 (dashed) and v2 (solid) nets](preact.png)", "",
-            md_table(["layers", "v1 test error (%)", "v2 (pre-activation) test error (%)"],
+            markdown_table(["layers", "v1 test error (%)", "v2 (pre-activation) test error (%)"],
                      [[d, pct(a), pct(b)] for d, (a, b) in errs.items()]), "",
             f"Identity Mappings (CIFAR-10): {PAPER}.", "", "## What came out", "", *lines]
     results = {str(d): {"v1": a, "v2": b} for d, (a, b) in errs.items()}

@@ -16,7 +16,8 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from .common import Context, Net, ensure_trained, md_table, test_tensors, write_report
+from ..train.report import markdown_table
+from .common import Context, Net, analysis_tensors, ensure_trained, write_report
 
 
 def response_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
@@ -73,7 +74,7 @@ def run(ctx: Context) -> dict[str, Any]:
     depths = ctx.scale.response_depths
     nets = [Net(d, plain=p) for d in depths for p in (True, False)]
     runs = ensure_trained(ctx, nets)
-    x, _ = test_tensors(ctx, nets[0])
+    x, _ = analysis_tensors(ctx, nets[0])
     stds = {n.label: response_stds(runs[n].model(), x) for n in nets}
     mean = {k: sum(v) / len(v) for k, v in stds.items()}
     folder = ctx.report_dir("responses")
@@ -96,7 +97,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "plain](responses.png)", "",
             f"Responses of the trained nets on the first {len(x):,} test images. Layers: the "
             "stem's 3x3 and both 3x3s of every block, after BN, before ReLU/addition.", "",
-            md_table(["net", "layers", "mean std", "min", "max"], rows), "",
+            markdown_table(["net", "layers", "mean std", "min", "max"], rows), "",
             "The paper (Fig. 7, CIFAR-10): ResNets' responses are generally smaller than "
             "their plain counterparts', and the deeper ResNet has the smaller responses.", "",
             "## What came out", "", *lines]

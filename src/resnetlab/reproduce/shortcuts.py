@@ -12,7 +12,8 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from ..complexity import count_params
-from .common import Context, Net, ensure_trained, md_table, pct, write_report
+from ..train.report import markdown_table
+from .common import Context, Net, ensure_trained, pct, write_report
 from .degradation import curves
 
 # Paper Table 3, ImageNet ResNet-34, 10-crop top-1 / top-5 error (%).
@@ -50,7 +51,7 @@ def run(ctx: Context) -> dict[str, Any]:
     order = sorted(OPTIONS, key=lambda o: errs[o])
     spread = max(errs.values()) - min(errs.values())
     body = ["![test error of options A, B, C](shortcuts.png)", "",
-            md_table([f"option (resnet{d})", "parameters", "test error (%)",
+            markdown_table([f"option (resnet{d})", "parameters", "test error (%)",
                       "paper ResNet-34 top-1", "paper top-5"], rows), "",
             "The paper: B is slightly better than A (A's zero-padded channels learn no "
             "residual), C marginally better than B (its extra parameters), and the "

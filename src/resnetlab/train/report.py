@@ -17,6 +17,13 @@ SUMMARY_FIELDS = ["iteration", "epoch", "train_loss", "train_error", "val_error"
                   "lr", "images_per_s", "elapsed_s"]
 
 
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table (reports and benchmark results)."""
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 class MetricsLog:
     """Appends one JSON object per line; on resume, lines past the checkpoint are dropped."""
 
