@@ -44,6 +44,7 @@ def test_bench_train_runs_and_reports(tmp_path: Path) -> None:
     assert res["sgemm_gflops"] > 0
 
 
+@pytest.mark.runtimes
 def test_infer_contenders_agree_with_torchvision(tmp_path: Path) -> None:
     import torch
 

@@ -42,9 +42,15 @@ def standalone_ort(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 def standalone_openvino(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     import openvino as ov
 
-    req = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY"}) \
-        .create_infer_request()
-    return lambda x: req.infer({0: x})[0]
+    # Core and compiled model must outlive the request (see deploy.export.OpenVINORunner).
+    core = ov.Core()
+    compiled = core.compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    req = compiled.create_infer_request()
+
+    def run(x: np.ndarray, _owners: tuple[object, ...] = (core, compiled)) -> np.ndarray:
+        return req.infer({0: x})[0]
+
+    return run
 
 
 def _timed(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Callable[[], int]:

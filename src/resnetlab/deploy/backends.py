@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..factory import WEIGHTS_FILE, ModelConfig, load_model
-from .export import FILENAMES, INPUT, ExportError, export
+from .export import FILENAMES, INPUT, ExportError, OpenVINORunner, export
 from .fold import fold_batchnorm
 
 log = logging.getLogger(__name__)
@@ -126,17 +126,14 @@ def _ort_backend(weights: Path, threads: int, int8: bool = False) -> Backend:
 
 
 def _openvino_backend(weights: Path, threads: int) -> Backend:
-    import openvino as ov
-
     props: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}
     if threads:
         props["INFERENCE_NUM_THREADS"] = threads
-    compiled = ov.Core().compile_model(str(exported(weights, "openvino")), "CPU", props)
-    request = compiled.create_infer_request()
+    infer = OpenVINORunner(exported(weights, "openvino"), props)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(request.infer({0: arr})[0].copy())
+        return torch.from_numpy(infer(np.ascontiguousarray(x.detach().cpu().numpy(),
+                                                           dtype=np.float32)))
 
     return Backend("openvino", run, ModelConfig.from_json(weights / "config.json"))
 

@@ -17,6 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,6 +73,27 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
                           dynamic_shapes={"x": {0: batch, 2: height, 3: width}})
 
 
+class OpenVINORunner:
+    """Logits of the OpenVINO IR at `path` for a float32 batch, on the CPU.
+
+    Holds the Core, the compiled model and the infer request together: an infer request
+    that outlives its compiled model or Core (as in `Core().compile_model(...)
+    .create_infer_request()`) uses freed memory, which corrupted the heap of our test
+    process and crashed it minutes later, far from the cause. Outputs are copied out of the
+    request's buffer, which the next call overwrites.
+    """
+
+    def __init__(self, path: Path, props: dict[str, Any] | None = None) -> None:
+        import openvino as ov
+
+        self.core = ov.Core()
+        self.compiled = self.core.compile_model(str(path), "CPU", props or {})
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.array(self.request.infer({0: x})[0], copy=True)
+
+
 def run_exported(path: Path, fmt: str, x: np.ndarray) -> np.ndarray:
     """Logits of the exported file at `path` for the float32 batch `x`, by its own runtime."""
     if fmt == "onnx":
@@ -80,9 +102,7 @@ def run_exported(path: Path, fmt: str, x: np.ndarray) -> np.ndarray:
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
             None, {INPUT: x})[0]
     if fmt == "openvino":
-        import openvino as ov
-
-        return ov.Core().compile_model(str(path), "CPU")(x)[0]
+        return OpenVINORunner(path)(x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript
         return torch.jit.load(str(path))(torch.from_numpy(x)).detach().numpy()
