@@ -76,11 +76,10 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
 class OpenVINORunner:
     """Logits of the OpenVINO IR at `path` for a float32 batch, on the CPU.
 
-    Holds the Core, the compiled model and the infer request together: an infer request
-    that outlives its compiled model or Core (as in `Core().compile_model(...)
-    .create_infer_request()`) uses freed memory, which corrupted the heap of our test
-    process and crashed it minutes later, far from the cause. Outputs are copied out of the
-    request's buffer, which the next call overwrites.
+    Holds the Core, the compiled model and the infer request together, so that no request
+    outlives the objects it was made from (as `Core().compile_model(...)
+    .create_infer_request()` lets it; OpenVINO's own tests crashed on such lifetimes).
+    Outputs are copied out of the request's buffer, which the next call overwrites.
     """
 
     def __init__(self, path: Path, props: dict[str, Any] | None = None) -> None:
