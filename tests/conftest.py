@@ -65,3 +65,17 @@ def folder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img, "L").convert("RGB").save(d / f"{i}.png")
     return root
+
+
+def interrupt_at(monkeypatch: pytest.MonkeyPatch, iteration: int) -> None:
+    """Make training raise KeyboardInterrupt (a Ctrl-C) when it asks for this iteration's lr."""
+    from resnetlab.train.schedule import LRSchedule
+
+    original = LRSchedule.__call__
+
+    def interrupt(self: LRSchedule, it: int) -> float:
+        if it == iteration:
+            raise KeyboardInterrupt
+        return original(self, it)
+
+    monkeypatch.setattr(LRSchedule, "__call__", interrupt)

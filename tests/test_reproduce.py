@@ -15,7 +15,8 @@ from resnetlab.reproduce.common import SCALES, Net, get_scale
 from resnetlab.reproduce.gradients import conv_grad_norms
 from resnetlab.reproduce.lesion import blocks, deletable, delete
 from resnetlab.reproduce.responses import response_layers, response_stds
-from resnetlab.train.schedule import LRSchedule
+
+from .conftest import interrupt_at
 
 SETS = ("data.verify=false",)
 
@@ -65,17 +66,10 @@ def test_finished_sub_runs_are_not_trained_again(root: Path, fashion_dir: Path,
 def test_interrupted_reproduce_resumes_to_the_same_result(
         root: Path, tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    original = LRSchedule.__call__
-
-    def interrupt(self: LRSchedule, it: int) -> float:
-        if it == 4:
-            raise KeyboardInterrupt
-        return original(self, it)
-
-    monkeypatch.setattr(LRSchedule, "__call__", interrupt)
+    interrupt_at(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         run_experiment("preact", "smoke", tmp_path, str(fashion_dir), SETS, progress=False)
-    monkeypatch.setattr(LRSchedule, "__call__", original)
+    monkeypatch.undo()  # the schedule as it was
     assert (tmp_path / "runs" / "resnet8" / "checkpoints").is_dir()
     assert not (tmp_path / "runs" / "resnet8" / "eval.json").exists()
     caplog.set_level("INFO")

@@ -12,7 +12,8 @@ from resnetlab.cli import main
 from resnetlab.train.checkpoint import latest_checkpoint, load_checkpoint
 from resnetlab.train.config import resolve
 from resnetlab.train.loop import NonFiniteLossError, make_optimizer, train
-from resnetlab.train.schedule import LRSchedule
+
+from .conftest import interrupt_at
 
 
 def _smoke(fashion_dir: Path, *sets: str):
@@ -66,17 +67,10 @@ def test_resume_is_bit_identical(tmp_path: Path, fashion_dir: Path,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _smoke(fashion_dir, "schedule.iterations=24", "eval_every=8")
     full = train(cfg, tmp_path / "full", progress=False)
-    original = LRSchedule.__call__
-
-    def interrupt(self: LRSchedule, it: int) -> float:
-        if it == 13:
-            raise KeyboardInterrupt
-        return original(self, it)
-
-    monkeypatch.setattr(LRSchedule, "__call__", interrupt)
+    interrupt_at(monkeypatch, 13)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(LRSchedule, "__call__", original)
+    monkeypatch.undo()  # the schedule as it was
     assert latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "ckpt-00000013"
     resumed = train(cfg, tmp_path / "cut", resume=True, progress=False)
     a = resnetlab.load_model(full.weights).state_dict()
