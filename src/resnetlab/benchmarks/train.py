@@ -4,7 +4,9 @@ Reference (written here, as CIFAR reproductions write it): an eager NCHW CIFAR R
 option-A shortcuts, fed by torchvision per-sample transforms (random crop of the padded
 image, flip, to-tensor, normalise) through a DataLoader with worker processes. resnetlab:
 the trainer's own pieces: the in-memory loader with whole-batch augmentation, the model in
-channels_last, `train_step` (forward, loss, backward, SGD), eager and under torch.compile.
+channels_last, `train_step` (forward, loss, backward, SGD), eager and under torch.compile,
+with the trainer's allocator setting (allocator.py). That setting is process-wide, so the
+reference runs under it too; `--default-malloc` leaves glibc's defaults for everyone.
 Same model size, batch, fp32 numerics and optimizer.
 """
 
@@ -25,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from ..allocator import keep_freed_memory
 from ..complexity import count_params
 from ..data.memory import BatchAugment, InMemoryLoader, Normalize
 from ..data.sources import ArrayDataset
@@ -160,11 +163,13 @@ def train_macs(name: str, chans: int, size: int) -> int:
 
 
 def run(cases: list[str], rounds: int, calls: int, batch: int, workers: int,
-        compile_: bool, say: Callable[[str], None]) -> dict[str, Any]:
+        compile_: bool, say: Callable[[str], None], tune_malloc: bool = True,
+        ) -> dict[str, Any]:
+    malloc = "thresholds raised" if tune_malloc and keep_freed_memory() else "glibc defaults"
     peak = sgemm_gflops()
-    say(f"sgemm peak {peak:.0f} GFLOP/s")
+    say(f"sgemm peak {peak:.0f} GFLOP/s; malloc: {malloc}")
     results: dict[str, Any] = {"machine": machine(), "sgemm_gflops": peak, "batch": batch,
-                               "workers": workers, "cases": {}}
+                               "workers": workers, "malloc": malloc, "cases": {}}
     for case in cases:
         name, chans, size = CASES[case]
         depth = int(name.removeprefix("resnet"))
@@ -206,12 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's malloc thresholds (the trainer raises them on the CPU)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     res = run(args.cases, args.rounds, args.calls, args.batch, args.workers,
-              not args.no_compile, lambda s: print(s, flush=True))
+              not args.no_compile, lambda s: print(s, flush=True), not args.default_malloc)
     print(f"\nsgemm peak {res['sgemm_gflops']:.0f} GFLOP/s (start), "
-          f"{res['sgemm_gflops_end']:.0f} (end); {res['machine']}")
+          f"{res['sgemm_gflops_end']:.0f} (end); malloc: {res['malloc']}; {res['machine']}")
     print(report(res))
     save(args.json, res)
     return 0

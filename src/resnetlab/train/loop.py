@@ -23,6 +23,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from ..allocator import keep_freed_memory
 from ..data import DataBundle, build_data
 from ..errors import ConfigError, ResNetLabError
 from ..evaluate import EvalResult, evaluate
@@ -183,6 +184,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":
+        keep_freed_memory()  # about 5-15% per step on the CPU (allocator.py)
     torch.manual_seed(cfg.seed)
     data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
                       cfg.channels_last, rank=dist.rank, world=dist.world)
