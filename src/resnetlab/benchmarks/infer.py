@@ -109,7 +109,7 @@ def run(models: list[str], batches: list[int], rounds: int, seconds: float,
                 x = torch.randn(batch, 3, 224, 224)
                 checks = parity(fns, x)
                 # Calls per round so that each contender runs about `seconds` per round.
-                est = batch / (MACS[model] * 2 / 50e9)  # images/s at a modest 50 GFLOP/s
+                est = 50e9 / (MACS[model] * 2)  # images/s at a modest 50 GFLOP/s
                 calls = max(1, round(seconds * est / batch))
                 say(f"{model} batch {batch}: {rounds} rounds of {calls} calls")
                 t = alternate({k: _timed(f, x) for k, f in fns.items()}, rounds, calls, warmup=2,
