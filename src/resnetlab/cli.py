@@ -117,8 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Under torchrun only rank 0 reports progress; the other ranks speak up only on trouble.
     main_rank = os.environ.get("RANK", "0") == "0"
-    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING,
-                        format="%(message)s")
+    # Our own INFO lines are the CLI's progress; other libraries' (the ONNX exporter's graph
+    # passes) are noise to a user, so they show from WARNING up.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("resnetlab").setLevel(logging.INFO if main_rank else logging.WARNING)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
