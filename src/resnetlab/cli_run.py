@@ -145,10 +145,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     split = data.test if args.split == "test" else data.val
     if split is None:
         raise ConfigError("this run has no validation split (data.val_split=0)")
+    t0 = time.perf_counter()
     res = evaluate(model, split.batches(0), mc.num_classes, args.tta)
+    seconds = time.perf_counter() - t0
     names = mc.class_names or data.classes
     print(f"{mc.architecture} on the {args.split} split ({res.count:,} images, tta={args.tta}, "
-          f"backend {backend}{', BN recomputed' if args.recompute_bn else ''})")
+          f"backend {backend}{', BN recomputed' if args.recompute_bn else ''}): "
+          f"{seconds:.1f} s, {res.count / seconds:,.0f} images/s")
     print(f"top-1 error {100 * res.top1_error:.2f}%   top-5 error {100 * res.top5_error:.2f}%"
           f"   accuracy {100 * (1 - res.top1_error):.2f}%")
     width = max(len(n) for n in names)
@@ -156,7 +159,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  {name:<{width}}  {100 * acc:6.2f}%")
     out = Path(args.out) if args.out else wdir / f"eval-{args.split}-{args.tta}.json"
     report = res.report(names, weights=str(wdir), split=args.split, tta=args.tta,
-                        recompute_bn=args.recompute_bn, backend=backend)
+                        recompute_bn=args.recompute_bn, backend=backend,
+                        seconds=round(seconds, 2))
     out.write_text(json.dumps(report, indent=2) + "\n")
     png = plot_confusion(res.confusion, names, out.with_suffix(".png"),
                          f"{mc.architecture}, {args.split}: {100 * res.top1_error:.2f}% error")
