@@ -4,7 +4,8 @@ Pipelines: the in-memory loader (whole-batch pad-crop-flip and normalisation) on
 Fashion-MNIST-shaped and CIFAR-shaped arrays, the per-sample torchvision DataLoader the
 reference training stack uses, and the image-folder loader (JPEG decode, random-resized
 crop, flip, colour lighting) at 224x224. Consumption: the training step's images/s of the
-model each pipeline feeds. A ratio well above 1 means the data never keeps the step waiting.
+model each pipeline feeds, under the trainer's allocator setting (allocator.py). A ratio well
+above 1 means the data never keeps the step waiting.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..allocator import keep_freed_memory
 from ..data.folder import FolderLoader, ImageFolderDataset, SeededSubset, train_transform
 from ..data.memory import BatchAugment, InMemoryLoader, Normalize
 from ..data.sources import ArrayDataset
@@ -83,6 +85,7 @@ def consumption(step: Callable[[], int], seconds: float) -> float:
 
 
 def run(seconds: float, workers: int, say: Callable[[str], None]) -> dict[str, Any]:
+    keep_freed_memory()  # as the trainer does on the CPU
     res: dict[str, Any] = {"machine": machine(), "pipelines": {}}
     with tempfile.TemporaryDirectory() as tmp:
         cases = {
