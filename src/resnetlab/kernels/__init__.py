@@ -1,0 +1,151 @@
+"""Fused BatchNorm(+add)+ReLU for CPU training, from a small C file built on first use.
+
+In a CPU training step of a CIFAR ResNet, BatchNorm, ReLU and the residual addition are
+about a seventh of the time, all bound by memory traffic, and PyTorch runs them as separate
+ops that read or write each activation about 13 times per BN-ReLU pair (forward and
+backward). `bn_act` does a training-mode BN, the optional addition and the ReLU in about 8
+(bn_act.c); docs/performance.md has what that gives. The C file is compiled once per
+machine with the system's C compiler into ~/.cache/resnetlab/kernels/ and linked to the
+OpenMP runtime PyTorch already loaded, so both share one thread pool. Without a compiler,
+`available()` is False and callers use PyTorch's ops (same results to float rounding).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_P, _I64, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+_SIGNATURES = {  # pointers pass as integer addresses (Tensor.data_ptr()) or None
+    "bn_act_forward": [_P] * 6 + [_D, _D] + [_P] * 3 + [_I64, _I64],
+    "bn_act_backward": [_P] * 11 + [_I64, _I64],
+}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "resnetlab" / "kernels"
+
+
+def _cpu_flags() -> str:
+    # -march=native: the library is only valid on CPUs with the same instruction sets.
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build(source: bytes, out: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src, lib = Path(tmp) / "bn_act.c", Path(tmp) / out.name
+        src.write_bytes(source)
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib),
+               "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
+        os.replace(lib, out)  # atomic: a concurrent process sees the whole file or none
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    source = resources.files(__package__).joinpath("bn_act.c").read_bytes()
+    key = hashlib.sha256(source + _cpu_flags().encode() + torch.__version__.encode()).hexdigest()
+    path = _cache_dir() / f"bn_act-{key[:16]}.so"
+    try:
+        if not path.exists():
+            log.info("building the fused BN-ReLU kernels into %s", path)
+            _build(source, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError) as e:
+        log.warning("fused BN-ReLU kernels unavailable, using PyTorch's ops: %s", e)
+        return None
+    for name, args in _SIGNATURES.items():
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the fused kernels are built and loaded (building them on first call)."""
+    return _library() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class _BnAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, add, momentum, eps):  # type: ignore[override]
+        c = x.shape[1]
+        m = x.numel() // c
+        y = torch.empty_like(x)
+        mean, invstd = x.new_empty(c), x.new_empty(c)
+        _library().bn_act_forward(  # type: ignore[union-attr]
+            _ptr(x), _ptr(add), _ptr(weight), _ptr(bias), _ptr(running_mean), _ptr(running_var),
+            momentum, eps, _ptr(y), _ptr(mean), _ptr(invstd), m, c)
+        ctx.has_add = add is not None
+        ctx.save_for_backward(x, y if ctx.has_add else None, weight, bias, mean, invstd)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # no second derivatives: those raise
+    def backward(ctx, grad):  # type: ignore[override]
+        x, y, weight, bias, mean, invstd = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        c = x.shape[1]
+        dx, gm = torch.empty_like(x), torch.empty_like(x) if ctx.has_add else None
+        dweight, dbias = torch.empty_like(weight), torch.empty_like(bias)
+        _library().bn_act_backward(  # type: ignore[union-attr]
+            _ptr(grad), _ptr(x), _ptr(y), _ptr(weight), _ptr(bias), _ptr(mean), _ptr(invstd),
+            _ptr(gm), _ptr(dx), _ptr(dweight), _ptr(dbias), x.numel() // c, c)
+        return dx, dweight, dbias, None, None, gm, None, None
+
+
+def usable(bn: nn.Module, x: torch.Tensor, add: torch.Tensor | None = None) -> bool:
+    """Whether `bn_act` can stand in for `bn` on `x` (+ `add`): a plain training BatchNorm2d on
+    a CPU float32 channels_last batch, with no hooks to honour and the kernels built."""
+    return (not torch.compiler.is_compiling()
+            and type(bn) is nn.BatchNorm2d and bn.training and bn.affine
+            and bn.track_running_stats and bn.momentum is not None
+            and not (bn._forward_hooks or bn._forward_pre_hooks)
+            and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x.shape[0] * x.shape[2] * x.shape[3] > 1
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and (add is None or (add.shape == x.shape and add.dtype == x.dtype
+                                 and add.device == x.device))
+            and available())
+
+
+def bn_act(bn: nn.BatchNorm2d, x: torch.Tensor, add: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """relu(bn(x) + add) for a training-mode `bn`, fused; the caller checks `usable` first."""
+    if add is not None:
+        add = add.contiguous(memory_format=torch.channels_last)
+    bn.num_batches_tracked.add_(1)
+    return _BnAct.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, add,
+                        bn.momentum, bn.eps)

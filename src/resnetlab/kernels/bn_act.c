@@ -1,0 +1,345 @@
+/* Fused training-mode BatchNorm + (residual addition) + ReLU on channels_last float32.
+ *
+ * A channels_last activation of shape (N, C, H, W) is a row-major (M = N*H*W, C) matrix.
+ * The loops walk it as one flat array in chunks of W = C*k elements (k whole rows, W >= 64),
+ * with every per-channel parameter repeated k times, so the inner loops are long, contiguous
+ * and vectorise whatever C is, and sums go into W independent accumulators.
+ * Fusing saves whole passes over memory: unfused, PyTorch's CPU ops read or write an
+ * activation about 13 times per BN-ReLU pair (forward and backward); these kernels 8.
+ * Built at run time by resnetlab/kernels/__init__.py, linked to PyTorch's own OpenMP.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_NV 4            /* vectors summed at once: 4 x 2 sums stay in 16 registers */
+#define BLOCK_FLOATS 2048   /* rows summed in float, then added into doubles */
+#define STREAM_FLOATS 256
+
+/* Eight floats, one AVX2 register; GCC and Clang lower it to whatever the CPU has. */
+#define VL 8
+typedef float v8 __attribute__((vector_size(4 * VL)));
+typedef int32_t v8i __attribute__((vector_size(4 * VL)));
+
+static inline v8 ld(const float *p) {
+    v8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void st(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+
+static inline void add_lanes(double *acc, v8 v) {
+    for (int i = 0; i < VL; ++i) acc[i] += v[i];
+}
+
+static int64_t gcd(int64_t a, int64_t b) { return b ? gcd(b, a % b) : a; }
+
+/* Chunk length w: whole rows and whole vectors, the least common multiple of c and VL. */
+static int64_t chunk_of(int64_t c) { return c / gcd(c, VL) * VL; }
+
+/* Vectors summed together (their sums stay in registers): 4, 2 or 1, dividing w / VL. */
+static int group_of(int64_t w) { return (w / VL) % 4 == 0 ? 4 : (w / VL) % 2 == 0 ? 2 : 1; }
+
+/* Chunk of the element-wise kernels: whole rows, at least STREAM_FLOATS, for long loops. */
+static int64_t stream_chunk_of(int64_t c) {
+    int64_t w = chunk_of(c);
+    return w * ((STREAM_FLOATS + w - 1) / w);
+}
+
+/* Rows per block: about 8 KiB of each input, so a block's float sums stay short. */
+static int64_t block_rows(int64_t w) { return w >= BLOCK_FLOATS ? 1 : BLOCK_FLOATS / w; }
+
+/* v repeated to length w (w a multiple of c); caller frees. */
+static float *repeat(const float *v, int64_t c, int64_t w) {
+    float *out = malloc(sizeof(float) * w);
+    for (int64_t i = 0; i < w; ++i) out[i] = v[i % c];
+    return out;
+}
+
+/* This thread's element range [*lo, *hi): whole chunks, the last thread takes the rest. */
+static void span_of_thread(int64_t n, int64_t w, int64_t *lo, int64_t *hi) {
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t chunks = n / w;
+    *lo = chunks * t / nt * w;
+    *hi = t == nt - 1 ? n : chunks * (t + 1) / nt * w;
+}
+
+/* Room for every thread's partial sums: two arrays of length w each, zeroed. */
+static double *partials(int nt, int64_t w) { return calloc((size_t)nt * 2 * w, sizeof(double)); }
+
+/* Adds the threads' partials into per-channel totals in thread order, so that results do
+ * not depend on which thread finished first. */
+static void fold(const double *part, int nt, int64_t w, int64_t c, double *tot_a,
+                 double *tot_b) {
+    for (int t = 0; t < nt; ++t)
+        for (int64_t i = 0; i < w; ++i) {
+            tot_a[i % c] += part[(size_t)t * 2 * w + i];
+            tot_b[i % c] += part[(size_t)t * 2 * w + w + i];
+        }
+}
+
+/* Sums over `rows` rows (stride w) of the nv vectors at x: of d = x - k and of d*d. */
+static inline __attribute__((always_inline)) void stats_block(
+    const float *restrict x, const float *k, int64_t rows, int64_t w, int nv, double *ps,
+    double *pq) {
+    v8 s[MAX_NV] = {{0}}, q[MAX_NV] = {{0}}, kv[MAX_NV];
+    for (int i = 0; i < nv; ++i) kv[i] = ld(k + i * VL);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int i = 0; i < nv; ++i) {
+            v8 dv = ld(x + r * w + i * VL) - kv[i];
+            s[i] += dv;
+            q[i] += dv * dv;
+        }
+    for (int i = 0; i < nv; ++i) {
+        add_lanes(ps + i * VL, s[i]);
+        add_lanes(pq + i * VL, q[i]);
+    }
+}
+
+/* Biased mean and variance per channel in one pass. The sums are of d = x - x0, x0 the first
+ * row, so a large mean does not cancel the variance away. */
+static void stats(const float *restrict x, int64_t m, int64_t c, double *restrict mean,
+                  double *restrict var) {
+    int64_t w = chunk_of(c), n = m * c, br = block_rows(w);
+    int nv = group_of(w);
+    float *x0 = repeat(x, c, w);
+    double *sd = calloc(2 * c, sizeof(double)), *sdd = sd + c;
+    int nt = omp_get_max_threads();
+    double *part = partials(nt, w);
+#pragma omp parallel
+    {
+        int64_t lo, hi;
+        span_of_thread(n, w, &lo, &hi);
+        double *ps = part + (size_t)omp_get_thread_num() * 2 * w, *pq = ps + w;
+        int64_t whole = lo + (hi - lo) / w * w;
+        for (int64_t e0 = lo; e0 < whole; e0 += br * w) {
+            int64_t rows = (whole - e0) / w < br ? (whole - e0) / w : br;
+            for (int64_t j = 0; j < w; j += nv * VL) {
+                const float *xb = x + e0 + j;
+                if (nv == 4) stats_block(xb, x0 + j, rows, w, 4, ps + j, pq + j);
+                else if (nv == 2) stats_block(xb, x0 + j, rows, w, 2, ps + j, pq + j);
+                else stats_block(xb, x0 + j, rows, w, 1, ps + j, pq + j);
+            }
+        }
+        for (int64_t e = whole; e < hi; ++e) { /* the last thread's part chunk */
+            float dv = x[e] - x0[e - whole];
+            ps[e - whole] += dv;
+            pq[e - whole] += dv * dv;
+        }
+    }
+    fold(part, nt, w, c, sd, sdd);
+    free(part);
+    for (int64_t j = 0; j < c; ++j) {
+        double md = sd[j] / (double)m, v = sdd[j] / (double)m - md * md;
+        mean[j] = x[j] + md;
+        var[j] = v < 0.0 ? 0.0 : v; /* rounding can dip below 0; NaN stays */
+    }
+    free(sd);
+    free(x0);
+}
+
+/* y = max(0, a*x + b + res), res optional. */
+static void apply(const float *restrict x, const float *restrict res, const float *a,
+                  const float *b, float *restrict y, int64_t m, int64_t c) {
+    int64_t w = stream_chunk_of(c), n = m * c;
+    float *aw = repeat(a, c, w), *bw = repeat(b, c, w);
+#pragma omp parallel
+    {
+        int64_t lo, hi;
+        span_of_thread(n, w, &lo, &hi);
+        for (int64_t e = lo; e < hi; e += w) {
+            int64_t len = hi - e < w ? hi - e : w;
+            const float *restrict xe = x + e;
+            float *restrict ye = y + e;
+            if (res) {
+                const float *restrict re = res + e;
+#pragma omp simd
+                for (int64_t j = 0; j < len; ++j) {
+                    float v = aw[j] * xe[j] + bw[j] + re[j];
+                    ye[j] = v < 0.f ? 0.f : v; /* NaN stays NaN, as in torch.relu */
+                }
+            } else {
+#pragma omp simd
+                for (int64_t j = 0; j < len; ++j) {
+                    float v = aw[j] * xe[j] + bw[j];
+                    ye[j] = v < 0.f ? 0.f : v; /* NaN stays NaN, as in torch.relu */
+                }
+            }
+        }
+    }
+    free(aw);
+    free(bw);
+}
+
+/* Sums over `rows` rows (stride w) of u and u*(x - mean) for the nv vectors at offset 0;
+ * u is g where the ReLU passed (y > 0 if y, else a*x + b > 0), else 0; written to gm if set. */
+static inline __attribute__((always_inline)) void grad_block(
+    const float *restrict g, const float *restrict x, const float *restrict y,
+    float *restrict gm, const float *a, const float *b, const float *mean, int64_t rows,
+    int64_t w, int nv, double *pu, double *puv) {
+    v8 s[MAX_NV] = {{0}}, q[MAX_NV] = {{0}}, av[MAX_NV], bv[MAX_NV], mv[MAX_NV], zero = {0};
+    for (int i = 0; i < nv; ++i) {
+        av[i] = ld(a + i * VL);
+        bv[i] = ld(b + i * VL);
+        mv[i] = ld(mean + i * VL);
+    }
+    for (int64_t r = 0; r < rows; ++r)
+        for (int i = 0; i < nv; ++i) {
+            int64_t e = r * w + i * VL;
+            v8 xv = ld(x + e);
+            v8i keep = y ? (ld(y + e) > zero) : (av[i] * xv + bv[i] > zero);
+            v8 u = (v8)((v8i)ld(g + e) & keep);
+            if (gm) st(gm + e, u);
+            s[i] += u;
+            q[i] += u * (xv - mv[i]);
+        }
+    for (int i = 0; i < nv; ++i) {
+        add_lanes(pu + i * VL, s[i]);
+        add_lanes(puv + i * VL, q[i]);
+    }
+}
+
+/* Per channel, the sums of u and u*(x - mean), u the gradient g masked by the ReLU: y > 0
+ * when the output y is given (a residual was added), else a*x + b > 0. With y given, u is
+ * also written to gm: it is the gradient of the residual. */
+static void reduce_grad(const float *restrict g, const float *restrict x,
+                        const float *restrict y, const float *a, const float *b,
+                        const float *mean, float *restrict gm, int64_t m, int64_t c,
+                        double *restrict sum_u, double *restrict sum_uv) {
+    int64_t w = chunk_of(c), n = m * c, br = block_rows(w);
+    int nv = group_of(w);
+    float *aw = repeat(a, c, w), *bw = repeat(b, c, w), *mw = repeat(mean, c, w);
+    memset(sum_u, 0, sizeof(double) * c);
+    memset(sum_uv, 0, sizeof(double) * c);
+    int nt = omp_get_max_threads();
+    double *part = partials(nt, w);
+#pragma omp parallel
+    {
+        int64_t lo, hi;
+        span_of_thread(n, w, &lo, &hi);
+        double *pu = part + (size_t)omp_get_thread_num() * 2 * w, *puv = pu + w;
+        int64_t whole = lo + (hi - lo) / w * w;
+        for (int64_t e0 = lo; e0 < whole; e0 += br * w) {
+            int64_t rows = (whole - e0) / w < br ? (whole - e0) / w : br;
+            for (int64_t j = 0; j < w; j += nv * VL) {
+                int64_t o = e0 + j;
+                const float *yo = y ? y + o : NULL;
+                float *gmo = gm ? gm + o : NULL;
+#define GRAD_BLOCK(NV) grad_block(g + o, x + o, yo, gmo, aw + j, bw + j, mw + j, rows, w, NV, \
+                                  pu + j, puv + j)
+                if (nv == 4) GRAD_BLOCK(4);
+                else if (nv == 2) GRAD_BLOCK(2);
+                else GRAD_BLOCK(1);
+#undef GRAD_BLOCK
+            }
+        }
+        for (int64_t e = whole; e < hi; ++e) { /* the last thread's part chunk */
+            int64_t j = e - whole;
+            int keep = y ? y[e] > 0.f : aw[j] * x[e] + bw[j] > 0.f;
+            float u = keep ? g[e] : 0.f;
+            if (gm) gm[e] = u;
+            pu[j] += u;
+            puv[j] += u * (x[e] - mw[j]);
+        }
+    }
+    fold(part, nt, w, c, sum_u, sum_uv);
+    free(part);
+    free(aw);
+    free(bw);
+    free(mw);
+}
+
+/* dx = a*u + p*x + q, u the masked gradient: read from gm when given, else g masked by
+ * a*x + b > 0. */
+static void grad_input(const float *restrict g, const float *restrict gm,
+                       const float *restrict x, const float *a, const float *b, const float *p,
+                       const float *q, float *restrict dx, int64_t m, int64_t c) {
+    int64_t w = stream_chunk_of(c), n = m * c;
+    float *aw = repeat(a, c, w), *bw = repeat(b, c, w), *pw = repeat(p, c, w),
+          *qw = repeat(q, c, w);
+#pragma omp parallel
+    {
+        int64_t lo, hi;
+        span_of_thread(n, w, &lo, &hi);
+        for (int64_t e = lo; e < hi; e += w) {
+            int64_t len = hi - e < w ? hi - e : w;
+            const float *restrict xe = x + e;
+            float *restrict de = dx + e;
+            if (gm) {
+                const float *restrict ue = gm + e;
+#pragma omp simd
+                for (int64_t j = 0; j < len; ++j) de[j] = aw[j] * ue[j] + pw[j] * xe[j] + qw[j];
+            } else {
+                const float *restrict ge = g + e;
+#pragma omp simd
+                for (int64_t j = 0; j < len; ++j) {
+                    float u = aw[j] * xe[j] + bw[j] > 0.f ? ge[j] : 0.f;
+                    de[j] = aw[j] * u + pw[j] * xe[j] + qw[j];
+                }
+            }
+        }
+    }
+    free(aw);
+    free(bw);
+    free(pw);
+    free(qw);
+}
+
+/* BN as y = a*x + b per channel; forward and backward compute it alike, so the ReLU mask the
+ * backward recomputes from x is the forward's bit for bit. */
+static void affine(const float *weight, const float *bias, const float *mean,
+                   const float *invstd, float *a, float *b, int64_t c) {
+    for (int64_t j = 0; j < c; ++j) {
+        a[j] = weight[j] * invstd[j];
+        b[j] = bias[j] - mean[j] * a[j];
+    }
+}
+
+/* Forward: y = relu(BN(x) + res) with the batch's statistics (res may be NULL). Writes the
+ * batch mean and 1/sqrt(var + eps) for the backward pass, and moves the running statistics
+ * toward the batch's (the running variance unbiased, as PyTorch does). */
+void bn_act_forward(const float *x, const float *res, const float *weight, const float *bias,
+                    float *running_mean, float *running_var, double momentum, double eps,
+                    float *y, float *save_mean, float *save_invstd, int64_t m, int64_t c) {
+    double *mean = malloc(sizeof(double) * 2 * c), *var = mean + c;
+    float *a = malloc(sizeof(float) * 2 * c), *b = a + c;
+    stats(x, m, c, mean, var);
+    for (int64_t j = 0; j < c; ++j) {
+        save_mean[j] = (float)mean[j];
+        save_invstd[j] = (float)(1.0 / sqrt(var[j] + eps));
+        running_mean[j] = (float)((1.0 - momentum) * running_mean[j] + momentum * mean[j]);
+        double unbiased = m > 1 ? var[j] * (double)m / (double)(m - 1) : var[j];
+        running_var[j] = (float)((1.0 - momentum) * running_var[j] + momentum * unbiased);
+    }
+    affine(weight, bias, save_mean, save_invstd, a, b, c);
+    apply(x, res, a, b, y, m, c);
+    free(mean);
+    free(a);
+}
+
+/* Backward of bn_act_forward. y (the output) is given when a residual was added: the ReLU's
+ * mask then comes from it, and gm receives the residual's gradient. Without it the mask is
+ * recomputed from x, which saves reading y. */
+void bn_act_backward(const float *g, const float *x, const float *y, const float *weight,
+                     const float *bias, const float *mean, const float *invstd, float *gm,
+                     float *dx, float *dweight, float *dbias, int64_t m, int64_t c) {
+    double *su = malloc(sizeof(double) * 2 * c), *suv = su + c;
+    float *a = malloc(sizeof(float) * 4 * c), *b = a + c, *p = b + c, *q = p + c;
+    affine(weight, bias, mean, invstd, a, b, c);
+    reduce_grad(g, x, y, a, b, mean, gm, m, c, su, suv);
+    /* dx = a * (u - mean(u) - xhat * mean(u * xhat)), xhat = (x - mean) * invstd, so
+     * dx = a*u + p*x + q with the per-channel p and q below. */
+    for (int64_t j = 0; j < c; ++j) {
+        double is = invstd[j], pj = -(double)a[j] * is * is * suv[j] / (double)m;
+        p[j] = (float)pj;
+        q[j] = (float)(-(double)a[j] * su[j] / (double)m - mean[j] * pj);
+        dweight[j] = (float)(suv[j] * is);
+        dbias[j] = (float)su[j];
+    }
+    grad_input(g, y ? gm : NULL, x, a, b, p, q, dx, m, c);
+    free(su);
+    free(a);
+}

@@ -1,0 +1,201 @@
+"""The fused BN(+add)+ReLU kernels against float64 PyTorch, and the models that use them."""
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resnetlab import kernels
+from resnetlab.factory import create_model
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                              reason="no C compiler to build the kernels")
+
+SHAPES = [(8, 16, 9, 7), (4, 64, 8, 8), (3, 20, 5, 5), (2, 3, 4, 6), (5, 40, 1, 1)]
+
+
+def _cl(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c)
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    return bn
+
+
+def _reference(bn: nn.BatchNorm2d, x: torch.Tensor, add: torch.Tensor | None):
+    """float64 PyTorch on copies: output, grads of (x, weight, bias, add), the BN after."""
+    bn64 = copy.deepcopy(bn).double()
+    x64 = x.detach().double().requires_grad_()
+    a64 = None if add is None else add.detach().double().requires_grad_()
+    y = bn64(x64)
+    y = F.relu(y if a64 is None else y + a64)
+    return y, x64, a64, bn64
+
+
+@needs_cc
+@pytest.mark.parametrize("with_add", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_matches_float64(shape: tuple[int, ...], with_add: bool) -> None:
+    assert kernels.available()
+    x = _cl(torch.randn(shape) * 3 + 5).requires_grad_()
+    add = _cl(torch.randn(shape)).requires_grad_() if with_add else None
+    bn = _bn(shape[1])
+    y_ref, x64, a64, bn64 = _reference(bn, x, add)
+    assert kernels.usable(bn, x)
+    y = kernels.bn_act(bn, x, add)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+
+    g = torch.randn(shape)
+    ours = torch.autograd.grad(y, [x, bn.weight, bn.bias] + ([add] if with_add else []), g)
+    ref = torch.autograd.grad(y_ref, [x64, bn64.weight, bn64.bias] + ([a64] if with_add else []),
+                              g.double())
+    for name, a, b in zip(("x", "weight", "bias", "add"), ours, ref, strict=False):
+        scale = b.abs().max().item() + 1.0
+        assert (a.double() - b).abs().max().item() < 2e-5 * scale, name
+    torch.testing.assert_close(bn.running_mean.double(), bn64.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), bn64.running_var, rtol=1e-5, atol=1e-6)
+    assert bn.num_batches_tracked.item() == bn64.num_batches_tracked.item() == 1
+
+
+@needs_cc
+@pytest.mark.parametrize("with_add", [False, True])
+def test_nan_propagates_as_in_pytorch(with_add: bool) -> None:
+    """A diverging run must still see its NaN (the trainer stops on a non-finite loss)."""
+    x = _cl(torch.randn(4, 6, 5, 5))
+    x[1, 2, 3, 4] = float("nan")
+    add = _cl(torch.randn(4, 6, 5, 5)) if with_add else None
+    bn = _bn(6)
+    ref = F.relu(copy.deepcopy(bn)(x) + (0 if add is None else add))
+    out = kernels.bn_act(bn, x, add)
+    assert torch.equal(out.isnan(), ref.isnan()) and out[:, 2].isnan().all()
+    assert torch.equal(bn.running_mean.isnan(), torch.arange(6) == 2)
+
+
+@needs_cc
+def test_second_derivatives_raise_rather_than_lie() -> None:
+    x = _cl(torch.randn(2, 4, 3, 3)).requires_grad_()
+    (gx,) = torch.autograd.grad(kernels.bn_act(_bn(4), x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
+@needs_cc
+def test_large_mean_does_not_cancel_the_variance() -> None:
+    x = _cl(torch.randn(64, 8, 16, 16) * 0.01 + 1000.0)
+    bn = _bn(8)
+    y_ref = _reference(bn, x, None)[0]
+    y = kernels.bn_act(bn, x)
+    # the float32 input itself only holds ~6e-5 at 1000, i.e. 6e-3 of the std
+    torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=2e-2 * bn.weight.abs().max().item())
+
+
+def test_usable_only_where_the_kernels_apply() -> None:
+    bn, x = nn.BatchNorm2d(4), _cl(torch.randn(2, 4, 3, 3))
+    expected = kernels.available()
+    assert kernels.usable(bn, x) is expected
+    assert not kernels.usable(bn, x.contiguous())  # NCHW
+    assert not kernels.usable(bn, x.double())
+    assert not kernels.usable(bn, _cl(torch.randn(1, 4, 1, 1)))  # one value per channel
+    assert not kernels.usable(nn.BatchNorm2d(4, momentum=None), x)  # cumulative average
+    assert not kernels.usable(nn.BatchNorm2d(4, affine=False), x)
+    assert not kernels.usable(nn.SyncBatchNorm(4), x)
+    assert not kernels.usable(copy.deepcopy(bn).eval(), x)
+    hooked = copy.deepcopy(bn)
+    hooked.register_forward_hook(lambda *a: None)
+    assert not kernels.usable(hooked, x)
+
+
+def _one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    loss = F.cross_entropy(model(x.to(next(model.parameters()).dtype)), y)
+    loss.backward()
+    return loss.item(), {n: p.grad.double() for n, p in model.named_parameters()}
+
+
+@needs_cc
+@pytest.mark.parametrize("name,size,pairs", [
+    ("resnet20", 16, 1 + 9 * 2), ("plain20", 16, 1 + 9 * 2),  # stem + two per block
+    ("preact_resnet110", 8, 54 * 2),  # the v2 stem is a bare conv
+    ("resnet50", 32, 1 + 16 * 3)])
+def test_fused_model_is_as_exact_as_the_plain_one(name: str, size: int, pairs: int) -> None:
+    """One training step, fused and plain float32 against float64: the fused one is no
+    further from it than PyTorch's own float32 ops are (deep nets amplify rounding)."""
+    plain = create_model(name, num_classes=10).to(memory_format=torch.channels_last)
+    exact, fused = copy.deepcopy(plain).double(), copy.deepcopy(plain)
+    assert fused.fuse_bn_act()
+    x, y = _cl(torch.randn(6, 3, size, size)), torch.randint(0, 10, (6,))
+    calls = []
+    apply = kernels._BnAct.apply
+    try:
+        kernels._BnAct.apply = lambda *a: calls.append(1) or apply(*a)
+        loss_f, grads_f = _one_step(fused, x, y)
+    finally:
+        kernels._BnAct.apply = apply
+    assert len(calls) == pairs, "every BN-ReLU pair of the model runs fused"
+    loss_p, grads_p = _one_step(plain, x, y)
+    loss_e, grads_e = _one_step(exact, x, y)
+    assert abs(loss_f - loss_e) <= 2 * abs(loss_p - loss_e) + 1e-5
+    err = {k: max((g[n] - grads_e[n]).abs().max().item() / (grads_e[n].abs().max().item() + 1e-6)
+                  for n in grads_e) for k, g in (("fused", grads_f), ("plain", grads_p))}
+    assert err["fused"] <= 2 * err["plain"] + 1e-5, err
+    for n, e in exact.state_dict().items():  # running statistics moved alike
+        f, p = fused.state_dict()[n].double(), plain.state_dict()[n].double()
+        ok = (f - e).abs().max() <= 2 * (p - e).abs().max() + 1e-6 * (e.abs().max() + 1)
+        assert ok, n
+
+
+@needs_cc
+def test_hooks_and_eval_mode_take_the_plain_path() -> None:
+    model = create_model("resnet20", num_classes=10).to(memory_format=torch.channels_last)
+    assert model.fuse_bn_act()
+    x = _cl(torch.randn(2, 3, 8, 8))
+    seen = []
+    model.layer1[0].bn2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model(x)
+    assert seen == [torch.Size([2, 16, 8, 8])]  # Fig. 7's layer responses rely on this
+    plain = copy.deepcopy(model).eval()
+    plain.fuse_bn_act(False)
+    assert not plain.layer2[1].fuse_bn_act
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), plain(x))  # eval mode never fuses
+
+
+def test_no_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path, caplog) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kernels._library.cache_clear()
+    try:
+        assert not kernels.available()
+        model = create_model("resnet20", num_classes=10).to(memory_format=torch.channels_last)
+        assert model.fuse_bn_act() is False
+        out = model(_cl(torch.randn(2, 3, 8, 8)))
+        assert out.shape == (2, 10)
+        assert "kernels unavailable" in caplog.text
+    finally:
+        monkeypatch.undo()
+        kernels._library.cache_clear()
+
+
+def test_kernel_cache_is_keyed_by_source_and_cpu(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kernels._library.cache_clear()
+    try:
+        assert kernels.available()
+        built = list((tmp_path / "resnetlab" / "kernels").glob("bn_act-*.so"))
+        assert len(built) == 1
+        kernels._library.cache_clear()
+        mtime = built[0].stat().st_mtime_ns
+        assert kernels.available()  # reused, not rebuilt
+        assert built[0].stat().st_mtime_ns == mtime
+    finally:
+        monkeypatch.undo()
+        kernels._library.cache_clear()
+
