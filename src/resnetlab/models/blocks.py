@@ -11,22 +11,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from .layers import Projection, conv1x1, conv3x3
 
 
-class _PostActBase(nn.Module):
-    """v1 order: residual branch, add the shortcut, then ReLU."""
+class _Block(nn.Module):
+    """What every block shares: BN followed by ReLU, fused in CPU training when enabled."""
+
+    # Set by ResNet.fuse_bn_act(); a plain attribute, so weights files never hold it.
+    fuse_bn_act = False
+
+    def bn_relu(self, bn: nn.Module, x: torch.Tensor, add: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """relu(bn(x) + add): PyTorch's ops, or one fused kernel (resnetlab.kernels) where
+        enabled and usable; the fused path skips bn's hooks, so it is off while it has any."""
+        if self.fuse_bn_act and kernels.usable(bn, x, add):
+            return kernels.bn_act(bn, x, add)
+        out = bn(x)
+        return F.relu(out if add is None else out + add)
+
+
+class _PostActBase(_Block):
+    """v1 order: the residual branch up to its last BN; that BN, add the shortcut, ReLU."""
 
     shortcut: nn.Module | None
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def last_bn(self) -> nn.Module:
+        """The branch's last BN: Fig. 7 measures its output."""
+        raise NotImplementedError
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual branch before its last BN."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.residual(x)
-        if self.shortcut is not None:
-            out = out + self.shortcut(x)
-        return F.relu(out)
+        add = self.shortcut(x) if self.shortcut is not None else None
+        return self.bn_relu(self.last_bn, self.branch(x), add)
 
 
 class BasicBlock(_PostActBase):
@@ -49,8 +70,12 @@ class BasicBlock(_PostActBase):
         self.bn2 = nn.BatchNorm2d(width)
         self.shortcut = shortcut
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+    @property
+    def last_bn(self) -> nn.Module:
+        return self.bn2
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.bn_relu(self.bn1, self.conv1(x)))
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)
@@ -84,16 +109,19 @@ class Bottleneck(_PostActBase):
         self.bn3 = nn.BatchNorm2d(width * self.expansion)
         self.shortcut = shortcut
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        return self.bn3(self.conv3(out))
+    @property
+    def last_bn(self) -> nn.Module:
+        return self.bn3
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn_relu(self.bn1, self.conv1(x))
+        return self.conv3(self.bn_relu(self.bn2, self.conv2(out)))
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
 
 
-class _PreActBase(nn.Module):
+class _PreActBase(_Block):
     """Shared shortcut rule of the v2 blocks."""
 
     shortcut: nn.Module | None
@@ -127,8 +155,8 @@ class PreActBasicBlock(_PreActBase):
         self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = F.relu(self.bn1(x))
-        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        pre = self.bn_relu(self.bn1, x)
+        out = self.conv2(self.bn_relu(self.bn2, self.conv1(pre)))
         return self._add_shortcut(out, x, pre)
 
     def zero_init_last(self) -> None:
@@ -159,9 +187,9 @@ class PreActBottleneck(_PreActBase):
         self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = F.relu(self.bn1(x))
-        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
-        out = self.conv3(F.relu(self.bn3(out)))
+        pre = self.bn_relu(self.bn1, x)
+        out = self.conv2(self.bn_relu(self.bn2, self.conv1(pre)))
+        out = self.conv3(self.bn_relu(self.bn3, out))
         return self._add_shortcut(out, x, pre)
 
     def zero_init_last(self) -> None:

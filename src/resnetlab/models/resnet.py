@@ -11,8 +11,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .blocks import BLOCKS
-from .layers import SHORTCUT_OPTIONS, make_shortcut, make_stem
+from .. import kernels
+from .blocks import BLOCKS, _Block
+from .layers import SHORTCUT_OPTIONS, Stem, make_shortcut, make_stem
 
 
 class Head(nn.Module):
@@ -116,6 +117,16 @@ class ResNet(nn.Module):
         for stage in self.stages:
             for blk in stage:
                 blk.zero_init_last()
+
+    def fuse_bn_act(self, enabled: bool = True) -> bool:
+        """Train with fused BN(+addition)+ReLU kernels (resnetlab.kernels) wherever they apply:
+        CPU, float32, channels_last, training mode, eager. Same results to float rounding;
+        True if they are in use (False where no C compiler could build them)."""
+        on = enabled and kernels.available()
+        for m in self.modules():
+            if isinstance(m, _Block | Stem):
+                m.fuse_bn_act = on
+        return on
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Outputs of every stage (C2..C5 for the ImageNet family), e.g. for a detection FPN."""
