@@ -91,6 +91,7 @@ class TrainConfig:
     channels_last: bool = True
     bf16: bool | None = None  # bfloat16 autocast; None: on CUDA devices only
     compile: bool | None = None  # torch.compile the model; None: on CUDA devices only
+    fused_bn: bool = True  # CPU, not compiled: fused BN(+add)+ReLU kernels (resnetlab.kernels)
     threads: int = 0  # torch intra-op threads; 0: PyTorch's default
     nonfinite: str = "stop"  # on a NaN/inf loss: "stop", or "skip" the step
     device: str = "auto"  # "auto" (this rank's GPU if any, else CPU), "cpu", "cuda"

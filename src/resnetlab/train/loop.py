@@ -28,6 +28,7 @@ from ..data import DataBundle, build_data
 from ..errors import ConfigError, ResNetLabError
 from ..evaluate import EvalResult, evaluate
 from ..factory import create_model, save_weights
+from ..models import ResNet
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, saved_config, to_yaml
 from .distributed import SINGLE_PROCESS, DistInfo, convert_sync_bn, init_from_env, shutdown
@@ -132,7 +133,7 @@ def _eval_splits(model: nn.Module, data: DataBundle, n_classes: int, with_test: 
 
 
 def _prepare_model(cfg: TrainConfig, n_classes: int, in_chans: int, device: torch.device,
-                   dist: DistInfo) -> tuple[nn.Module, nn.Module]:
+                   dist: DistInfo) -> tuple[nn.Module, ResNet]:
     """(the model to step, the plain model inside it for saving and evaluating)."""
     core = create_model(cfg.model.name, num_classes=n_classes, in_chans=in_chans,
                         **cfg.model.options).to(device)
@@ -191,7 +192,10 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
                       cfg.channels_last, rank=dist.rank, world=dist.world)
     n_classes = len(data.classes)
     model, core = _prepare_model(cfg, n_classes, data.in_chans, device, dist)
-    model = maybe_compile(model, on_device(cfg.compile, device))
+    compiled = on_device(cfg.compile, device)
+    if cfg.fused_bn and device.type == "cpu" and not compiled:
+        log.info("fused BN-ReLU kernels: %s", "on" if core.fuse_bn_act() else "off")
+    model = maybe_compile(model, compiled)
     data_cfg = {"input_size": data.input_size, "mean": data.mean, "std": data.std}
     ema = AveragedModel(core, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
                         use_buffers=True) if cfg.ema_decay else None
