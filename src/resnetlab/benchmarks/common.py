@@ -60,10 +60,13 @@ class Timing:
 
 def alternate(contenders: dict[str, Callable[[], int]], rounds: int, calls: int = 1,
               warmup: int = 1, progress: Callable[[str], None] | None = None,
-              ) -> dict[str, Timing]:
+              quiet_s: float = 0.0) -> dict[str, Timing]:
     """Time `calls` calls of each contender per round, rotating who goes first.
 
-    Each contender returns how many items (images) one call processed.
+    Each contender returns how many items (images) one call processed. After each
+    contender's round the machine is left idle for `quiet_s` seconds, untimed, so that
+    background work it started (DataLoader workers refilling their queue) finishes before
+    the next contender's clock starts instead of slowing it down.
     """
     for name, fn in contenders.items():
         if progress:
@@ -79,6 +82,7 @@ def alternate(contenders: dict[str, Callable[[], int]], rounds: int, calls: int 
             for _ in range(calls):
                 items += contenders[name]()
             out[name].per_round.append(items / (time.perf_counter() - t0))
+            time.sleep(quiet_s)
         if progress:
             progress(f"round {r + 1}/{rounds}: " + ", ".join(
                 f"{n} {out[n].per_round[-1]:.1f}/s" for n in names))
