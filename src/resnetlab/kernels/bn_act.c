@@ -1,11 +1,12 @@
 /* Fused training-mode BatchNorm + (residual addition) + ReLU on channels_last float32.
  *
- * A channels_last activation of shape (N, C, H, W) is a row-major (M = N*H*W, C) matrix.
- * The loops walk it as one flat array in chunks of W = C*k elements (k whole rows, W >= 64),
- * with every per-channel parameter repeated k times, so the inner loops are long, contiguous
- * and vectorise whatever C is, and sums go into W independent accumulators.
- * Fusing saves whole passes over memory: unfused, PyTorch's CPU ops read or write an
- * activation about 13 times per BN-ReLU pair (forward and backward); these kernels 8.
+ * A channels_last activation of shape (N, C, H, W) is a row-major (M = N*H*W, C) matrix,
+ * walked as one flat array in chunks of whole rows whose length is a multiple of the vector
+ * width, with every per-channel parameter repeated to the chunk's length; so the loops are
+ * contiguous and vectorise whatever C is. The per-channel sums run over blocks of rows with
+ * up to four vectors of accumulators held in registers, in float, then go into doubles.
+ * Fusing saves whole passes over memory: for a BN-ReLU pair, PyTorch's separate CPU ops read
+ * or write the activation about 13 times (forward and backward), these kernels 8.
  * Built at run time by resnetlab/kernels/__init__.py, linked to PyTorch's own OpenMP.
  */
 #include <math.h>
@@ -15,8 +16,8 @@
 #include <string.h>
 
 #define MAX_NV 4            /* vectors summed at once: 4 x 2 sums stay in 16 registers */
-#define BLOCK_FLOATS 2048   /* rows summed in float, then added into doubles */
-#define STREAM_FLOATS 256
+#define BLOCK_FLOATS 2048   /* floats of one input per block summed in float (8 KiB) */
+#define STREAM_FLOATS 256   /* least chunk of the element-wise loops */
 
 /* Eight floats, one AVX2 register; GCC and Clang lower it to whatever the CPU has. */
 #define VL 8
@@ -49,7 +50,7 @@ static int64_t stream_chunk_of(int64_t c) {
     return w * ((STREAM_FLOATS + w - 1) / w);
 }
 
-/* Rows per block: about 8 KiB of each input, so a block's float sums stay short. */
+/* Rows per block: BLOCK_FLOATS of each input, so a block's float sums stay short. */
 static int64_t block_rows(int64_t w) { return w >= BLOCK_FLOATS ? 1 : BLOCK_FLOATS / w; }
 
 /* v repeated to length w (w a multiple of c); caller frees. */
@@ -288,8 +289,8 @@ static void grad_input(const float *restrict g, const float *restrict gm,
     free(qw);
 }
 
-/* BN as y = a*x + b per channel; forward and backward compute it alike, so the ReLU mask the
- * backward recomputes from x is the forward's bit for bit. */
+/* BN as y = a*x + b per channel. Forward and backward derive a and b alike from the saved
+ * float mean and 1/std, so the ReLU mask the backward recomputes from x matches the forward's. */
 static void affine(const float *weight, const float *bias, const float *mean,
                    const float *invstd, float *a, float *b, int64_t c) {
     for (int64_t j = 0; j < c; ++j) {
