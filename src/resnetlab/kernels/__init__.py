@@ -23,6 +23,7 @@ import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -126,7 +127,8 @@ class _BnAct(torch.autograd.Function):
         return dx, dweight, dbias, None, None, gm, None, None
 
 
-def usable(bn: nn.Module, x: torch.Tensor, add: torch.Tensor | None = None) -> bool:
+def usable(bn: nn.Module, x: torch.Tensor, add: torch.Tensor | None = None
+           ) -> TypeGuard[nn.BatchNorm2d]:
     """Whether `bn_act` can stand in for `bn` on `x` (+ `add`): a plain training BatchNorm2d on
     a CPU float32 channels_last batch, with no hooks to honour and the kernels built."""
     return (not torch.compiler.is_compiling()
@@ -146,6 +148,7 @@ def bn_act(bn: nn.BatchNorm2d, x: torch.Tensor, add: torch.Tensor | None = None
     """relu(bn(x) + add) for a training-mode `bn`, fused; the caller checks `usable` first."""
     if add is not None:
         add = add.contiguous(memory_format=torch.channels_last)
-    bn.num_batches_tracked.add_(1)
+    if bn.num_batches_tracked is not None:  # always, given `usable`
+        bn.num_batches_tracked.add_(1)
     return _BnAct.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, add,
                         bn.momentum, bn.eps)
