@@ -166,7 +166,7 @@ def test_hooks_and_eval_mode_take_the_plain_path() -> None:
 
 def test_no_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path, caplog) -> None:
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("RESNETLAB_CACHE", str(tmp_path))
     kernels._library.cache_clear()
     try:
         assert not kernels.available()
@@ -184,8 +184,8 @@ def test_kernels_are_built_once_per_source_and_cpu(tmp_path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    folder = tmp_path / "resnetlab" / "kernels"
+    monkeypatch.setenv("RESNETLAB_CACHE", str(tmp_path))
+    folder = tmp_path / "kernels"
     kernels._library.cache_clear()
     try:
         assert kernels.available()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ResNetLabError
+from ..paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,6 @@ CIFAR100_MD5 = {
 }
 FASHION_MNIST_URL = "https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RESNETLAB_CACHE", Path.home() / ".cache" / "resnetlab"))
 
 
 def md5sum(data: bytes) -> str:

@@ -5,9 +5,10 @@ about a seventh of the time, all bound by memory traffic, and PyTorch runs them 
 ops that read or write each activation about 13 times per BN-ReLU pair (forward and
 backward). `bn_act` does a training-mode BN, the optional addition and the ReLU in about 8
 (bn_act.c); docs/performance.md has what that gives. The C file is compiled once per
-machine with the system's C compiler into ~/.cache/resnetlab/kernels/ and linked to the
-OpenMP runtime PyTorch already loaded, so both share one thread pool. Without a compiler,
-`available()` is False and callers use PyTorch's ops (same results to float rounding).
+machine with the system's C compiler into kernels/ of the cache folder (resnetlab.paths)
+and linked to the OpenMP runtime PyTorch already loaded, so both share one thread pool.
+Without a compiler, `available()` is False and callers use PyTorch's ops (same results to
+float rounding).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import TypeGuard
 import torch
 from torch import nn
 
+from ..paths import cache_dir
+
 log = logging.getLogger(__name__)
 
 _P, _I64, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
@@ -35,11 +38,6 @@ _SIGNATURES = {  # pointers pass as integer addresses (Tensor.data_ptr()) or Non
     "bn_act_forward": [_P] * 6 + [_D, _D] + [_P] * 3 + [_I64, _I64],
     "bn_act_backward": [_P] * 11 + [_I64, _I64],
 }
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "resnetlab" / "kernels"
 
 
 def _cpu_flags() -> str:
@@ -75,7 +73,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     source = resources.files(__package__).joinpath("bn_act.c").read_bytes()
     key = hashlib.sha256(source + _cpu_flags().encode() + torch.__version__.encode()).hexdigest()
-    path = _cache_dir() / f"bn_act-{key[:16]}.so"
+    path = cache_dir() / "kernels" / f"bn_act-{key[:16]}.so"
     try:
         if not path.exists():
             log.info("building the fused BN-ReLU kernels into %s", path)
