@@ -1,9 +1,12 @@
 """The benchmarks' machinery (not their speed: speed is never asserted in tests)."""
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from resnetlab.benchmarks import BENCHMARKS, run_benchmark
 from resnetlab.benchmarks.common import Timing, alternate, ratio
@@ -65,3 +68,21 @@ def test_bench_cli_lists_and_dispatches(capsys: pytest.CaptureFixture[str]) -> N
         main(["bench", "infer", "--help"])
     assert e.value.code == 0 and "--batches" in capsys.readouterr().out
     assert set(BENCHMARKS) == {"train", "infer", "data", "time-to-accuracy"}
+
+
+def test_winograd_ceiling_convolution_is_exact() -> None:
+    """bench/winograd_ceiling.py times F(4x4, 3x3)'s products; its convolution must be right,
+    sizes that are not multiples of the tile included."""
+    spec = importlib.util.spec_from_file_location(
+        "winograd_ceiling", Path(__file__).parents[1] / "bench" / "winograd_ceiling.py")
+    assert spec is not None and spec.loader is not None
+    wino = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wino)
+    gen = torch.Generator().manual_seed(0)
+    for c_in, c_out, size in [(3, 5, 7), (8, 4, 13), (16, 16, 16)]:
+        w = torch.randn(c_out, c_in, 3, 3, generator=gen)
+        x = torch.randn(1, c_in, size, size, generator=gen)
+        got = wino.winograd_conv(x, wino.winograd_weight(w))
+        want = F.conv2d(x, w, padding=1)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
