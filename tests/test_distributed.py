@@ -1,5 +1,6 @@
 """Data-parallel training under torchrun: 2 CPU processes on gloo."""
 
+import copy
 import json
 import os
 import subprocess
@@ -9,11 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import distributed as dist
+from torch import nn
 
 import resnetlab
 from resnetlab.data import build_data
 from resnetlab.evaluate import evaluate
 from resnetlab.train.config import resolve
+from resnetlab.train.distributed import CPUSyncBatchNorm, convert_sync_bn
 from resnetlab.train.loop import train
 
 SETS = ["batch_size=128", "schedule.iterations=4", "eval_every=2", "log_every=2",
@@ -145,3 +149,40 @@ def test_dead_rank_ends_the_job_or_restarts_from_checkpoint(
         iters = [json.loads(ln)["iteration"] for ln in
                  (out / "metrics.jsonl").read_text().splitlines()]
         assert iters == [2, 2, 4, 4, 6, 6, 8, 8]
+
+
+
+@pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False),
+                                          (False, False)])
+def test_cpu_sync_bn_in_one_process_is_batchnorm(tmp_path: Path, affine: bool,
+                                                 track: bool) -> None:
+    """With one rank, CPUSyncBatchNorm computes what nn.BatchNorm2d does, for every
+    combination of affine and running statistics that convert_sync_bn can meet."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, 5, 5, generator=gen) * 3 + 1
+    ref = nn.BatchNorm2d(4, affine=affine, track_running_stats=track, momentum=None)
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5, generator=gen)
+            ref.bias.uniform_(-1, 1, generator=gen)
+    ours = convert_sync_bn(nn.Sequential(copy.deepcopy(ref)), torch.device("cpu"))[0]
+    assert isinstance(ours, CPUSyncBatchNorm)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0,
+                            world_size=1)
+    try:
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        for _ in range(2):  # twice: the cumulative average (momentum None) moves
+            out_ref, out_ours = ref(xa), ours(xb)
+        grad = torch.randn(out_ref.shape, generator=gen)
+        out_ref.backward(grad)
+        out_ours.backward(grad)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(out_ours, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    if affine:
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)

@@ -114,15 +114,18 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
         n = stats[-1]
         mean = stats[:c] / n
         var = stats[c:2 * c] / n - mean * mean
-        with torch.no_grad():
-            m = self.momentum if self.momentum is not None else 1.0 / float(
-                self.num_batches_tracked + 1)
-            self.running_mean.mul_(1 - m).add_(m * mean.float())
-            self.running_var.mul_(1 - m).add_(m * (var * n / (n - 1)).float())
-            self.num_batches_tracked += 1
+        tracked, run_mean, run_var = self.num_batches_tracked, self.running_mean, self.running_var
+        if tracked is not None and run_mean is not None and run_var is not None:
+            with torch.no_grad():  # as nn.BatchNorm2d: no running statistics, nothing to update
+                m = self.momentum if self.momentum is not None else 1.0 / float(tracked + 1)
+                run_mean.mul_(1 - m).add_(m * mean.float())
+                run_var.mul_(1 - m).add_(m * (var * n / (n - 1)).float())
+                tracked.add_(1)
         shape = (1, c, 1, 1)
-        y = (xd - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
-        return y.float() * self.weight.view(shape) + self.bias.view(shape)
+        y = ((xd - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)).float()
+        if not self.affine:
+            return y
+        return y * self.weight.view(shape) + self.bias.view(shape)
 
 
 def convert_sync_bn(module: nn.Module, device: torch.device) -> nn.Module:
