@@ -30,6 +30,7 @@ demo: setup data
 
 lint: setup
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy src
 
 # Tests that load ONNX Runtime or OpenVINO run in a second pytest process: in one process
 # with the rest, the suite crashed later with a segmentation fault (see tests/test_deploy.py).

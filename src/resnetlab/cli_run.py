@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 from .data import build_data
-from .deploy.backends import BACKENDS, load_backend
+from .deploy.backends import BACKENDS, Backend, load_backend
 from .errors import ConfigError
 from .evaluate import TTA_MODES, evaluate, recompute_bn
 from .factory import load_model
+from .models.resnet import ResNet
 from .predict import Prediction, Predictor, weights_dir
 from .train.config import PRESETS, TrainConfig, resolve, to_yaml
 from .train.loop import train
@@ -129,10 +130,12 @@ def eval_data_config(args: argparse.Namespace, given: Path) -> TrainConfig:
 def cmd_eval(args: argparse.Namespace) -> int:
     wdir = weights_dir(args.weights)
     cfg = eval_data_config(args, Path(args.weights))
+    torch_model: ResNet | None = None
+    model: ResNet | Backend
     if args.recompute_bn:  # new BN statistics live in the PyTorch model, not in a graph
         if args.backend not in ("auto", "torch"):
             raise ConfigError("--recompute-bn needs --backend torch (or auto)")
-        model = load_model(wdir)
+        model = torch_model = load_model(wdir)
         backend = "torch"
     else:
         model = load_backend(wdir, args.backend)
@@ -140,8 +143,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     mc = model.model_config
     data = build_data(cfg.data, cfg.batch_size, args.batch_size, cfg.seed,
                       stats=(mc.mean, mc.std), strict=args.strict)
-    if args.recompute_bn:
-        recompute_bn(model, data.train.batches(0))
+    if torch_model is not None:
+        recompute_bn(torch_model, data.train.batches(0))
     split = data.test if args.split == "test" else data.val
     if split is None:
         raise ConfigError("this run has no validation split (data.val_split=0)")

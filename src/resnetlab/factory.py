@@ -106,7 +106,7 @@ def create_model(
     in_chans = 3 if in_chans is None else in_chans
     model = build_model(spec, num_classes, in_chans, overrides)
     mean, std = _channel_stats(spec.mean, in_chans), _channel_stats(spec.std, in_chans)
-    model.model_config = saved or ModelConfig(  # type: ignore[assignment]
+    model.model_config = saved or ModelConfig(
         architecture=name, num_classes=num_classes, in_chans=in_chans,
         input_size=spec.input_size, mean=mean, std=std, overrides=dict(overrides))
     if weights is not None:
@@ -153,7 +153,7 @@ def save_weights(
     write_atomic(out / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(data, indent=2) + "\n"
     write_atomic(out / CONFIG_FILE, lambda p: Path(p).write_text(text))
-    model.model_config = ModelConfig(**data)  # type: ignore[assignment]
+    model.model_config = ModelConfig(**data)  # type: ignore[assignment]  # any nn.Module
     return out
 
 

@@ -7,6 +7,7 @@ Decompression bombs are refused before their pixels are decoded.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def convert_image(im: Image.Image, mode: str) -> Image.Image:
     return im.convert(mode)
 
 
-def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
+def load_image(path: str | os.PathLike[str], mode: str = "RGB") -> Image.Image:
     """Open, check and convert an image file; errors name the file and say why."""
     path = Path(path)
     try:

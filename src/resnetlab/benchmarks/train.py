@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -146,7 +146,7 @@ def resnetlab_step(name: str, chans: int, size: int, batch: int, n: int,
     core = create_model(name, in_chans=chans, num_classes=10).to(memory_format=torch.channels_last)
     if not compiled:  # as the trainer does on the CPU (cfg.fused_bn)
         core.fuse_bn_act()
-    model = torch.compile(core) if compiled else core
+    model = cast(nn.Module, torch.compile(core)) if compiled else core
     opt, crit = make_optimizer(core, cfg), nn.CrossEntropyLoss()
     ctx = contextlib.nullcontext()
 

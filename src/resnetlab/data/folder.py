@@ -125,7 +125,7 @@ def _collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, int
     return torch.stack(xs), torch.tensor(ys), len(batch) - len(good)
 
 
-class _EpochSampler(Sampler[int]):
+class _EpochSampler(Sampler[int | tuple[int, int]]):
     """The (seed, epoch) order, from global batch `start` on; with `world` > 1, this rank's
     slice of every global batch (training) or its contiguous shard (evaluation)."""
 
@@ -164,9 +164,10 @@ class FolderLoader:
     files seen in a pass failed, the pass stops with a DataError (the log names each file).
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool,
-                 workers: int, seed: int = 0, channels_last: bool = False, rank: int = 0,
-                 world: int = 1, max_bad_fraction: float = 0.01) -> None:
+    def __init__(self, dataset: ImageFolderDataset | SeededSubset, batch_size: int,
+                 shuffle: bool, drop_last: bool, workers: int, seed: int = 0,
+                 channels_last: bool = False, rank: int = 0, world: int = 1,
+                 max_bad_fraction: float = 0.01) -> None:
         if shuffle and batch_size % world:
             raise ValueError(f"batch size {batch_size} does not split over {world} processes")
         self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last

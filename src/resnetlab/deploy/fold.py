@@ -44,5 +44,5 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             names = list(module._modules)
             for a, b in itertools.pairwise(names):
                 folded += _fold_pair(module, a, b)
-    model.folded_batchnorms = folded
+    model.folded_batchnorms = folded  # type: ignore[assignment]  # a plain int on the copy
     return model

@@ -43,9 +43,9 @@ def quantize_int8(weights: str | Path, calibration: Iterable[torch.Tensor],
 
     wdir = Path(weights)
     batches, n = [], 0
-    for x in calibration:
-        batches.append(np.ascontiguousarray(x.numpy(), dtype=np.float32))
-        n += len(x)
+    for batch in calibration:
+        batches.append(np.ascontiguousarray(batch.numpy(), dtype=np.float32))
+        n += len(batch)
         if n >= images:
             break
     if not batches:

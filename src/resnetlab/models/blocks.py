@@ -20,6 +20,12 @@ class _Block(nn.Module):
 
     # Set by ResNet.fuse_bn_act(); a plain attribute, so weights files never hold it.
     fuse_bn_act = False
+    # Output channels per unit of width: 4 for the bottleneck (paper sec. 3.3).
+    expansion = 1
+
+    def zero_init_last(self) -> None:
+        """Zero the branch's last layer (BN gamma or conv): the block starts as an identity."""
+        raise NotImplementedError
 
     def bn_relu(self, bn: nn.Module, x: torch.Tensor, add: torch.Tensor | None = None
                 ) -> torch.Tensor:
@@ -196,7 +202,7 @@ class PreActBottleneck(_PreActBase):
         nn.init.zeros_(self.conv3.weight)
 
 
-BLOCKS: dict[tuple[str, bool], type[nn.Module]] = {
+BLOCKS: dict[tuple[str, bool], type[_Block]] = {
     ("basic", False): BasicBlock,
     ("bottleneck", False): Bottleneck,
     ("basic", True): PreActBasicBlock,

@@ -7,6 +7,7 @@ so checkpoints convert with a short key map (see `resnetlab.weights`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +15,9 @@ from torch import nn
 from .. import kernels
 from .blocks import BLOCKS, _Block
 from .layers import SHORTCUT_OPTIONS, Stem, make_shortcut, make_stem
+
+if TYPE_CHECKING:
+    from ..factory import ModelConfig
 
 
 class Head(nn.Module):
@@ -45,6 +49,9 @@ class ResNet(nn.Module):
         preact: pre-activation blocks (ResNet v2) and a final BN-ReLU before the head.
         zero_init_last: start each residual branch at zero (its last BN gamma, or last conv).
     """
+
+    # Set by resnetlab.factory on the models it makes: name, classes, input size, statistics.
+    model_config: ModelConfig
 
     def __init__(
         self,
@@ -114,9 +121,9 @@ class ResNet(nn.Module):
 
     def zero_init_last(self) -> None:
         """Zero the last layer of every residual branch, so each block starts as an identity."""
-        for stage in self.stages:
-            for blk in stage:
-                blk.zero_init_last()
+        for m in self.modules():
+            if isinstance(m, _Block):
+                m.zero_init_last()
 
     def fuse_bn_act(self, enabled: bool = True) -> bool:
         """Train with fused BN(+addition)+ReLU kernels (resnetlab.kernels) wherever they apply:

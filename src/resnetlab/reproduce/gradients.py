@@ -28,8 +28,8 @@ def conv_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[
     """Gradient norm of every conv weight (forward order) for the loss on (x, y)."""
     model.zero_grad(set_to_none=True)
     nn.functional.cross_entropy(model(x), y).backward()
-    norms = [float(m.weight.grad.norm()) for n, m in model.named_modules()
-             if isinstance(m, nn.Conv2d) and "shortcut" not in n]
+    norms = [float(m.weight.grad.norm()) if m.weight.grad is not None else 0.0
+             for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and "shortcut" not in n]
     model.zero_grad(set_to_none=True)
     return norms
 

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
+from ..models.blocks import BasicBlock
 from ..models.resnet import ResNet
 from ..train.report import markdown_table
 from .common import (
@@ -33,7 +34,7 @@ from .common import (
 class Deleted(nn.Module):
     """A block with its residual branch removed: only the shortcut (identity if plain)."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: BasicBlock) -> None:
         super().__init__()
         self.shortcut = block.shortcut if block.shortcut is not None else nn.Identity()
 
@@ -41,20 +42,25 @@ class Deleted(nn.Module):
         return self.shortcut(x)
 
 
-def blocks(model: ResNet) -> list[tuple[str, int, nn.Module]]:
+def blocks(model: ResNet) -> list[tuple[str, int, BasicBlock]]:
     """(stage name, index in stage, block) for every block, in forward order."""
-    return [(name, j, blk) for name, stage in zip(model.stage_names, model.stages, strict=True)
-            for j, blk in enumerate(stage)]
+    out = []
+    for name, stage in zip(model.stage_names, model.stages, strict=True):
+        for j, blk in enumerate(stage):
+            if not isinstance(blk, BasicBlock):  # the study's CIFAR nets (paper sec. 4.2)
+                raise TypeError(f"the lesion study takes v1 basic blocks, not {type(blk).__name__}")
+            out.append((name, j, blk))
+    return out
 
 
-def deletable(block: nn.Module) -> bool:
+def deletable(block: BasicBlock) -> bool:
     """A residual block always is; a plain one only where its input and output shapes agree."""
     if block.shortcut is not None:
         return True
     return block.conv1.stride == (1, 1) and block.conv1.in_channels == block.bn2.num_features
 
 
-def changes_shape(block: nn.Module) -> bool:
+def changes_shape(block: BasicBlock) -> bool:
     return block.conv1.stride != (1, 1) or block.conv1.in_channels != block.bn2.num_features
 
 

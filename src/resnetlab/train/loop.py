@@ -16,7 +16,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -159,7 +159,7 @@ def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
     import torch._dynamo
 
     torch._dynamo.config.suppress_errors = True  # a failed compile runs that frame eagerly
-    return torch.compile(model)
+    return cast(nn.Module, torch.compile(model))  # an OptimizedModule
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False,

@@ -74,8 +74,10 @@ def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str = "") 
     if train:
         ax.plot([r["iteration"] for r in train], [100 * r["train_error"] for r in train],
                 lw=0.8, color="C0", label="train")
-    for key, style in (("val_error", dict(lw=1.5, ls="--", color="C1", label="val")),
-                       ("test_error", dict(lw=2.4, color="C0", label="test"))):
+    styles: dict[str, dict[str, Any]] = {
+        "val_error": dict(lw=1.5, ls="--", color="C1", label="val"),
+        "test_error": dict(lw=2.4, color="C0", label="test")}
+    for key, style in styles.items():
         pts = [(r["iteration"], 100 * r[key]) for r in evals if r.get(key) is not None]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", ms=3, **style)
