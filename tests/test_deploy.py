@@ -22,6 +22,7 @@ from resnetlab.deploy.export import run_exported
 pytestmark = pytest.mark.runtimes
 
 export_module = importlib.import_module("resnetlab.deploy.export")  # not the function
+backends = importlib.import_module("resnetlab.deploy.backends")
 
 FOLD_MODELS = ["resnet18", "resnet50", "resnet50b", "resnet50c", "resnet50d", "plain18",
                "resnet20", "plain20", "preact_resnet18", "preact_resnet110"]
@@ -164,3 +165,31 @@ def test_int8_export_calibrates_on_the_runs_training_images(
         errors[backend] = report["top1_error"]
     # On the test images (in distribution, unlike random tensors) int8 stays close to fp32.
     assert abs(errors["onnxruntime-int8"] - errors["onnxruntime"]) < 0.1
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "auto", "torch"])
+def test_backend_on_a_folder_without_weights_says_so(tmp_path: Path, backend: str) -> None:
+    """Before any export: one clear error, and nothing written into the folder given."""
+    for folder in (tmp_path / "missing", tmp_path):
+        with pytest.raises(resnetlab.WeightsError, match="not a resnetlab weights directory"):
+            load_backend(folder, backend)
+    assert list(tmp_path.iterdir()) == []
+    assert main(["predict", str(tmp_path / "missing"), "x.png", "--backend", backend]) == 2
+
+
+def test_export_folder_falls_back_to_the_cache(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where `<weights>/export` cannot be made, exports go to $RESNETLAB_CACHE/export/, one
+    folder per weights file's content."""
+    monkeypatch.setenv("RESNETLAB_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, content in ((a, b"one"), (b, b"two")):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(content)
+        (folder / "export").write_text("a file where the folder would go")
+    got_a, got_b = backends.export_dir(a), backends.export_dir(b)
+    assert got_a.parent == tmp_path / "cache" / "export"
+    assert got_a != got_b
+    c = tmp_path / "c"
+    c.mkdir()
+    assert backends.export_dir(c) == c / "export" and (c / "export").is_dir()

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..factory import WEIGHTS_FILE, ModelConfig, load_model
+from ..factory import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, load_model
+from ..paths import cache_dir
 from .export import FILENAMES, INPUT, ExportError, OpenVINORunner, export
 from .fold import fold_batchnorm
 
@@ -73,8 +74,7 @@ def export_dir(weights: Path) -> Path:
             return own
     except OSError:
         pass
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "resnetlab" / "export" / _digest(weights / WEIGHTS_FILE)[:16]
+    return cache_dir() / "export" / _digest(weights / WEIGHTS_FILE)[:16]
 
 
 def exported(weights: Path, fmt: str) -> Path:
@@ -101,7 +101,8 @@ def _torch_backend(weights: Path) -> Backend:
     return Backend("torch", run, model.model_config, folded)
 
 
-def _ort_backend(weights: Path, threads: int, int8: bool = False) -> Backend:
+def _ort_backend(weights: Path, config: ModelConfig, threads: int, int8: bool = False
+                 ) -> Backend:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -121,11 +122,10 @@ def _ort_backend(weights: Path, threads: int, int8: bool = False) -> Backend:
         arr = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
         return torch.from_numpy(session.run(None, {INPUT: arr})[0])
 
-    return Backend("onnxruntime-int8" if int8 else "onnxruntime", run,
-                   ModelConfig.from_json(weights / "config.json"))
+    return Backend("onnxruntime-int8" if int8 else "onnxruntime", run, config)
 
 
-def _openvino_backend(weights: Path, threads: int) -> Backend:
+def _openvino_backend(weights: Path, config: ModelConfig, threads: int) -> Backend:
     props: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}
     if threads:
         props["INFERENCE_NUM_THREADS"] = threads
@@ -135,7 +135,7 @@ def _openvino_backend(weights: Path, threads: int) -> Backend:
         return torch.from_numpy(infer(np.ascontiguousarray(x.detach().cpu().numpy(),
                                                            dtype=np.float32)))
 
-    return Backend("openvino", run, ModelConfig.from_json(weights / "config.json"))
+    return Backend("openvino", run, config)
 
 
 def load_backend(weights: str | os.PathLike[str], backend: str = "auto",
@@ -144,6 +144,7 @@ def load_backend(weights: str | os.PathLike[str], backend: str = "auto",
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     wdir = Path(weights)
+    config = ModelConfig.from_json(wdir / CONFIG_FILE)  # not weights: say so before exporting
     names = [n for n in PREFERENCE if available(n)] if backend == "auto" else [backend]
     if not available(names[0]):
         raise ConfigError(f"backend {backend} is not installed: pip install 'resnetlab[deploy]'")
@@ -152,8 +153,8 @@ def load_backend(weights: str | os.PathLike[str], backend: str = "auto",
             if name == "torch":
                 return _torch_backend(wdir)
             if name.startswith("onnxruntime"):
-                return _ort_backend(wdir, threads, int8=name.endswith("int8"))
-            return _openvino_backend(wdir, threads)
+                return _ort_backend(wdir, config, threads, int8=name.endswith("int8"))
+            return _openvino_backend(wdir, config, threads)
         except ExportError as e:
             if backend != "auto":
                 raise
