@@ -2,13 +2,14 @@
 
 The issue asks for 2x torch eager at batch 1; ONNX Runtime and OpenVINO reach about 1.5x and
 already run near the sgemm rate, so only fewer multiplications could go further. Winograd
-F(4x4, 3x3) does a 3x3 stride-1 convolution with 36 batched matrix products instead of 144
-multiply-adds per output pixel and channel pair. This script measures, in one run, the best
-such a path could do: ONNX Runtime's own per-convolution times (from its profiler), with
-every 3x3 stride-1 convolution replaced by just the 36 matrix products of its Winograd form
-(MKL's bmm; the input and output transforms counted as free) wherever that is faster. It
-also checks that F(4x4, 3x3) in float32 stays within the issue's 1e-3 on each shape, so the
-ceiling is for an algorithm the parity check would accept. See docs/performance.md.
+F(4x4, 3x3) does a 3x3 stride-1 convolution with 36 multiplications per 4x4 output tile and
+channel pair instead of 144, as 36 batched matrix products. This script measures, in one
+run, the best such a path could do: ONNX Runtime's own per-convolution times (from its
+profiler), with every 3x3 stride-1 convolution replaced by just the 36 matrix products of
+its Winograd form (MKL's bmm; the input and output transforms counted as free) wherever that
+is faster. It also checks that F(4x4, 3x3) in float32 stays within the issue's 1e-3 on each
+shape, so the ceiling is for an algorithm the parity check would accept. See
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def main() -> None:
         write_onnx(model, x, path)
         eager_s = median_seconds(lambda: model(x), 30)
         ort_s, profile = time_ort(path, x, 30)
-    time.sleep(1.0)
+    time.sleep(1.0)  # ONNX Runtime's idle threads spin for a while after their last run
     node_total = sum(sum(v) for v in profile.values())
     winograd = {key: times for key, times in profile.items()
                 if key[0] == 3 and key[4] == 1}  # every 3x3 stride-1 convolution

@@ -115,8 +115,9 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
         mean = stats[:c] / n
         var = stats[c:2 * c] / n - mean * mean
         tracked, run_mean, run_var = self.num_batches_tracked, self.running_mean, self.running_var
+        # As nn.BatchNorm2d: without running statistics there is nothing to update.
         if tracked is not None and run_mean is not None and run_var is not None:
-            with torch.no_grad():  # as nn.BatchNorm2d: no running statistics, nothing to update
+            with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 1.0 / float(tracked + 1)
                 run_mean.mul_(1 - m).add_(m * mean.float())
                 run_var.mul_(1 - m).add_(m * (var * n / (n - 1)).float())
