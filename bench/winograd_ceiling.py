@@ -28,7 +28,8 @@ import torch.nn.functional as F
 import torchvision
 
 from resnetlab.benchmarks.common import machine, sgemm_gflops
-from resnetlab.deploy.export import write_onnx
+from resnetlab.benchmarks.infer import standalone_ort
+from resnetlab.deploy.export import INPUT, write_onnx
 
 # F(4x4, 3x3) from Lavin & Gray (2016): output = A^T [(G w G^T) * (B^T d B)] A per 6x6 tile.
 BT = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
@@ -87,10 +88,10 @@ def time_ort(path: Path, x: torch.Tensor, runs: int) -> tuple[float, dict[Key, l
     ONNX Runtime threads spin for a while and would slow down what is timed next."""
     import onnxruntime as ort  # here, so that tests can import the Winograd functions alone
 
-    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {plain.get_inputs()[0].name: x.numpy()}
-    seconds = median_seconds(partial(plain.run, None, feed), runs)
-    del plain
+    standalone = standalone_ort(path)  # as `resnetlab bench infer` times it
+    seconds = median_seconds(partial(standalone, x.numpy()), runs)
+    del standalone
+    feed = {INPUT: x.numpy()}
     opts = ort.SessionOptions()
     opts.enable_profiling = True
     opts.profile_file_prefix = str(path.with_suffix(""))
