@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import resnetlab
@@ -63,10 +64,16 @@ def test_smoke_run_leaves_a_complete_run_directory(tmp_path: Path, smoke_args: l
     assert result["top1_error"] < 0.8
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # both paths, whatever the CPU
 def test_resume_is_bit_identical(tmp_path: Path, fashion_dir: Path,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = _smoke(fashion_dir, "schedule.iterations=24", "eval_every=8")
+                                 monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
+    cfg = _smoke(fashion_dir, "schedule.iterations=24", "eval_every=8",
+                 f"precision={precision}")
     full = train(cfg, tmp_path / "full", progress=False)
+    # The precision is recorded where users look for it.
+    assert yaml.safe_load((tmp_path / "full" / "config.yaml").read_text())["precision"] \
+        == precision
+    assert json.loads((tmp_path / "full" / "eval.json").read_text())["precision"] == precision
     interrupt_at(monkeypatch, 13)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", progress=False)

@@ -61,7 +61,33 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_machine() -> int:
+    from .precision import machine_report
+
+    r = machine_report()
+    print(f"CPU: {r['cpu']} ({r['kind']}), {r['cores']} cores, {r['torch_threads']} torch "
+          f"threads; torch {r['torch']}")
+    print(f"flags: {', '.join(r['flags']) or 'none of interest'}"  # type: ignore[arg-type]
+          + (f"; ONEDNN_MAX_CPU_ISA={r['onednn_max_cpu_isa']}" if r["onednn_max_cpu_isa"]
+             else ""))
+    print(f"native bf16: {'yes' if r['native_bf16'] else 'no'}; native int8 (VNNI/AMX): "
+          f"{'yes' if r['native_int8'] else 'no'}")
+    print(f"measured: sgemm {r['sgemm_gflops']:.0f} GFLOP/s, bf16 gemm "
+          f"{r['bf16_gemm_gflops']:.0f} GFLOP/s")
+    infer = r["infer_auto"]
+    assert isinstance(infer, dict)
+    print(f"precision=auto picks: training {r['train_auto']}; inference "
+          + ", ".join(f"{b} {p}" for b, p in infer.items())
+          + " (a reduced precision only once its agreement check passes)")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    if args.machine:
+        return cmd_machine()
+    if not args.model:
+        print("info needs a model name (e.g. resnet50), or --machine", file=sys.stderr)
+        return 2
     spec = get_spec(args.model)
     size = args.input_size or spec.input_size
     kwargs = {k: v for k, v in (("in_chans", args.in_chans), ("num_classes", args.num_classes))
@@ -101,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
 
     i = sub.add_parser("info", parents=[common],
-                       help="per-stage table of one model (paper Table 1 style)")
-    i.add_argument("model")
+                       help="per-stage table of one model (paper Table 1 style), or --machine")
+    i.add_argument("model", nargs="?")
+    i.add_argument("--machine", action="store_true",
+                   help="this CPU: ISA flags, measured gemm rates, what precision=auto picks")
     i.add_argument("--input-size", type=int, help="square input side (default: native)")
     i.add_argument("--in-chans", type=int, help="input channels (default 3)")
     i.add_argument("--num-classes", type=int, help="classes of the fc layer")

@@ -9,14 +9,19 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
-from .data import build_data
-from .deploy.backends import BACKENDS, Backend, load_backend
+import torch
+
+from .data import DataBundle, build_data
+from .deploy.agreement import MIN_AGREEMENT, Agreement
+from .deploy.backends import BACKENDS, Backend, ImageSource, check_precision, load_backend
 from .errors import ConfigError
 from .evaluate import TTA_MODES, evaluate, recompute_bn
-from .factory import load_model
+from .factory import CONFIG_FILE, ModelConfig, load_model
 from .models.resnet import ResNet
+from .precision import INFER_PRECISIONS
 from .predict import Prediction, Predictor, weights_dir
 from .train.config import PRESETS, TrainConfig, resolve, to_yaml
 from .train.loop import train
@@ -24,6 +29,16 @@ from .train.report import plot_confusion
 
 BACKEND_HELP = ("inference runtime; auto: the fastest installed (openvino, onnxruntime, then "
                 "torch); the first use of a graph runtime exports the weights once")
+PRECISION_HELP = ("fp32, bf16 (openvino, torch), int8 (openvino, onnxruntime; after `export "
+                  "--format onnx-int8`), or auto: the fastest this CPU runs natively whose "
+                  "top-1 agrees with fp32 on >= --min-agreement of the run's test images "
+                  "(checked once per weights)")
+
+
+def add_precision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=INFER_PRECISIONS, default="auto", help=PRECISION_HELP)
+    p.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT,
+                   help="least top-1 agreement with fp32 for bf16/int8 (default %(default)s)")
 
 
 def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -59,6 +74,7 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
                    help="stop at the first unreadable image file (folder data sets)")
     e.add_argument("--out", help="JSON file for the results (default: next to the weights)")
     e.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    add_precision_args(e)
     e.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", parents=[common], help="classify image files")
@@ -67,6 +83,7 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    add_precision_args(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -127,24 +144,47 @@ def eval_data_config(args: argparse.Namespace, given: Path) -> TrainConfig:
     return cfg
 
 
+def _test_images(data: DataBundle) -> ImageSource:
+    """The run's test images, the set reduced precisions are checked on."""
+    return lambda: (x for x, _ in data.test.batches(0))
+
+
+def run_check_source(weights: Path, mc: ModelConfig) -> ImageSource | None:
+    """The test images of the run the weights sit in, read only if a check needs them."""
+    try:
+        cfg = eval_data_config(argparse.Namespace(data=None, data_dir=None), weights)
+    except ConfigError:
+        return None
+
+    def images() -> Iterable[torch.Tensor]:
+        data = build_data(cfg.data, cfg.batch_size, 500, cfg.seed, stats=(mc.mean, mc.std))
+        return _test_images(data)()
+
+    return images
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     wdir = weights_dir(args.weights)
     cfg = eval_data_config(args, Path(args.weights))
-    torch_model: ResNet | None = None
-    model: ResNet | Backend
-    if args.recompute_bn:  # new BN statistics live in the PyTorch model, not in a graph
-        if args.backend not in ("auto", "torch"):
-            raise ConfigError("--recompute-bn needs --backend torch (or auto)")
-        model = torch_model = load_model(wdir)
-        backend = "torch"
-    else:
-        model = load_backend(wdir, args.backend)
-        backend = model.name
-    mc = model.model_config
+    mc = ModelConfig.from_json(wdir / CONFIG_FILE)
     data = build_data(cfg.data, cfg.batch_size, args.batch_size, cfg.seed,
                       stats=(mc.mean, mc.std), strict=args.strict)
-    if torch_model is not None:
-        recompute_bn(torch_model, data.train.batches(0))
+    check = _test_images(data)
+    model: ResNet | Backend
+    checked: Agreement | None = None
+    if args.recompute_bn:  # new BN statistics live in the PyTorch model, not in a graph
+        if args.backend not in ("auto", "torch") or args.precision not in ("auto", "fp32"):
+            raise ConfigError("--recompute-bn needs --backend torch (or auto) in fp32")
+        model = load_model(wdir)
+        recompute_bn(model, data.train.batches(0))
+        backend, precision = "torch", "fp32"
+    else:
+        model = load_backend(wdir, args.backend, precision=args.precision, check=check,
+                             min_agreement=args.min_agreement)
+        backend, precision = model.name, model.precision
+        if precision != "fp32":  # the trade made, on the very images scored here
+            checked = check_precision(wdir, backend, precision, check(), args.min_agreement,
+                                      reuse=True)
     split = data.test if args.split == "test" else data.val
     if split is None:
         raise ConfigError("this run has no validation split (data.val_split=0)")
@@ -153,16 +193,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     names = mc.class_names or data.classes
     print(f"{mc.architecture} on the {args.split} split ({res.count:,} images, tta={args.tta}, "
-          f"backend {backend}{', BN recomputed' if args.recompute_bn else ''}): "
+          f"backend {backend} {precision}{', BN recomputed' if args.recompute_bn else ''}): "
           f"{seconds:.1f} s, {res.count / seconds:,.0f} images/s")
     print(f"top-1 error {100 * res.top1_error:.2f}%   top-5 error {100 * res.top5_error:.2f}%"
           f"   accuracy {100 * (1 - res.top1_error):.2f}%")
+    if checked is not None:
+        print(checked.line() + ("" if checked.passed else "; auto will not use it"))
     width = max(len(n) for n in names)
     for name, acc in zip(names, res.per_class_accuracy, strict=True):
         print(f"  {name:<{width}}  {100 * acc:6.2f}%")
     out = Path(args.out) if args.out else wdir / f"eval-{args.split}-{args.tta}.json"
     report = res.report(names, weights=str(wdir), split=args.split, tta=args.tta,
-                        recompute_bn=args.recompute_bn, backend=backend,
+                        recompute_bn=args.recompute_bn, backend=backend, precision=precision,
+                        agreement_with_fp32=None if checked is None else checked.agreement,
                         seconds=round(seconds, 2))
     out.write_text(json.dumps(report, indent=2) + "\n")
     png = plot_confusion(res.confusion, names, out.with_suffix(".png"),
@@ -172,7 +215,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    predictor = Predictor(args.weights, args.backend)
+    mc = ModelConfig.from_json(weights_dir(args.weights) / CONFIG_FILE)
+    check = run_check_source(Path(args.weights), mc) if args.precision == "auto" else None
+    predictor = Predictor(args.weights, args.backend, args.precision, check,
+                          args.min_agreement)
     failed = 0
     for res in predictor.predict(args.images, args.topk):
         if not isinstance(res, Prediction):

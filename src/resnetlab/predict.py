@@ -10,7 +10,8 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from .data.memory import Normalize
-from .deploy.backends import load_backend
+from .deploy.agreement import MIN_AGREEMENT
+from .deploy.backends import ImageSource, load_backend
 from .images import ImageError, load_image
 
 
@@ -38,8 +39,11 @@ def weights_dir(path: str | os.PathLike[str]) -> Path:
 class Predictor:
     """Top-k classes of image files; `backend` is one of deploy.backends.BACKENDS."""
 
-    def __init__(self, weights: str | os.PathLike[str], backend: str = "torch") -> None:
-        self.model = load_backend(weights_dir(weights), backend).eval()
+    def __init__(self, weights: str | os.PathLike[str], backend: str = "torch",
+                 precision: str = "fp32", check: ImageSource | None = None,
+                 min_agreement: float = MIN_AGREEMENT) -> None:
+        self.model = load_backend(weights_dir(weights), backend, precision=precision,
+                                  check=check, min_agreement=min_agreement).eval()
         cfg = self.model.model_config
         self.size, self.in_chans = cfg.input_size, cfg.in_chans
         self.normalize = Normalize(cfg.mean, cfg.std)

@@ -20,23 +20,21 @@ from typing import Any
 
 import torch
 
+from ..precision import this_cpu
+
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    cpu = this_cpu()
+    return {"cpu": cpu.model, "kind": cpu.kind, "flags": sorted(cpu.flags),
+            "onednn_max_cpu_isa": cpu.onednn_cap or None, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
-def sgemm_gflops(n: int = 2048, reps: int = 5) -> float:
-    """Best of `reps` float32 n x n matrix products, in GFLOP/s: the machine's practical peak."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def gemm_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5) -> float:
+    """Best of `reps` n x n matrix products in `dtype`, in GFLOP/s: the practical peak of
+    that precision (bf16 is fast only where the CPU has AMX or AVX512-BF16)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = 0.0
     for _ in range(reps):
@@ -44,6 +42,10 @@ def sgemm_gflops(n: int = 2048, reps: int = 5) -> float:
         a @ b
         best = max(best, 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def sgemm_gflops() -> float:
+    return gemm_gflops(torch.float32)
 
 
 @dataclass

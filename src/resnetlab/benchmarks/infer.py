@@ -1,10 +1,12 @@
 """`resnetlab bench infer`: images/s at 224x224 for batch 1 and 32.
 
-Contenders: torchvision's eager model (the reference, holding the same weights), each
-resnetlab backend (`load_backend`: torch, onnxruntime, openvino), and stand-alone ONNX
-Runtime and OpenVINO driving the very graph resnetlab exported, with nothing around them:
-the bar our wrapping must not fall below. Before timing, every contender's logits are
-compared with the reference on one batch (max |difference| and top-1).
+Contenders: torchvision's eager fp32 model (the reference, holding the same weights), each
+resnetlab backend (`load_backend`: torch, onnxruntime, openvino) at each precision asked
+for (default: fp32 and whatever this CPU runs natively), and stand-alone ONNX Runtime and
+OpenVINO driving the very graph resnetlab exported at the same precision, with nothing
+around them: the bar our wrapping must not fall below. Before timing, every contender's
+logits are compared with the reference on one batch (max |difference| and top-1; reduced
+precisions differ by design, and random weights make their top-1 a coin toss).
 """
 
 from __future__ import annotations
@@ -21,15 +23,18 @@ import torchvision
 
 from ..convert import to_torchvision
 from ..deploy.backends import available, exported, load_backend
-from ..deploy.export import INPUT
+from ..deploy.export import INPUT, openvino_props
+from ..deploy.quantize import quantize_int8
 from ..factory import create_model, save_weights
+from ..precision import supported, this_cpu
 from ..train.report import markdown_table
-from .common import alternate, machine, ratio, save, sgemm_gflops
+from .common import alternate, gemm_gflops, machine, ratio, save, sgemm_gflops
 
 # Paper Table 1 multiply-adds at 224 (ours count 1.81 G and 3.86 G; see `resnetlab info`).
 MACS = {"resnet18": 1.81e9, "resnet50": 3.86e9}
 # torchvision builds v1.5 (stride on the 3x3): our resnet50b; resnet18 is the same in both.
 OURS = {"resnet18": "resnet18", "resnet50": "resnet50b"}
+REFERENCE = "torchvision eager fp32"
 
 
 def standalone_ort(path: Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -39,12 +44,14 @@ def standalone_ort(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: s.run(None, {INPUT: x})[0]
 
 
-def standalone_openvino(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def standalone_openvino(path: Path, precision: str = "fp32"
+                        ) -> Callable[[np.ndarray], np.ndarray]:
     import openvino as ov
 
     # Core and compiled model must outlive the request (see deploy.export.OpenVINORunner).
     core = ov.Core()
-    compiled = core.compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    compiled = core.compile_model(str(path), "CPU",
+                                  openvino_props(precision, PERFORMANCE_HINT="LATENCY"))
     req = compiled.create_infer_request()
 
     def run(x: np.ndarray, _owners: tuple[object, ...] = (core, compiled)) -> np.ndarray:
@@ -61,7 +68,27 @@ def _timed(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Callable[[], i
     return call
 
 
-def contenders(model: str, weights: Path) -> dict[str, Callable[[torch.Tensor], Any]]:
+def native_precisions() -> list[str]:
+    """fp32, and the reduced precisions this CPU runs natively."""
+    cpu = this_cpu()
+    return ["fp32", *(["bf16"] if cpu.native_bf16 else []),
+            *(["int8"] if cpu.native_int8 else [])]
+
+
+def _int8(weights: Path, size: int) -> Path:
+    """An int8 graph for timing only: calibrated on random images (random weights have no
+    real images); its agreement with fp32 is measured on trained models (eval), not here."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 3, size, size, generator=gen) for _ in range(4)]
+    path, _ = quantize_int8(weights, batches, images=32, min_agreement=0.0)
+    return path
+
+
+def contenders(model: str, weights: Path, precisions: list[str] | None = None
+               ) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """Name -> logits function. Names are `<who> <runtime> <precision>`, the reference is
+    torchvision's eager model in fp32; stand-alone runtimes run at the stated precision."""
+    precisions = precisions or ["fp32"]
     ours = create_model(OURS[model], weights=weights).eval()
     tv = getattr(torchvision.models, model)()
     tv.load_state_dict(to_torchvision(ours.state_dict()))
@@ -71,21 +98,32 @@ def contenders(model: str, weights: Path) -> dict[str, Callable[[torch.Tensor], 
     def eager(x: torch.Tensor) -> torch.Tensor:
         return tv(x)
 
-    out: dict[str, Callable[[torch.Tensor], Any]] = {"torchvision eager": eager}
-    for name in ("torch", "onnxruntime", "openvino"):
-        if available(name):
-            out[f"resnetlab {name}"] = load_backend(weights, name)
-    if available("onnxruntime"):
-        f = standalone_ort(exported(weights, "onnx"))
-        out["stand-alone onnxruntime"] = lambda x: f(x.numpy())
-    if available("openvino"):
-        g = standalone_openvino(exported(weights, "openvino"))
-        out["stand-alone openvino"] = lambda x: g(x.numpy())
+    out: dict[str, Callable[[torch.Tensor], Any]] = {REFERENCE: eager}
+    if not available("onnxruntime"):  # it quantises the int8 graph
+        precisions = [p for p in precisions if p != "int8"]
+    int8 = _int8(weights, 224) if "int8" in precisions else None
+    for prec in precisions:
+        for name in ("torch", "onnxruntime", "openvino"):
+            if available(name) and prec in supported(name):
+                out[f"resnetlab {name} {prec}"] = load_backend(weights, name, precision=prec)
+        if available("onnxruntime") and prec in supported("onnxruntime"):
+            graph = int8 if int8 and prec == "int8" else exported(weights, "onnx")
+            out[f"stand-alone onnxruntime {prec}"] = _on_numpy(standalone_ort(graph))
+        if available("openvino"):
+            if int8 and prec == "int8":  # as the backend: float layers in bf16 if native
+                graph, hint = int8, "bf16" if this_cpu().native_bf16 else "fp32"
+            else:
+                graph, hint = exported(weights, "openvino"), prec
+            out[f"stand-alone openvino {prec}"] = _on_numpy(standalone_openvino(graph, hint))
     return out
 
 
+def _on_numpy(f: Callable[[np.ndarray], np.ndarray]) -> Callable[[torch.Tensor], np.ndarray]:
+    return lambda x: f(x.numpy())
+
+
 def parity(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor) -> dict[str, Any]:
-    ref = fns["torchvision eager"](x).numpy()
+    ref = fns[REFERENCE](x).numpy()
     res = {}
     for name, fn in fns.items():
         got = np.asarray(fn(x))
@@ -95,16 +133,17 @@ def parity(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor) -> di
 
 
 def run(models: list[str], batches: list[int], rounds: int, seconds: float,
-        say: Callable[[str], None]) -> dict[str, Any]:
+        say: Callable[[str], None], precisions: list[str] | None = None) -> dict[str, Any]:
     peak = sgemm_gflops()
     say(f"sgemm peak {peak:.0f} GFLOP/s")
-    results: dict[str, Any] = {"machine": machine(), "sgemm_gflops": peak, "cases": {}}
+    results: dict[str, Any] = {"machine": machine(), "sgemm_gflops": peak,
+                               "bf16_gemm_gflops": gemm_gflops(torch.bfloat16), "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             weights = Path(tmp) / model
             save_weights(create_model(OURS[model]), weights)
             say(f"{model}: exporting and loading backends")
-            fns = contenders(model, weights)
+            fns = contenders(model, weights, precisions)
             for batch in batches:
                 x = torch.randn(batch, 3, 224, 224)
                 checks = parity(fns, x)
@@ -114,17 +153,17 @@ def run(models: list[str], batches: list[int], rounds: int, seconds: float,
                 say(f"{model} batch {batch}: {rounds} rounds of {calls} calls")
                 t = alternate({k: _timed(f, x) for k, f in fns.items()}, rounds, calls, warmup=2,
                               progress=say)
-                ref = t["torchvision eager"]
+                ref = t[REFERENCE]
                 case = {}
                 for k, tk in t.items():
                     gflops = tk.median * 2 * MACS[model] / 1e9
                     case[k] = {"images_per_s": tk.median, "per_round": tk.per_round,
                                "ratio_vs_eager": ratio(tk, ref), "gflops": gflops,
                                "peak_fraction": gflops / peak, **checks[k]}
-                for name in ("openvino", "onnxruntime"):
-                    if f"resnetlab {name}" in t and f"stand-alone {name}" in t:
-                        case[f"resnetlab {name}"]["ratio_vs_standalone"] = ratio(
-                            t[f"resnetlab {name}"], t[f"stand-alone {name}"])
+                for k in t:
+                    alone = k.replace("resnetlab ", "stand-alone ", 1)
+                    if k.startswith("resnetlab ") and alone in t:
+                        case[k]["ratio_vs_standalone"] = ratio(t[k], t[alone])
                 results["cases"][f"{model} batch {batch}"] = case
     results["sgemm_gflops_end"] = sgemm_gflops()
     return results
@@ -150,12 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=2.0,
                    help="rough time per contender per round")
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "int8"],
+                   default=native_precisions(),
+                   help="default: fp32 and what this CPU runs natively (%(default)s)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     res = run(args.models, args.batches, args.rounds, args.seconds,
-              lambda s: print(s, flush=True))
+              lambda s: print(s, flush=True), args.precisions)
     print(f"\nsgemm peak {res['sgemm_gflops']:.0f} GFLOP/s (start), "
-          f"{res['sgemm_gflops_end']:.0f} (end); {res['machine']}")
+          f"{res['sgemm_gflops_end']:.0f} (end), bf16 gemm {res['bf16_gemm_gflops']:.0f}; "
+          f"{res['machine']}")
     print(report(res))
     save(args.json, res)
     return 0

@@ -19,11 +19,9 @@ import torch
 
 from ..errors import ConfigError
 from .backends import export_dir, exported
-from .export import INPUT, ExportError, run_exported
+from .export import INPUT, INT8_FILE, ExportError, run_exported
 
 log = logging.getLogger(__name__)
-
-INT8_FILE = "model.int8.onnx"
 
 
 def int8_path(weights: Path) -> Path:

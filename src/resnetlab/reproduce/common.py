@@ -71,7 +71,7 @@ class Scale:
                 "model": {"name": f"resnet{net.depth}", "options": net.options},
                 "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
                 "schedule": sched, "eval_every": self.eval_every, "log_every": self.log_every,
-                "bf16": False}  # fp32, as the paper, on every device
+                "precision": "fp32"}  # as the paper, on every device
         return resolve(None, sets=[f"{k}={json.dumps(v)}" for k, v in base.items()] + list(sets))
 
 

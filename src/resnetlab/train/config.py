@@ -22,6 +22,7 @@ import yaml
 from ..data import DATASETS
 from ..errors import ConfigError
 from ..models.registry import ARCH_KEYS, build_model, get_spec
+from ..precision import TRAIN_PRECISIONS
 
 SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
 
@@ -89,7 +90,10 @@ class TrainConfig:
     log_every: int = 50  # iterations between metric lines
     test_curve: bool = True  # also score the test set at each evaluation, for the curve only
     channels_last: bool = True
-    bf16: bool | None = None  # bfloat16 autocast; None: on CUDA devices only
+    # "auto": bf16 autocast where the device multiplies bf16 natively (CUDA; CPUs with AMX
+    # or AVX512-BF16), fp32 elsewhere (resnetlab.precision). A run's config.yaml holds what
+    # auto chose, so a resume keeps the run's numerics.
+    precision: str = "auto"
     compile: bool | None = None  # torch.compile the model; None: on CUDA devices only
     fused_bn: bool = True  # CPU, not compiled: fused BN(+add)+ReLU kernels (resnetlab.kernels)
     threads: int = 0  # torch intra-op threads; 0: PyTorch's default
@@ -181,10 +185,21 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{path} must be {tp.__name__}, got {value!r}")
 
 
+# `bf16: true|false|null` (before `precision`) still reads: runs saved with it resume.
+_LEGACY_BF16 = {True: "bf16", False: "fp32", None: "auto"}
+
+
 def _merge(obj: Any, updates: dict[str, Any], prefix: str = "") -> Any:
     """A copy of dataclass `obj` with `updates` (a nested mapping) checked and applied."""
     if not isinstance(updates, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
+    if isinstance(obj, TrainConfig) and "bf16" in updates:
+        updates = dict(updates)
+        old = updates.pop("bf16")
+        if old not in _LEGACY_BF16:
+            raise ConfigError(f"bf16 must be true, false or null, got {old!r} "
+                              "(it is now precision: auto, fp32 or bf16)")
+        updates.setdefault("precision", _LEGACY_BF16[old])
     fields = {f.name: f for f in dataclasses.fields(obj)}
     hints = typing.get_type_hints(type(obj))
     changes = {}
@@ -255,6 +270,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_range(s.kind in SCHEDULES, f"schedule.kind must be one of {', '.join(SCHEDULES)}")
     _check_range(cfg.nonfinite in ("stop", "skip"), "nonfinite must be stop or skip")
     _check_range(cfg.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda")
+    _check_range(cfg.precision in TRAIN_PRECISIONS,
+                 f"precision must be one of {', '.join(TRAIN_PRECISIONS)}")
     _check_range(cfg.dist_timeout_s >= 1, "dist_timeout_s must be >= 1")
     _check_range(min(cfg.eval_every, cfg.checkpoint_every) >= 0 and cfg.log_every >= 1,
                  "eval_every and checkpoint_every must be >= 0, log_every >= 1")
