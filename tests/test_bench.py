@@ -39,10 +39,10 @@ def test_bench_train_runs_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "train.json"
     assert run_benchmark("train", ["--cases", "resnet20-28x28x1", "--rounds", "1", "--calls",
                                    "1", "--workers", "0", "--no-compile", "--batch", "16",
-                                   "--json", str(out)]) == 0
+                                   "--bf16", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     case = res["cases"]["resnet20-28x28x1"]
-    assert set(case) == {"reference", "resnetlab"}
+    assert set(case) == {"reference", "resnetlab", "resnetlab bf16"}  # bf16 on every CPU
     assert case["reference"]["ratio_vs_reference"] == 1.0
     assert case["resnetlab"]["images_per_s"] > 0 and case["resnetlab"]["peak_fraction"] > 0
     assert res["sgemm_gflops"] > 0

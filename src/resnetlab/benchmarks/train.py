@@ -7,7 +7,8 @@ the trainer's own pieces: the in-memory loader with whole-batch augmentation, th
 channels_last, `train_step` (forward, loss, backward, SGD), eager and under torch.compile,
 with the trainer's allocator setting (allocator.py). That setting is process-wide, so the
 reference runs under it too; `--default-malloc` leaves glibc's defaults for everyone.
-Same model size, batch, fp32 numerics and optimizer.
+Same model size, batch, fp32 numerics and optimizer; where the CPU runs bf16 natively, a
+"resnetlab bf16" contender adds the trainer's `precision=auto` step (bf16 autocast).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ..complexity import count_params
 from ..data.memory import BatchAugment, InMemoryLoader, Normalize
 from ..data.sources import ArrayDataset
 from ..factory import create_model
+from ..precision import this_cpu
 from ..train.config import TrainConfig
 from ..train.loop import make_optimizer, train_step
 from ..train.report import markdown_table
@@ -134,7 +136,7 @@ def reference_step(depth: int, chans: int, size: int, batch: int, workers: int,
 
 
 def resnetlab_step(name: str, chans: int, size: int, batch: int, n: int,
-                   compiled: bool) -> Callable[[], int]:
+                   compiled: bool, precision: str = "fp32") -> Callable[[], int]:
     images, labels = _synthetic(n, chans, size)
     data = ArrayDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
                         torch.from_numpy(labels), [str(i) for i in range(10)])
@@ -144,11 +146,12 @@ def resnetlab_step(name: str, chans: int, size: int, batch: int, n: int,
     cfg = TrainConfig()
     cfg.optim.lr = 0.05
     core = create_model(name, in_chans=chans, num_classes=10).to(memory_format=torch.channels_last)
-    if not compiled:  # as the trainer does on the CPU (cfg.fused_bn)
+    if not compiled and precision == "fp32":  # as the trainer does on the CPU (cfg.fused_bn)
         core.fuse_bn_act()
     model = cast(nn.Module, torch.compile(core)) if compiled else core
     opt, crit = make_optimizer(core, cfg), nn.CrossEntropyLoss()
-    ctx = contextlib.nullcontext()
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else \
+        contextlib.nullcontext()
 
     def step() -> int:
         x, y = next(it)
@@ -168,7 +171,7 @@ def train_macs(name: str, chans: int, size: int) -> int:
 
 def run(cases: list[str], rounds: int, calls: int, batch: int, workers: int,
         compile_: bool, say: Callable[[str], None], tune_malloc: bool = True,
-        ) -> dict[str, Any]:
+        bf16: bool = False) -> dict[str, Any]:
     malloc = "thresholds raised" if tune_malloc and keep_freed_memory() else "glibc defaults"
     peak = sgemm_gflops()
     say(f"sgemm peak {peak:.0f} GFLOP/s; malloc: {malloc}")
@@ -184,6 +187,9 @@ def run(cases: list[str], rounds: int, calls: int, batch: int, workers: int,
                       "resnetlab": resnetlab_step(name, chans, size, batch, n, False)}
         if compile_:
             contenders["resnetlab+compile"] = resnetlab_step(name, chans, size, batch, n, True)
+        if bf16:  # what precision=auto trains in where bf16 is native
+            contenders["resnetlab bf16"] = resnetlab_step(name, chans, size, batch, n, False,
+                                                          "bf16")
         assert len({fn.params for fn in contenders.values()}) == 1, "models differ"  # type: ignore[attr-defined]
         say(f"{case}: {len(contenders)} contenders, {rounds} rounds of {calls} steps")
         # The reference's workers refill their queue (4 batches) after its round; the pause
@@ -223,10 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's malloc thresholds (the trainer raises them on the CPU)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
+                   default=this_cpu().native_bf16,
+                   help="add a bf16 autocast contender (default: where bf16 is native)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     res = run(args.cases, args.rounds, args.calls, args.batch, args.workers,
-              not args.no_compile, lambda s: print(s, flush=True), not args.default_malloc)
+              not args.no_compile, lambda s: print(s, flush=True), not args.default_malloc,
+              args.bf16)
     print(f"\nsgemm peak {res['sgemm_gflops']:.0f} GFLOP/s (start), "
           f"{res['sgemm_gflops_end']:.0f} (end); malloc: {res['malloc']}; {res['machine']}")
     print(report(res))
