@@ -61,5 +61,5 @@ def _int8(args: argparse.Namespace) -> int:
     print(f"onnx-int8: {path}")
     print(f"calibrated on {args.calibration_images} training images; top-1 agrees with fp32 on "
           f"{100 * agree:.1f}% of them. Accuracy: resnetlab eval {args.weights} "
-          "--backend onnxruntime-int8")
+          "--precision int8 (--backend openvino or onnxruntime)")
     return 0
