@@ -263,10 +263,21 @@ def _images(n: int = 4, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(16, 1, 28, 28, generator=gen) for _ in range(n)]
 
 
+# OpenVINO's CPU plugin detects the ISA itself but builds on oneDNN, which obeys
+# ONEDNN_MAX_CPU_ISA: with the cap below bf16 it fails to compile bf16 graphs ("Supported
+# primitive descriptors list is empty"). A real CPU without bf16 has no such cap.
+OV_BF16_EMULATED = bool(backends.this_cpu().onednn_cap) and not backends.this_cpu().native_bf16
+SKIP_OV_BF16 = "OpenVINO cannot compile bf16 under ONEDNN_MAX_CPU_ISA below bf16 (emulated CPU)"
+
+
 @pytest.mark.parametrize("backend", ["openvino", "torch"])
 def test_bf16_backends_run_and_stay_near_fp32(weights: Path, backend: str) -> None:
     """The bf16 path runs on every CPU (where bf16 is not native the runtime may compute it
     in fp32 or emulate it); its logits stay within bf16's rounding of fp32's."""
+    if backend == "openvino" and OV_BF16_EMULATED:
+        with pytest.raises(ExportError, match=r"could not compile model\.xml at bf16"):
+            load_backend(weights, backend, precision="bf16")  # one line, not a traceback
+        pytest.skip(SKIP_OV_BF16)
     model = resnetlab.load_model(weights).eval()
     be = load_backend(weights, backend, precision="bf16")
     assert be.precision == "bf16"
@@ -287,8 +298,9 @@ def test_auto_precision_uses_only_what_passed_its_check(tmp_path: Path,
     # An impossible bar: the check runs, is recorded, fails; auto stays on fp32.
     be = load_backend(wdir, "openvino", precision="auto", check=_images, min_agreement=1.01)
     assert be.precision == "fp32"
-    record = json.loads((wdir / "export" / "agreement.json").read_text())
-    assert ("openvino/bf16" in record) == native
+    path = wdir / "export" / "agreement.json"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    assert ("openvino/bf16" in record) == native  # no check where bf16 is not native
     if native:
         with pytest.raises(resnetlab.ConfigError, match=r"FAILS the 101\.0% bar"):
             load_backend(wdir, "openvino", precision="bf16", min_agreement=1.01)

@@ -183,7 +183,13 @@ def _openvino_backend(weights: Path, config: ModelConfig, threads: int, precisio
         props = openvino_props("bf16" if this_cpu().native_bf16 else "fp32", **extra)
     else:
         path, props = exported(weights, "openvino"), openvino_props(precision, **extra)
-    infer = OpenVINORunner(path, props)
+    try:
+        infer = OpenVINORunner(path, props)
+    except RuntimeError as e:  # e.g. under ONEDNN_MAX_CPU_ISA, which its plugin cannot honour
+        said = [ln for ln in str(e).splitlines()
+                if ln.strip() and not ln.startswith(("Exception from", "Check '"))]
+        raise ExportError(f"openvino could not compile {path.name} at {precision}: "
+                          f"{said[-1] if said else e}") from e
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(infer(np.ascontiguousarray(x.detach().cpu().numpy(),
