@@ -131,9 +131,9 @@ def test_fused_model_is_as_exact_as_the_plain_one(name: str, size: int, pairs: i
     assert fused.fuse_bn_act()
     x, y = _cl(torch.randn(6, 3, size, size)), torch.randint(0, 10, (6,))
     calls = []
-    apply = kernels._BnAct.apply
+    op = kernels._forward
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kernels._BnAct, "apply", lambda *a: calls.append(1) or apply(*a))
+        mp.setattr(kernels, "_forward", lambda *a: calls.append(1) or op(*a))
         loss_f, grads_f = _one_step(fused, x, y)
     assert len(calls) == pairs, "every BN-ReLU pair of the model runs fused"
     loss_p, grads_p = _one_step(plain, x, y)
@@ -201,3 +201,30 @@ def test_kernels_are_built_once_per_source_and_cpu(tmp_path,
     finally:
         monkeypatch.undo()
         kernels._library.cache_clear()
+
+
+@needs_cc
+@pytest.mark.parametrize("with_add", [False, True])
+def test_kernels_are_registered_torch_ops(with_add: bool) -> None:
+    """resnetlab::bn_act_forward/backward pass torch.library's own checks (schema, fake
+    tensors, autograd registration, dispatch), and torch.compile traces them as ordinary
+    ops with no graph break, giving what eager gives."""
+    bn = _bn(6)
+    x = _cl(torch.randn(4, 6, 5, 5)).requires_grad_()
+    add = _cl(torch.randn(4, 6, 5, 5)).requires_grad_() if with_add else None
+    args = (x, bn.weight, bn.bias, bn.running_mean.clone(), bn.running_var.clone(), add,
+            0.1, 1e-5)
+    torch.library.opcheck(kernels._forward, args,
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
+
+    def step(x: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+        return kernels._forward(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, add,
+                                0.1, 1e-5)[0].square().sum()
+
+    eager = torch.autograd.grad(step(x, add), [x, bn.weight])
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # raises on a break
+    got = torch.autograd.grad(compiled(x, add), [x, bn.weight])
+    for a, b in zip(got, eager, strict=True):
+        torch.testing.assert_close(a, b)

@@ -97,32 +97,85 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-class _BnAct(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, add, momentum, eps):  # type: ignore[override]
-        c = x.shape[1]
-        m = x.numel() // c
-        y = torch.empty_like(x)
-        mean, invstd = x.new_empty(c), x.new_empty(c)
-        _library().bn_act_forward(  # type: ignore[union-attr]
-            _ptr(x), _ptr(add), _ptr(weight), _ptr(bias), _ptr(running_mean), _ptr(running_var),
-            momentum, eps, _ptr(y), _ptr(mean), _ptr(invstd), m, c)
-        ctx.has_add = add is not None
-        ctx.save_for_backward(x, y if ctx.has_add else None, weight, bias, mean, invstd)
-        return y
+# The kernels are torch.library custom ops with a registered backward and fake (meta)
+# implementations, so autograd, torch.compile and torch.export see two ordinary ops,
+# resnetlab::bn_act_forward and resnetlab::bn_act_backward, rather than opaque pointers.
+# A functional op (autograd formulas need one): it returns the moved running statistics
+# instead of writing them, and bn_act copies them into the BN's buffers.
+@torch.library.custom_op("resnetlab::bn_act_forward", mutates_args=(), device_types="cpu")
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+             running_mean: torch.Tensor, running_var: torch.Tensor, add: torch.Tensor | None,
+             momentum: float, eps: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(relu(bn(x) + add), batch mean, batch 1/std, new running mean, new running var)."""
+    c = x.shape[1]
+    y = torch.empty_like(x)
+    mean, invstd = x.new_empty(c), x.new_empty(c)
+    new_mean, new_var = running_mean.clone(), running_var.clone()
+    _library().bn_act_forward(  # type: ignore[union-attr]
+        _ptr(x), _ptr(add), _ptr(weight), _ptr(bias), _ptr(new_mean), _ptr(new_var),
+        momentum, eps, _ptr(y), _ptr(mean), _ptr(invstd), x.numel() // c, c)
+    return y, mean, invstd, new_mean, new_var
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # no second derivatives: those raise
-    def backward(ctx, grad):  # type: ignore[override]
-        x, y, weight, bias, mean, invstd = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=torch.channels_last)
-        c = x.shape[1]
-        dx, gm = torch.empty_like(x), torch.empty_like(x) if ctx.has_add else None
-        dweight, dbias = torch.empty_like(weight), torch.empty_like(bias)
-        _library().bn_act_backward(  # type: ignore[union-attr]
-            _ptr(grad), _ptr(x), _ptr(y), _ptr(weight), _ptr(bias), _ptr(mean), _ptr(invstd),
-            _ptr(gm), _ptr(dx), _ptr(dweight), _ptr(dbias), x.numel() // c, c)
-        return dx, dweight, dbias, None, None, gm, None, None
+
+@_forward.register_fake
+def _forward_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  running_mean: torch.Tensor, running_var: torch.Tensor,
+                  add: torch.Tensor | None, momentum: float, eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             torch.Tensor]:
+    c = x.shape[1]
+    return (torch.empty_like(x), x.new_empty(c), x.new_empty(c),
+            torch.empty_like(running_mean), torch.empty_like(running_var))
+
+
+@torch.library.custom_op("resnetlab::bn_act_backward", mutates_args=(), device_types="cpu")
+def _backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None,
+              weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+              invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                             torch.Tensor]:
+    """(dx, dweight, dbias, dadd); `y` is given only when there was an addition (its
+    gradient is the masked `grad`, else an empty tensor)."""
+    grad = grad.contiguous(memory_format=torch.channels_last)
+    c = x.shape[1]
+    dx = torch.empty_like(x)
+    gm = torch.empty_like(x) if y is not None else x.new_empty(0)
+    dweight, dbias = torch.empty_like(weight), torch.empty_like(bias)
+    _library().bn_act_backward(  # type: ignore[union-attr]
+        _ptr(grad), _ptr(x), _ptr(y), _ptr(weight), _ptr(bias), _ptr(mean), _ptr(invstd),
+        _ptr(gm) if y is not None else None, _ptr(dx), _ptr(dweight), _ptr(dbias),
+        x.numel() // c, c)
+    return dx, dweight, dbias, gm
+
+
+@_backward.register_fake
+def _backward_fake(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None,
+                   weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+                   invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor]:
+    gm = torch.empty_like(x) if y is not None else x.new_empty(0)
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), gm
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx,
+                   inputs: tuple[torch.Tensor, ...], output: tuple[torch.Tensor, ...]) -> None:
+    x, weight, bias, _, _, add = inputs[:6]
+    y, mean, invstd, new_mean, new_var = output
+    ctx.has_add = add is not None  # type: ignore[attr-defined]
+    ctx.save_for_backward(x, y if add is not None else None, weight, bias, mean, invstd)
+    ctx.mark_non_differentiable(mean, invstd, new_mean, new_var)
+
+
+def _autograd(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor,
+              *_statistics: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    x, y, weight, bias, mean, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
+    # The backward op has no backward of its own: second derivatives raise, never lie.
+    dx, dweight, dbias, gm = _backward(grad, x, y, weight, bias, mean, invstd)
+    return (dx, dweight, dbias, None, None,
+            gm if ctx.has_add else None, None, None)  # type: ignore[attr-defined]
+
+
+_forward.register_autograd(_autograd, setup_context=_setup_context)
 
 
 def usable(bn: nn.Module, x: torch.Tensor, add: torch.Tensor | None = None
@@ -148,5 +201,10 @@ def bn_act(bn: nn.BatchNorm2d, x: torch.Tensor, add: torch.Tensor | None = None
         add = add.contiguous(memory_format=torch.channels_last)
     if bn.num_batches_tracked is not None:  # always, given `usable`
         bn.num_batches_tracked.add_(1)
-    return _BnAct.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, add,
-                        bn.momentum, bn.eps)
+    assert bn.running_mean is not None and bn.running_var is not None  # given `usable`
+    y, _, _, mean, var = _forward(x, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                  add, bn.momentum, bn.eps)
+    with torch.no_grad():
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+    return y
