@@ -115,3 +115,19 @@ def test_auto_is_resolved_into_the_run_and_kept_on_resume(tmp_path: Path, fashio
                 progress=False)
     assert res.iterations == 4
     assert yaml.safe_load((run / "config.yaml").read_text())["precision"] == chose
+
+
+def test_a_run_saved_with_the_old_bf16_key_resumes(tmp_path: Path, fashion_dir: Path) -> None:
+    """Runs trained before `precision` existed hold `bf16: null` (fp32 on the CPU): the same
+    command continues them in fp32, wherever bf16 is native."""
+    sets = [f"data.data_dir={fashion_dir}", "data.verify=false", "schedule.iterations=4",
+            "eval_every=2"]
+    run = tmp_path / "old"
+    train(resolve("smoke", sets=[*sets, "precision=fp32"]), run, progress=False)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["precision"]
+    saved["bf16"] = None
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    res = train(resolve("smoke", sets=sets), run, resume=True, progress=False)
+    assert res.iterations == 4
+    assert yaml.safe_load((run / "config.yaml").read_text())["precision"] == "fp32"

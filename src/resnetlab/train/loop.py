@@ -96,6 +96,8 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume auto to continue it "
                           "or choose another --out")
     old, new = saved_config(saved) or {}, asdict(cfg)
+    if old.get("precision") == "auto":  # saved before `precision`: _precision resolved it
+        old["precision"] = new["precision"]
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         raise ConfigError(f"{run_dir} was started with another config (differs in "
