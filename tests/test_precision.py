@@ -108,6 +108,10 @@ def test_auto_is_resolved_into_the_run_and_kept_on_resume(tmp_path: Path, fashio
     train(resolve("smoke", sets=[*sets, "precision=auto"]), run, progress=False)
     chose = "bf16" if this_cpu().native_bf16 else "fp32"
     assert yaml.safe_load((run / "config.yaml").read_text())["precision"] == chose
+    # ... and why: a comment atop config.yaml, a field of eval.json.
+    why = json.loads((run / "eval.json").read_text())["precision_reason"]
+    assert why.startswith("auto: ") and this_cpu().model in why
+    assert (run / "config.yaml").read_text().startswith(f"# precision: {chose} (auto: ")
     # The same command on a CPU that would choose otherwise continues in the run's precision.
     other = CPU("other", frozenset() if chose == "bf16" else CPU_KINDS["sapphire"].flags)
     monkeypatch.setattr(precision, "this_cpu", lambda: other)

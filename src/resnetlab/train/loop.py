@@ -201,7 +201,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
     dist.barrier()  # every rank has looked before rank 0 writes anything
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / "config.yaml").write_text(f"# precision: {choice.precision} "
+                                             f"({choice.reason})\n" + to_yaml(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == "cpu":
@@ -322,7 +323,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
     finally:
         bar.close()
     return finish(scored, data, run_dir, metrics, cfg, it, time.perf_counter() - t_start,
-                  final_test if it == total else None, dist)
+                  final_test if it == total else None, dist, choice.reason)
 
 
 def _log_train(metrics: MetricsLog | None, window: _Window, it: int, steps: int, lr: float,
@@ -341,7 +342,8 @@ def _log_train(metrics: MetricsLog | None, window: _Window, it: int, steps: int,
 
 def finish(model: nn.Module, data: DataBundle, run_dir: Path, metrics: MetricsLog,
            cfg: TrainConfig, iterations: int, seconds: float,
-           test: EvalResult | None = None, dist: DistInfo = SINGLE_PROCESS) -> RunResult:
+           test: EvalResult | None = None, dist: DistInfo = SINGLE_PROCESS,
+           precision_reason: str = "") -> RunResult:
     """Final weights, the test evaluation (unless the last step already made it), figures."""
     if test is None:
         test = evaluate(model, data.test.batches(0), len(data.classes), reduce=dist.sum)
@@ -350,7 +352,8 @@ def finish(model: nn.Module, data: DataBundle, run_dir: Path, metrics: MetricsLo
         return RunResult(run_dir, weights, curves, test, iterations, seconds)
     save_weights(model, weights, class_names=data.classes, input_size=data.input_size,
                  mean=data.mean, std=data.std)
-    report = test.report(data.classes, split="test", tta="center", precision=cfg.precision)
+    report = test.report(data.classes, split="test", tta="center", precision=cfg.precision,
+                         precision_reason=precision_reason)
     (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_confusion(test.confusion, data.classes, run_dir / "confusion.png",
                    f"{cfg.model.name}: test error {100 * test.top1_error:.2f}%")
