@@ -89,6 +89,8 @@ def test_110_layer_warmup_switches_back_to_0_1() -> None:
     assert s(0) == 0.01 and s(399) == 0.01
     s.observe_train_error(399, 0.85)
     assert s(400) == 0.01
+    s.observe_train_error(400, 0.8)  # "until ... below 80%": exactly 80% keeps warming up
+    assert s(400) == 0.01 and not s.warmup.done
     s.observe_train_error(400, 0.79)
     assert s(401) == 0.1 and s.warmup.ended_at == 400
     assert s(32000) == pytest.approx(0.01)

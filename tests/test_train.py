@@ -95,6 +95,32 @@ def test_resume_is_bit_identical(tmp_path: Path, fashion_dir: Path,
     assert iters == sorted(iters) and len(iters) == len(set(iters)) + 3  # evals share rows
 
 
+def test_resume_after_the_conditional_warmup_ended_is_bit_identical(
+        tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Paper sec. 4.2's warm-up ends on a condition, so its state is checkpointed: a run
+    resumed after it ended must not warm up again (same weights, same logged lr)."""
+    cfg = _smoke(fashion_dir, "schedule.iterations=24", "eval_every=8", "precision=fp32",
+                 "schedule.warmup_lr=0.001", "schedule.warmup_until_error=0.95")
+    full = train(cfg, tmp_path / "full", progress=False)
+    interrupt_at(monkeypatch, 13)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    state = load_checkpoint(latest_checkpoint(tmp_path / "cut" / "checkpoints"),
+                            resnetlab.create_model("resnet8", in_chans=1, num_classes=10))
+    assert state["schedule"]["warmup_done"] and 0 <= state["schedule"]["warmup_ended_at"] < 13
+    resumed = train(cfg, tmp_path / "cut", resume=True, progress=False)
+    a = resnetlab.load_model(full.weights).state_dict()
+    b = resnetlab.load_model(resumed.weights).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def lrs(run: str) -> list[float]:
+        return [json.loads(ln)["lr"] for ln in
+                (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert lrs("cut") == lrs("full")
+
+
 def test_existing_run_needs_resume(tmp_path: Path, fashion_dir: Path) -> None:
     cfg = _smoke(fashion_dir, "schedule.iterations=4", "eval_every=4")
     train(cfg, tmp_path / "r", progress=False)
@@ -186,3 +212,20 @@ def test_nan_gradient_stops_the_run_with_the_last_good_checkpoint(
     monkeypatch.setattr(torch.optim.SGD, "step", original)
     resumed = train(cfg, tmp_path / "nangrad", resume=True, progress=False)
     assert resumed.iterations == 20
+
+
+def test_no_decay_on_bn_and_biases_when_asked() -> None:
+    """optim.decay_bn_and_bias=false (Bag of Tricks sec. 3.1): one step from zero gradients
+    shrinks conv and fc weights by lr * wd and leaves BN scales, shifts and biases alone."""
+    model = resnetlab.create_model("resnet8", in_chans=1)
+    cfg = resolve("smoke", sets=["optim.decay_bn_and_bias=false", "optim.weight_decay=0.5",
+                                 "optim.lr=0.1", "optim.momentum=0"])
+    opt = make_optimizer(model, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        factor = 1 - 0.1 * 0.5 if p.ndim > 1 else 1.0
+        torch.testing.assert_close(p.detach(), before[n] * factor, msg=n)
+    assert any(p.ndim == 1 for p in model.parameters())  # there were BN/bias parameters

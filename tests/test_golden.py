@@ -1,0 +1,127 @@
+"""Golden tests of evaluation: expectations computed by hand, not by the code under test.
+
+Each of these caught a single-line mutation that the older tests let through (issue 20):
+top-5 taken as top-1, 10-crop without its upscale, multi-scale without its flips, BN
+re-estimation without resetting the old statistics.
+"""
+
+import math
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import nn
+
+from resnetlab.evaluate import (
+    PAPER_SCALES,
+    evaluate,
+    multiscale_probs,
+    recompute_bn,
+    ten_crop_probs,
+)
+
+# Seven classes; each row is one example's logits, chosen so that the labels below land at
+# known ranks: 1st, 2nd, 6th, 1st, 2nd, 7th.
+LOGITS = [
+    [9.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],  # label 0: rank 1 (correct)
+    [0.0, 5.0, 6.0, 1.0, 2.0, 3.0, 4.0],  # label 1: rank 2 (top-5 hit, top-1 miss -> 2)
+    [6.0, 5.0, 1.0, 4.0, 3.0, 2.0, 0.0],  # label 2: rank 6 (top-5 miss, predicted 0)
+    [0.0, 1.0, 2.0, 8.0, 3.0, 4.0, 5.0],  # label 3: rank 1 (correct)
+    [0.0, 1.0, 2.0, 7.0, 6.5, 4.0, 5.0],  # label 4: rank 2 (predicted 3)
+    [6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0],  # label 6: rank 7 (top-5 miss, predicted 0)
+]
+LABELS = [0, 1, 2, 3, 4, 6]
+
+
+class Lookup(nn.Module):
+    """Logits from the table above, indexed by the value of each image's first pixel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.tensor(LOGITS), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[x[:, 0, 0, 0].long()]
+
+
+def _nll(row: list[float], label: int) -> float:
+    return math.log(sum(math.exp(v) for v in row)) - row[label]
+
+
+def test_evaluate_on_fixed_logits_matches_the_hand_count() -> None:
+    images = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 1, 2, 2).contiguous()
+    labels = torch.tensor(LABELS)
+    batches = [(images[:4], labels[:4]), (images[4:], labels[4:])]  # sums across batches
+    res = evaluate(Lookup(), batches, num_classes=7)
+    assert res.count == 6
+    assert res.top1_error == pytest.approx(4 / 6, abs=1e-12)  # examples 1, 2, 4, 5 miss
+    assert res.top5_error == pytest.approx(2 / 6, abs=1e-12)  # 2 and 5: outside the top 5
+    want_nll = sum(_nll(r, y) for r, y in zip(LOGITS, LABELS, strict=True)) / 6
+    assert math.isclose(res.loss, want_nll, rel_tol=1e-5)
+    # Per class: 0 and 3 right, 1, 2, 4, 6 wrong, 5 never seen (0 by convention).
+    assert res.per_class_accuracy == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    want = [[0] * 7 for _ in range(7)]
+    for true, pred in ((0, 0), (1, 2), (2, 0), (3, 3), (4, 3), (6, 0)):
+        want[true][pred] += 1
+    assert res.confusion == want
+
+
+class Probe(nn.Module):
+    """Four logits that read different parts of the view: three corners and the mean."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x[:, 0, 0, 0], x[:, 0, 0, -1], x[:, 0, -1, 0],
+                            x.mean((1, 2, 3))], 1)
+
+
+def _image() -> torch.Tensor:
+    """16x16, different everywhere: a ramp across plus a ramp down, squared."""
+    i = torch.arange(16.0)
+    return ((i[None, :] / 15) ** 2 + (i[:, None] / 15)).view(1, 1, 16, 16) / 2
+
+
+def test_ten_crop_averages_the_ten_crops_of_the_upscaled_image() -> None:
+    x = _image()
+    big = TF.resize(x, [18], antialias=True)  # 16 * 256 / 224 = 18.3 -> 18
+    assert big.shape[-1] == 18
+    crops = [big[..., :16, :16], big[..., :16, 2:], big[..., 2:, :16], big[..., 2:, 2:],
+             big[..., 1:17, 1:17]]  # the four corners and the centre
+    views = crops + [c.flip(-1) for c in crops]
+    want = torch.stack([Probe()(v).softmax(1) for v in views]).mean(0)
+    torch.testing.assert_close(ten_crop_probs(Probe(), x), want)
+
+
+def test_multiscale_averages_every_scale_and_its_flip() -> None:
+    x = _image()
+    views = []
+    for s in PAPER_SCALES:  # shorter side 16 * s / 224
+        xi = TF.resize(x, [round(16 * s / 224)], antialias=True) if s != 224 else x
+        views += [xi, xi.flip(-1)]
+    assert len(views) == 10
+    want = torch.stack([Probe()(v).softmax(1) for v in views]).mean(0)
+    torch.testing.assert_close(multiscale_probs(Probe(), x), want)
+
+
+def test_recompute_bn_gives_the_exact_average_of_the_batch_statistics() -> None:
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(1, 4, 3, bias=False)
+    model = nn.Sequential(conv, nn.BatchNorm2d(4))
+    bn = model[1]
+    model.eval()
+    with torch.no_grad():  # a "trained" BN: other statistics, many batches behind it
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(9.0)
+        bn.num_batches_tracked.fill_(1000)
+    batches = [(torch.randn(3, 1, 6, 6, generator=gen) * (i + 1), torch.zeros(3))
+               for i in range(4)]
+    recompute_bn(model, batches)
+    with torch.no_grad():
+        outs = [conv(x) for x, _ in batches]
+    n = outs[0].numel() // 4
+    means = [o.mean((0, 2, 3)) for o in outs]
+    # BatchNorm keeps the unbiased variance of each batch; equal batches average plainly.
+    variances = [((o - m[None, :, None, None]) ** 2).sum((0, 2, 3)) / (n - 1)
+                 for o, m in zip(outs, means, strict=True)]
+    torch.testing.assert_close(bn.running_mean, torch.stack(means).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack(variances).mean(0))
+    assert bn.momentum == 0.1 and not model.training  # the model is left as it was given
