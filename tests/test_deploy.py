@@ -266,7 +266,8 @@ def _images(n: int = 4, seed: int = 0) -> list[torch.Tensor]:
 # OpenVINO's CPU plugin detects the ISA itself but builds on oneDNN, which obeys
 # ONEDNN_MAX_CPU_ISA: with the cap below bf16 it fails to compile bf16 graphs ("Supported
 # primitive descriptors list is empty"). A real CPU without bf16 has no such cap.
-OV_BF16_EMULATED = bool(backends.this_cpu().onednn_cap) and not backends.this_cpu().native_bf16
+_CPU = resnetlab.precision.this_cpu()
+OV_BF16_EMULATED = bool(_CPU.onednn_cap) and not _CPU.native_bf16
 SKIP_OV_BF16 = "OpenVINO cannot compile bf16 under ONEDNN_MAX_CPU_ISA below bf16 (emulated CPU)"
 
 
@@ -294,7 +295,7 @@ def test_auto_precision_uses_only_what_passed_its_check(tmp_path: Path,
     wdir = tmp_path / "w"
     resnetlab.save_weights(_realistic_bn(resnetlab.create_model("resnet8", in_chans=1), 28),
                            wdir)
-    native = backends.this_cpu().native_bf16
+    native = resnetlab.precision.this_cpu().native_bf16
     # An impossible bar: the check runs, is recorded, fails; auto stays on fp32.
     be = load_backend(wdir, "openvino", precision="auto", check=_images, min_agreement=1.01)
     assert be.precision == "fp32"

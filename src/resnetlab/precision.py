@@ -150,14 +150,11 @@ def supported(backend: str) -> tuple[str, ...]:
 
 def machine_report(measure: bool = True) -> dict[str, object]:
     """CPU, the flags that matter, threads, measured gemm rates and what `auto` picks."""
-    from .benchmarks.common import gemm_gflops
+    from .benchmarks.common import gemm_gflops, machine
 
     cpu = this_cpu()
     out: dict[str, object] = {
-        "cpu": cpu.model, "kind": cpu.kind, "flags": sorted(cpu.flags),
-        "onednn_max_cpu_isa": cpu.onednn_cap or None, "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "native_bf16": cpu.native_bf16, "native_int8": cpu.native_int8,
+        **machine(), "native_bf16": cpu.native_bf16, "native_int8": cpu.native_int8,
         "train_auto": train_precision("auto", torch.device("cpu"), cpu).precision,
         "infer_auto": {b: infer_candidates(b, cpu)[0] for b in ("openvino", "onnxruntime",
                                                                   "torch")},

@@ -110,11 +110,8 @@ def contenders(model: str, weights: Path, precisions: list[str] | None = None
             graph = int8 if int8 and prec == "int8" else exported(weights, "onnx")
             out[f"stand-alone onnxruntime {prec}"] = _on_numpy(standalone_ort(graph))
         if available("openvino"):
-            if int8 and prec == "int8":  # as the backend: float layers in bf16 if native
-                graph, hint = int8, "bf16" if this_cpu().native_bf16 else "fp32"
-            else:
-                graph, hint = exported(weights, "openvino"), prec
-            out[f"stand-alone openvino {prec}"] = _on_numpy(standalone_openvino(graph, hint))
+            graph = int8 if int8 and prec == "int8" else exported(weights, "openvino")
+            out[f"stand-alone openvino {prec}"] = _on_numpy(standalone_openvino(graph, prec))
     return out
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..factory import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, load_model
 from ..paths import cache_dir
-from ..precision import INFER_PRECISIONS, infer_candidates, supported, this_cpu
+from ..precision import INFER_PRECISIONS, infer_candidates, supported
 from . import agreement
 from .agreement import MIN_AGREEMENT, Agreement, lookup
 from .export import (
@@ -177,12 +177,9 @@ def _openvino_backend(weights: Path, config: ModelConfig, threads: int, precisio
     extra: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY"}
     if threads:
         extra["INFERENCE_NUM_THREADS"] = threads
-    if precision == "int8":  # OpenVINO reads the QDQ graph and runs its int8 layers as such;
-        # the layers left in float run in bf16 where that is native, as the int8 ones are
-        path = int8_graph(weights)
-        props = openvino_props("bf16" if this_cpu().native_bf16 else "fp32", **extra)
-    else:
-        path, props = exported(weights, "openvino"), openvino_props(precision, **extra)
+    # int8: OpenVINO reads the QDQ graph and runs its int8 layers as such
+    path = int8_graph(weights) if precision == "int8" else exported(weights, "openvino")
+    props = openvino_props(precision, **extra)
     try:
         infer = OpenVINORunner(path, props)
     except RuntimeError as e:  # e.g. under ONEDNN_MAX_CPU_ISA, which its plugin cannot honour

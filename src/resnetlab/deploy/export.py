@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import ResNetLabError
 from ..factory import load_model
 from ..models.resnet import ResNet
+from ..precision import this_cpu
 from .fold import fold_batchnorm
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,10 @@ OPENVINO_HINT = {"fp32": "f32", "bf16": "bf16"}
 
 
 def openvino_props(precision: str = "fp32", **props: Any) -> dict[str, Any]:
-    """Compile properties for OpenVINO's CPU plugin at `precision` (fp32 or bf16; an int8
-    graph takes the precision its non-quantised layers run in)."""
+    """Compile properties for OpenVINO's CPU plugin at `precision`. For an int8 graph the
+    hint is that of its layers left in float: bf16 where the CPU runs it natively."""
+    if precision == "int8":
+        precision = "bf16" if this_cpu().native_bf16 else "fp32"
     return {"INFERENCE_PRECISION_HINT": OPENVINO_HINT[precision], **props}
 
 
