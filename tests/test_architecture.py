@@ -46,7 +46,8 @@ def test_cifar_params_match_paper_table6_millions() -> None:
     table6 = {"resnet20": 0.27, "resnet32": 0.46, "resnet44": 0.66, "resnet56": 0.85,
               "resnet110": 1.7, "resnet1202": 19.4}
     for name, millions in table6.items():
-        assert round(PARAMS[name] / 1e6, 2 if millions < 1 else 1) == millions
+        built = count_params(resnetlab.create_model(name))
+        assert round(built / 1e6, 2 if millions < 1 else 1) == millions, name
 
 
 def test_seed002_bottleneck_arithmetic() -> None:
@@ -129,3 +130,21 @@ def test_forward_features_head_and_stages() -> None:
                                                      (1024, 14, 14), (2048, 7, 7)]
     assert model.stage_channels == [256, 512, 1024, 2048]
     assert model.forward_head(feats, pre_logits=True).shape == (1, 2048)
+
+
+def test_average_pool_shortcuts_keep_the_last_row_of_odd_maps() -> None:
+    """ResNet-D's 2x2 average pool (and option A's, with avg_down) uses ceil_mode: a 7x7
+    map gives 4x4, the shape the strided 3x3 conv of the residual branch gives, and the
+    last row and column are averaged over the pixels that exist (count_include_pad off)."""
+    x = torch.arange(49.0).view(1, 1, 7, 7)
+    proj = Projection(1, 1, 2, avg_down=True, norm=False)
+    with torch.no_grad():
+        proj.conv.weight.fill_(1.0)
+    y = proj(x)
+    assert y.shape == (1, 1, 4, 4)
+    assert y[0, 0, 0, 0] == (0 + 1 + 7 + 8) / 4 and y[0, 0, 3, 3] == 48  # the lone corner
+    assert y[0, 0, 3, 0] == (42 + 43) / 2  # half a window: divided by 2, not 4
+    z = ZeroPadShortcut(1, 2, 2, avg_down=True)(x)
+    assert z.shape == (1, 2, 4, 4) and torch.equal(z[:, :1], y)
+    branch = conv3x3(1, 1, 2)(x)
+    assert branch.shape == y.shape  # so the residual addition lines up

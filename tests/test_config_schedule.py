@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from resnetlab.errors import ConfigError
 from resnetlab.train.config import PRESETS, ScheduleConfig, parse_set, resolve, to_yaml
@@ -107,3 +108,20 @@ def test_cosine_and_onecycle() -> None:
                                     milestones=[]), 0.2)
     assert one(0) == 0.0 and one(10) == pytest.approx(0.1) and one(20) == pytest.approx(0.2)
     assert one(60) == pytest.approx(0.1) and one(100) == pytest.approx(0.0)
+
+
+def test_preset_then_config_file_then_set(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The one override path (config.py): each later source wins key by key, and keys it
+    does not name keep the earlier value."""
+    from resnetlab.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("batch_size: 16\neval_every: 7\noptim:\n  lr: 0.03\n")
+    assert main(["train", "--preset", "smoke", "--config", str(path), "--set",
+                 "eval_every=3", "--set", "optim.momentum=0.8", "--print-config"]) == 0
+    got = yaml.safe_load(capsys.readouterr().out)
+    assert got["schedule"]["iterations"] == 20 and got["log_every"] == 5  # the preset's
+    assert got["batch_size"] == 16 and got["optim"]["lr"] == 0.03  # the file's, over it
+    assert got["eval_every"] == 3 and got["optim"]["momentum"] == 0.8  # --set, over both
+    assert got["optim"]["weight_decay"] == 1e-4 and got["preset"] == "smoke"  # defaults kept

@@ -200,6 +200,57 @@ def test_pixel_and_channel_normalisation() -> None:
         assert n.mean.shape == shape
         out = n(imgs)
         assert out.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+        # In both modes the std is each channel's spread over the whole split.
+        x = imgs.float() / 255
+        torch.testing.assert_close(n.std.flatten(), x.std(dim=(0, 2, 3)))
+        if mode == "channel":
+            torch.testing.assert_close(out.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="'channel' or 'pixel'"):
+        Normalize.fit(imgs, "global")
+
+
+def test_in_memory_hold_out_is_disjoint_and_the_normaliser_sees_train_only(
+        tmp_path: Path) -> None:
+    """The 5k held out of CIFAR's 50k (paper sec. 4.2) must not leak into the statistics:
+    here the held-out images are made bright, so a leak would move the mean and std."""
+    n, held = 200, 50
+    tr, va = holdout(n, held)
+    images, labels = synthetic_images(n, 3)
+    images[va.numpy()] = 250
+    write_idx(tmp_path / "train-images-idx3-ubyte", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", images[:20])
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels[:20])
+    cfg = DataConfig(data_dir=str(tmp_path), verify=False, val_split=held)
+    data = build_data(cfg, batch_size=10, eval_batch_size=10, seed=0)
+    full = torch.from_numpy(images).unsqueeze(1)
+    assert torch.equal(data.train.data.images, full[tr])
+    assert torch.equal(data.val.data.images, full[va])
+    assert not set(tr.tolist()) & set(va.tolist()) and len(tr) + len(va) == n
+    x = full[tr].float() / 255
+    assert data.mean == pytest.approx([x.mean().item()], abs=1e-6)
+    assert data.std == pytest.approx([x.std().item()], abs=1e-6)
+    assert (full.float() / 255).mean().item() - data.mean[0] > 0.1  # what a leak would add
+    # The loaders normalise with those statistics: the training images come out centred.
+    xs = torch.cat([b for b, _ in data.train_eval.batches(0)])
+    assert abs(xs.mean().item()) < 1e-3 and xs.std().item() == pytest.approx(1, abs=1e-3)
+
+
+def test_folder_hold_out_is_disjoint_from_what_trains(folder_dir: Path) -> None:
+    cfg = DataConfig(dataset="folder", data_dir=str(folder_dir), val_split=40, image_size=28,
+                     workers=0)
+    data = build_data(cfg, batch_size=32, eval_batch_size=32, seed=0)
+    files = [s[0] for s in data.train.dataset.dataset.samples]
+    assert len(files) == 640
+
+    def names(loader: object) -> set[str]:
+        subset = loader.dataset  # type: ignore[attr-defined]
+        return {files[i] for i in subset.indices}
+
+    train, val, plain = names(data.train), names(data.val), names(data.train_eval)
+    assert len(train) == 600 and len(val) == 40 and not train & val
+    assert plain == train  # BN re-estimation reads the training images, never the held-out
+    assert len(data.train) == 600 // 32 and len(data.val) == 2
 
 
 def test_build_data_for_fashion_layout(fashion_dir: Path) -> None:

@@ -11,8 +11,10 @@ from PIL import Image
 
 import resnetlab
 from resnetlab.cli import main
-from resnetlab.evaluate import evaluate, multiscale_probs, recompute_bn, ten_crop_probs
+from resnetlab.data import build_data
+from resnetlab.evaluate import evaluate
 from resnetlab.images import ImageError, load_image
+from resnetlab.train.config import resolve
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +23,6 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> Path
     assert main(["train", "--preset", "smoke", "--data-dir", str(fashion_dir), "--set",
                  "data.verify=false", "--out", str(out)]) == 0
     return out
-
-
-def test_ten_crop_of_constant_image_equals_centre_view() -> None:
-    model = resnetlab.create_model("resnet8").eval()
-    x = torch.full((2, 3, 32, 32), 0.7)
-    with torch.no_grad():
-        assert torch.allclose(ten_crop_probs(model, x), model(x).softmax(1), atol=1e-5)
-        probs = multiscale_probs(model, torch.randn(2, 3, 32, 32))
-    assert probs.shape == (2, 10) and torch.allclose(probs.sum(1), torch.ones(2))
 
 
 def test_evaluate_counts_errors() -> None:
@@ -45,34 +38,39 @@ def test_evaluate_counts_errors() -> None:
     assert res.confusion == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
 
 
-def test_recompute_bn_changes_running_stats() -> None:
-    model = resnetlab.create_model("resnet8").eval()
-    batches = [(torch.randn(8, 3, 32, 32) * 3 + 2, torch.zeros(8)) for _ in range(3)]
-    recompute_bn(model, batches)
-    assert model.stem.bn.running_mean.abs().mean() > 0.5  # fresh stats are all zeros
-    assert model.stem.bn.num_batches_tracked == 3
-    assert not model.training and model.stem.bn.momentum == 0.1  # mode and momentum restored
-
-
-@pytest.mark.parametrize("tta", ["center", "10crop", "multiscale"])
-def test_eval_cli(run_dir: Path, tta: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["eval", str(run_dir), "--tta", tta]) == 0
-    out = capsys.readouterr().out
-    assert "top-1 error" in out and "Trouser" in out
-    result = json.loads((run_dir / "final" / f"eval-test-{tta}.json").read_text())
-    assert result["count"] == 256 and 0 <= result["top1_error"] <= 1
-    assert (run_dir / "final" / f"eval-test-{tta}.png").exists()
-    if tta == "center":
-        assert result["top1_error"] == pytest.approx(
-            json.loads((run_dir / "eval.json").read_text())["top1_error"])
-
-
-def test_eval_recompute_bn_and_val_split(run_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "e.json"
+def test_eval_cli_scores_each_tta_mode_and_recomputed_bn(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI's numbers are the library's: each mode scored on the run's own test split
+    equals `evaluate` called directly with that mode, and the modes differ."""
+    model = resnetlab.load_model(run_dir / "final")
+    saved = json.loads((run_dir / "final" / "config.json").read_text())
+    data = build_data(resolve(None, str(run_dir / "config.yaml")).data, 64, 64, 0,
+                      stats=(saved["mean"], saved["std"]))
+    losses = {}
+    for tta in ("center", "10crop", "multiscale"):
+        assert main(["eval", str(run_dir), "--tta", tta, "--backend", "torch",
+                     "--precision", "fp32"]) == 0
+        assert "top-1 error" in capsys.readouterr().out
+        result = json.loads((run_dir / "final" / f"eval-test-{tta}.json").read_text())
+        want = evaluate(model, data.test.batches(0), 10, tta=tta)
+        assert result["count"] == 256 and result["tta"] == tta
+        assert result["top1_error"] == pytest.approx(want.top1_error, abs=1e-9)
+        assert result["loss"] == pytest.approx(want.loss, rel=1e-5)
+        assert (run_dir / "final" / f"eval-test-{tta}.png").exists()
+        losses[tta] = result["loss"]
+    assert len({round(v, 6) for v in losses.values()}) == 3  # three different averages
+    assert losses["center"] == pytest.approx(
+        json.loads((run_dir / "eval.json").read_text())["loss"], rel=1e-5)
+    # --recompute-bn re-estimates the statistics from the training split: other numbers.
+    plain, recomputed = tmp_path / "plain.json", tmp_path / "bn.json"
+    assert main(["eval", str(run_dir), "--split", "val", "--backend", "torch", "--precision",
+                 "fp32", "--out",
+                 str(plain)]) == 0
     assert main(["eval", str(run_dir), "--split", "val", "--recompute-bn", "--out",
-                 str(out)]) == 0
-    res = json.loads(out.read_text())
-    assert res["count"] == 128 and res["recompute_bn"] is True
+                 str(recomputed)]) == 0
+    a, b = json.loads(plain.read_text()), json.loads(recomputed.read_text())
+    assert a["count"] == b["count"] == 128 and b["recompute_bn"] is True
+    assert a["loss"] != pytest.approx(b["loss"], rel=1e-6)
 
 
 def test_eval_bare_weights_need_data(run_dir: Path, tmp_path: Path,
@@ -117,6 +115,28 @@ def test_every_image_mode_is_converted(tmp_path: Path) -> None:
     assert load_image(files["rotated.jpg"]).size == (40, 30)  # 30x40 turned upright
     deep = np.asarray(load_image(files["deep16.png"], "L"))
     assert deep.max() > 200 and deep.min() < 50  # scaled, not clipped to white
+
+
+def test_transparency_is_flattened_onto_black(tmp_path: Path) -> None:
+    """RGBA, LA and palette transparency composite over black, what the training images
+    (Fashion-MNIST's black background) look like, instead of exposing the hidden colour."""
+    rgba = np.zeros((2, 3, 4), dtype=np.uint8)
+    rgba[:, 0] = (255, 0, 0, 0)  # red, fully transparent
+    rgba[:, 1] = (0, 0, 255, 255)  # blue, opaque
+    rgba[:, 2] = (0, 200, 0, 128)  # green, half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    got = np.asarray(load_image(tmp_path / "a.png"))
+    assert got[0, 0].tolist() == [0, 0, 0] and got[0, 1].tolist() == [0, 0, 255]
+    assert got[0, 2, 0] == got[0, 2, 2] == 0 and abs(int(got[0, 2, 1]) - 100) <= 1
+    la = Image.fromarray(np.array([[[255, 0], [255, 255]]], dtype=np.uint8), "LA")
+    la.save(tmp_path / "la.png")
+    assert np.asarray(load_image(tmp_path / "la.png", "L")).tolist() == [[0, 255]]
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([255, 255, 255, 10, 20, 30])
+    pal.putpixel((0, 0), 0)
+    pal.putpixel((1, 0), 1)
+    pal.save(tmp_path / "p.png", transparency=0)  # index 0 (white) is transparent
+    assert np.asarray(load_image(tmp_path / "p.png")).tolist() == [[[0, 0, 0], [10, 20, 30]]]
 
 
 def test_bad_files_get_one_line_errors(tmp_path: Path) -> None:

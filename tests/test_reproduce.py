@@ -50,7 +50,13 @@ def test_degradation_report_holds_the_runs_numbers(root: Path) -> None:
             key = "plain_test" if plain else "resnet_test"
             assert results["errors"][str(depth)][key] == err
             assert f"{100 * err:.2f}" in report
-    assert "reproduced" in report and "![" in report
+    assert "![" in report
+    # The verdict follows the numbers: reproduced only if the deeper plain net is worse on
+    # both training and test error (Fig. 6), and exactly one verdict is given.
+    e = results["errors"]
+    degrades = all(e["14"][k] > e["8"][k] for k in ("plain_train", "plain_test"))
+    assert ("degradation problem of Fig. 6 **is reproduced**" in report) == degrades
+    assert ("degradation problem **is not reproduced**" in report) == (not degrades)
 
 
 def test_finished_sub_runs_are_not_trained_again(root: Path, fashion_dir: Path,

@@ -60,8 +60,10 @@ def test_smoke_run_leaves_a_complete_run_directory(tmp_path: Path, smoke_args: l
         evals[-1]["test_error"])
     cfg = json.loads((out / "final" / "config.json").read_text())
     assert cfg["in_chans"] == 1 and cfg["input_size"] == 28 and len(cfg["class_names"]) == 10
-    # Learning happened: the synthetic classes are easy.
-    assert result["top1_error"] < 0.8
+    # Learning happened: 20 steps take the test error well below chance (0.9; measured
+    # 0.67-0.70, and an untrained net scores 0.9 +- 0.02 on 256 images) and the loss down.
+    assert result["top1_error"] < 0.75
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])  # both paths, whatever the CPU
@@ -119,6 +121,46 @@ def test_resume_after_the_conditional_warmup_ended_is_bit_identical(
                 (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     assert lrs("cut") == lrs("full")
+
+
+def test_resume_before_the_warmup_ends_and_final_holds_the_ema(
+        tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted while still warming up, a run resumes the warm-up and ends it at the same
+    iteration; with `ema_decay`, final/ ships the averaged weights, not the last step's."""
+    cfg = _smoke(fashion_dir, "schedule.iterations=24", "eval_every=8", "precision=fp32",
+                 "schedule.warmup_lr=0.2", "schedule.warmup_until_error=0.82", "ema_decay=0.8")
+    full = train(cfg, tmp_path / "full", progress=False)
+    ckpt = latest_checkpoint(tmp_path / "full" / "checkpoints")
+    core = resnetlab.create_model("resnet8", in_chans=1, num_classes=10)
+    state = load_checkpoint(ckpt, core)
+    ended = state["schedule"]["warmup_ended_at"]
+    assert state["schedule"]["warmup_done"] and ended >= 4  # ends mid-run on this data
+    interrupt_at(monkeypatch, ended // 2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    cut = load_checkpoint(latest_checkpoint(tmp_path / "cut" / "checkpoints"), core)
+    assert cut["schedule"] == {"warmup_done": False, "warmup_ended_at": -1}
+    resumed = train(cfg, tmp_path / "cut", resume=True, progress=False)
+    a = resnetlab.load_model(full.weights).state_dict()
+    b = resnetlab.load_model(resumed.weights).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = load_checkpoint(latest_checkpoint(tmp_path / "cut" / "checkpoints"), core)
+    assert again["schedule"] == state["schedule"]
+
+    def lrs(run: str) -> list[tuple[int, float]]:
+        return [(r["iteration"], r["lr"]) for r in map(json.loads, (
+            tmp_path / run / "metrics.jsonl").read_text().splitlines())]
+
+    assert lrs("cut") == lrs("full")
+    assert {lr for it, lr in lrs("full") if it <= ended} == {0.2}  # warm-up lr until it ends
+    assert all(lr < 0.2 for it, lr in lrs("full") if it > ended + 1)
+    # final/ is the EMA: equal to the averaged module in the checkpoint, not to the model.
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items()
+           if k.startswith("module.")}
+    assert all(torch.equal(a[k], ema[k]) for k in a)
+    stepped = resnetlab.load_model(ckpt).state_dict()
+    assert not all(torch.equal(a[k], stepped[k]) for k in a)
 
 
 def test_existing_run_needs_resume(tmp_path: Path, fashion_dir: Path) -> None:

@@ -12,6 +12,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import signal
 import sys
 import time
 from collections import deque
@@ -38,6 +40,10 @@ from .report import MetricsLog, plot_confusion, plot_curves
 from .schedule import LRSchedule
 
 log = logging.getLogger(__name__)
+# A deterministic crash for the fault tests (tests/test_kill.py): the process SIGKILLs
+# itself at the step boundary after this iteration, once that iteration's checkpoint (if
+# any) is on disk, so a test chooses exactly where a run dies instead of racing a timer.
+KILL_AT_ENV = "RESNETLAB_KILL_AT_ITERATION"
 
 
 class NonFiniteLossError(ResNetLabError):
@@ -261,6 +267,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) \
         if cfg.precision == "bf16" else contextlib.nullcontext()
     show = sys.stderr.isatty() if progress is None else progress
+    kill_at = int(os.environ.get(KILL_AT_ENV) or -1)
     bar = tqdm(total=total, initial=it, unit="it", disable=not (show and dist.main),
                dynamic_ncols=True, desc=cfg.model.name)
     window, t_start = _Window(device, dist), time.perf_counter()
@@ -314,6 +321,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
                     window = _Window(device, dist)  # the evaluation is not training speed
                 elif cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
                     checkpoint()
+                if it == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if it >= total:
                     break
     except KeyboardInterrupt:
