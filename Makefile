@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup data demo test test-slow test-all lint
+.PHONY: setup data demo test test-slow test-all lint mutation
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,17 @@ test-slow: setup
 test-all: lint
 	$(BIN)/pytest -m "not runtimes"
 	$(BIN)/pytest -m runtimes
+
+# Mutation score of the modules where a wrong number is silent (docs/testing.md). Slow
+# (tens of minutes on 2 cores), so not part of `make test`. The mutants are the functions
+# named below; `.venv/bin/mutmut results` lists the survivors, `mutmut show NAME` one diff.
+MUTANTS := 'resnetlab.evaluate.*' 'resnetlab.train.schedule.*' 'resnetlab.train.checkpoint.*' \
+	'resnetlab.data.x_holdout*' 'resnetlab.data.x_build_data*' 'resnetlab.data.x__build_folder*' \
+	'resnetlab.data.memory.xǁNormalizeǁ*' 'resnetlab.models.layers.x__subsample*' \
+	'resnetlab.models.layers.xǁZeroPadShortcutǁ*' 'resnetlab.models.layers.xǁProjectionǁ*' \
+	'resnetlab.models.layers.x_make_shortcut*'
+
+mutation: setup
+	$(BIN)/pip install --quiet -e '.[dev,deploy,mutation]'
+	$(BIN)/mutmut run --max-children 2 $(MUTANTS)
+	$(BIN)/mutmut results

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -134,15 +133,14 @@ def test_dead_rank_ends_the_job_or_restarts_from_checkpoint(
             "--data-dir", str(fashion_dir), "--out", str(out), "--resume", "auto",
             *[f"--set={s}" for s in SETS], "--set=schedule.iterations=8",
             "--set=eval_every=2", "--set=dist_timeout_s=30"]
-    start = time.monotonic()
-    proc = _torchrun(args, tmp_path, max_restarts=restarts)
-    elapsed = time.monotonic() - start
+    proc = _torchrun(args, tmp_path, max_restarts=restarts)  # raises if it hangs
     assert (tmp_path / "fault-fired").exists()
     assert _leftovers(str(out)) == []
     if restarts == 0:
         assert proc.returncode != 0
         assert "injected fault on rank 1" in proc.stderr
-        assert elapsed < 120
+        # Ended by the fault itself, not by the surviving rank timing out in a collective.
+        assert "timed out" not in proc.stderr.lower() and "Timeout" not in proc.stderr
         assert (out / "checkpoints" / "latest").read_text().strip() == "ckpt-00000004"
     else:
         errors = [ln for ln in proc.stderr.splitlines() if "Error" in ln]

@@ -1,0 +1,32 @@
+"""The mutation score per module from `mutmut results --all true` (make mutation's output).
+
+Usage: .venv/bin/mutmut results --all true | python bench/mutation_table.py
+Prints a Markdown table: killed, survived, not run (timed-out or unchecked) per module.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+
+
+def table(lines: list[str]) -> str:
+    counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for line in lines:
+        name, _, status = line.strip().rpartition(": ")
+        if not name:
+            continue
+        module = name.split(".x")[0]
+        counts[module][status] += 1
+    rows = ["| module | killed | survived | not checked | score of checked |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for module, c in sorted(counts.items()):
+        killed = c["killed"] + c["timeout"]
+        checked = killed + c["survived"]
+        score = f"{100 * killed / checked:.0f}%" if checked else "-"
+        rows.append(f"| {module} | {killed} | {c['survived']} | {c['not checked']} | {score} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table(sys.stdin.read().splitlines()))
