@@ -64,8 +64,7 @@ def test_eval_cli_scores_each_tta_mode_and_recomputed_bn(
     # --recompute-bn re-estimates the statistics from the training split: other numbers.
     plain, recomputed = tmp_path / "plain.json", tmp_path / "bn.json"
     assert main(["eval", str(run_dir), "--split", "val", "--backend", "torch", "--precision",
-                 "fp32", "--out",
-                 str(plain)]) == 0
+                 "fp32", "--out", str(plain)]) == 0
     assert main(["eval", str(run_dir), "--split", "val", "--recompute-bn", "--out",
                  str(recomputed)]) == 0
     a, b = json.loads(plain.read_text()), json.loads(recomputed.read_text())

@@ -1,6 +1,5 @@
 """Hard kills: a SIGKILLed run resumes bit-identically; a save killed midway loses nothing."""
 
-import json
 import os
 import random
 import signal
@@ -17,6 +16,7 @@ import resnetlab
 from resnetlab.train.checkpoint import latest_checkpoint, load_checkpoint
 from resnetlab.train.config import resolve
 from resnetlab.train.loop import KILL_AT_ENV, train
+from resnetlab.train.report import MetricsLog
 
 # 16 batches an epoch (512 examples, batch 32): checkpoints every 3 iterations fall
 # mid-epoch, and the evaluation at each epoch end (16, 32) saves one on the boundary.
@@ -76,11 +76,9 @@ def test_sigkill_mid_epoch_and_at_epoch_boundary_then_resume_is_bit_identical(
     assert sa["ema"].keys() == sb["ema"].keys()
     assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])
     # The log has each logged iteration once, as the uninterrupted run has it.
-    def iterations(run: Path) -> list[tuple[str, int]]:
-        return [(r["kind"], r["iteration"]) for r in map(json.loads, (
-            run / "metrics.jsonl").read_text().splitlines())]
-
-    assert iterations(out) == iterations(tmp_path / "reference")
+    logged = [(r["kind"], r["iteration"]) for r in MetricsLog(out).records()]
+    assert logged == [(r["kind"], r["iteration"])
+                      for r in MetricsLog(tmp_path / "reference").records()]
 
 
 def test_resume_with_another_batch_stream_differs(tmp_path: Path, fashion_dir: Path,

@@ -13,12 +13,18 @@ from resnetlab.cli import main
 from resnetlab.train.checkpoint import latest_checkpoint, load_checkpoint
 from resnetlab.train.config import resolve
 from resnetlab.train.loop import NonFiniteLossError, make_optimizer, train
+from resnetlab.train.report import MetricsLog
 
 from .conftest import interrupt_at
 
 
 def _smoke(fashion_dir: Path, *sets: str):
     return resolve("smoke", sets=[f"data.data_dir={fashion_dir}", "data.verify=false", *sets])
+
+
+def _logged_lrs(run_dir: Path) -> list[tuple[int, float]]:
+    """(iteration, lr) of every record the run logged, in order."""
+    return [(r["iteration"], r["lr"]) for r in MetricsLog(run_dir).records()]
 
 
 def test_overfits_a_tiny_batch() -> None:
@@ -115,12 +121,7 @@ def test_resume_after_the_conditional_warmup_ended_is_bit_identical(
     a = resnetlab.load_model(full.weights).state_dict()
     b = resnetlab.load_model(resumed.weights).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-    def lrs(run: str) -> list[float]:
-        return [json.loads(ln)["lr"] for ln in
-                (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-
-    assert lrs("cut") == lrs("full")
+    assert _logged_lrs(tmp_path / "cut") == _logged_lrs(tmp_path / "full")
 
 
 def test_resume_before_the_warmup_ends_and_final_holds_the_ema(
@@ -147,14 +148,10 @@ def test_resume_before_the_warmup_ends_and_final_holds_the_ema(
     assert all(torch.equal(a[k], b[k]) for k in a)
     again = load_checkpoint(latest_checkpoint(tmp_path / "cut" / "checkpoints"), core)
     assert again["schedule"] == state["schedule"]
-
-    def lrs(run: str) -> list[tuple[int, float]]:
-        return [(r["iteration"], r["lr"]) for r in map(json.loads, (
-            tmp_path / run / "metrics.jsonl").read_text().splitlines())]
-
-    assert lrs("cut") == lrs("full")
-    assert {lr for it, lr in lrs("full") if it <= ended} == {0.2}  # warm-up lr until it ends
-    assert all(lr < 0.2 for it, lr in lrs("full") if it > ended + 1)
+    logged = _logged_lrs(tmp_path / "full")
+    assert _logged_lrs(tmp_path / "cut") == logged
+    assert {lr for it, lr in logged if it <= ended} == {0.2}  # warm-up lr until it ends
+    assert all(lr < 0.2 for it, lr in logged if it > ended + 1)
     # final/ is the EMA: equal to the averaged module in the checkpoint, not to the model.
     ema = {k.removeprefix("module."): v for k, v in state["ema"].items()
            if k.startswith("module.")}
