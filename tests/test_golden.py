@@ -14,6 +14,7 @@ from torch import nn
 
 from resnetlab.evaluate import (
     PAPER_SCALES,
+    EvalResult,
     evaluate,
     multiscale_probs,
     recompute_bn,
@@ -67,25 +68,27 @@ def test_evaluate_on_fixed_logits_matches_the_hand_count() -> None:
 
 
 class Probe(nn.Module):
-    """Four logits that read different parts of the view: three corners and the mean."""
+    """Logits that read different parts of the view and its scale: three corners, the mean,
+    one interior pixel (which moves when the image is resized) and the width itself."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        width = torch.full_like(x[:, 0, 0, 0], x.shape[-1] / 100)
         return torch.stack([x[:, 0, 0, 0], x[:, 0, 0, -1], x[:, 0, -1, 0],
-                            x.mean((1, 2, 3))], 1)
+                            x.mean((1, 2, 3)), 4 * x[:, 0, 37, 91], width], 1)
 
 
-def _image() -> torch.Tensor:
-    """16x16, different everywhere: a ramp across plus a ramp down, squared."""
-    i = torch.arange(16.0)
-    return ((i[None, :] / 15) ** 2 + (i[:, None] / 15)).view(1, 1, 16, 16) / 2
+def _image(size: int = 224) -> torch.Tensor:
+    """Different everywhere: a squared ramp across plus a ramp down. At the paper's 224
+    pixels, 256/224 and 257/224 or 256/225 give different sizes (256, 257, 255)."""
+    i = torch.arange(float(size)) / (size - 1)
+    return (i[None, :] ** 2 + i[:, None]).view(1, 1, size, size) / 2
 
 
 def test_ten_crop_averages_the_ten_crops_of_the_upscaled_image() -> None:
     x = _image()
-    big = TF.resize(x, [18], antialias=True)  # 16 * 256 / 224 = 18.3 -> 18
-    assert big.shape[-1] == 18
-    crops = [big[..., :16, :16], big[..., :16, 2:], big[..., 2:, :16], big[..., 2:, 2:],
-             big[..., 1:17, 1:17]]  # the four corners and the centre
+    big = TF.resize(x, [256], antialias=True)  # the shorter side to 224 * 256 / 224
+    crops = [big[..., :224, :224], big[..., :224, 32:], big[..., 32:, :224],
+             big[..., 32:, 32:], big[..., 16:240, 16:240]]  # the four corners and the centre
     views = crops + [c.flip(-1) for c in crops]
     want = torch.stack([Probe()(v).softmax(1) for v in views]).mean(0)
     torch.testing.assert_close(ten_crop_probs(Probe(), x), want)
@@ -94,8 +97,8 @@ def test_ten_crop_averages_the_ten_crops_of_the_upscaled_image() -> None:
 def test_multiscale_averages_every_scale_and_its_flip() -> None:
     x = _image()
     views = []
-    for s in PAPER_SCALES:  # shorter side 16 * s / 224
-        xi = TF.resize(x, [round(16 * s / 224)], antialias=True) if s != 224 else x
+    for s in PAPER_SCALES:  # the shorter side to each of the paper's sizes
+        xi = TF.resize(x, [s], antialias=True) if s != 224 else x
         views += [xi, xi.flip(-1)]
     assert len(views) == 10
     want = torch.stack([Probe()(v).softmax(1) for v in views]).mean(0)
@@ -125,3 +128,26 @@ def test_recompute_bn_gives_the_exact_average_of_the_batch_statistics() -> None:
     torch.testing.assert_close(bn.running_mean, torch.stack(means).mean(0))
     torch.testing.assert_close(bn.running_var, torch.stack(variances).mean(0))
     assert bn.momentum == 0.1 and not model.training  # the model is left as it was given
+
+
+def test_recompute_bn_reads_the_first_max_batches_and_no_more() -> None:
+    """Batch i holds {i, i + 1}: its mean is i + 0.5, so the running mean says exactly how
+    many batches were read (the default is 200)."""
+    batches = [(torch.tensor([i, i + 1.0]).view(2, 1, 1, 1), torch.zeros(2))
+               for i in range(201)]
+    for max_batches, want in ((None, 100.0), (3, 1.5)):
+        bn = nn.BatchNorm2d(1)
+        if max_batches is None:
+            recompute_bn(bn, batches)
+        else:
+            recompute_bn(bn, batches, max_batches=max_batches)
+        assert bn.running_mean.item() == pytest.approx(want)
+        assert bn.num_batches_tracked.item() == (max_batches or 200)
+        assert bn.momentum == 0.1  # restored after stopping early too
+
+
+def test_report_holds_what_eval_json_promises() -> None:
+    res = EvalResult(0.25, 0.0, 0.5, 4, [1.0, 0.5], [[1, 0], [1, 2]])
+    assert res.report(["cat", "dog"], split="test") == {
+        "split": "test", "top1_error": 0.25, "top5_error": 0.0, "loss": 0.5, "count": 4,
+        "per_class_accuracy": {"cat": 1.0, "dog": 0.5}, "confusion": [[1, 0], [1, 2]]}

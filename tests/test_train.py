@@ -122,6 +122,10 @@ def test_resume_after_the_conditional_warmup_ended_is_bit_identical(
     b = resnetlab.load_model(resumed.weights).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _logged_lrs(tmp_path / "cut") == _logged_lrs(tmp_path / "full")
+    # The resumed run checkpoints the warm-up's end as it read it, not a reset one.
+    last = load_checkpoint(latest_checkpoint(tmp_path / "cut" / "checkpoints"),
+                           resnetlab.create_model("resnet8", in_chans=1, num_classes=10))
+    assert last["schedule"] == state["schedule"]
 
 
 def test_resume_before_the_warmup_ends_and_final_holds_the_ema(
