@@ -17,6 +17,7 @@ from resnetlab.evaluate import (
     EvalResult,
     evaluate,
     multiscale_probs,
+    predict_probs,
     recompute_bn,
     ten_crop_probs,
 )
@@ -65,6 +66,7 @@ def test_evaluate_on_fixed_logits_matches_the_hand_count() -> None:
     for true, pred in ((0, 0), (1, 2), (2, 0), (3, 3), (4, 3), (6, 0)):
         want[true][pred] += 1
     assert res.confusion == want
+    assert all(type(v) is int for row in res.confusion for v in row)  # counts, in eval.json
 
 
 class Probe(nn.Module):
@@ -103,6 +105,10 @@ def test_multiscale_averages_every_scale_and_its_flip() -> None:
     assert len(views) == 10
     want = torch.stack([Probe()(v).softmax(1) for v in views]).mean(0)
     torch.testing.assert_close(multiscale_probs(Probe(), x), want)
+    # The default view is the plain one (paper sec. 3.4's single-crop numbers).
+    torch.testing.assert_close(predict_probs(Probe(), x), Probe()(x).softmax(1))
+    with pytest.raises(ValueError, match=r"tta must be one of .*'center', '10crop'"):
+        predict_probs(Probe(), x, "5crop")
 
 
 def test_recompute_bn_gives_the_exact_average_of_the_batch_statistics() -> None:
@@ -151,3 +157,5 @@ def test_report_holds_what_eval_json_promises() -> None:
     assert res.report(["cat", "dog"], split="test") == {
         "split": "test", "top1_error": 0.25, "top5_error": 0.0, "loss": 0.5, "count": 4,
         "per_class_accuracy": {"cat": 1.0, "dog": 0.5}, "confusion": [[1, 0], [1, 2]]}
+    with pytest.raises(ValueError):  # names that do not match the classes are refused
+        res.report(["cat"])
