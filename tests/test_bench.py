@@ -35,6 +35,25 @@ def test_ratio_is_paired_by_round() -> None:
     assert ratio(a, b) == 2.0
 
 
+@pytest.mark.parametrize(("gflops", "sizes"), [(1.0, [256, 512, 512, 512]),
+                                               (200.0, [256, 512, 1024, 2048, 2048])])
+def test_gemm_rate_sizes_its_products_to_the_cpu(monkeypatch: pytest.MonkeyPatch,
+                                                 gflops: float, sizes: list[int]) -> None:
+    # An emulated precision (bf16 on an AVX2 CPU: about 1 GFLOP/s) stops growing at 512,
+    # where one product takes a quarter second; a native one reaches 2048 as before.
+    from resnetlab.benchmarks import common
+
+    timed: list[int] = []
+
+    def product_seconds(n: int, dtype: torch.dtype) -> float:
+        timed.append(n)
+        return 2 * n ** 3 / (gflops * 1e9)
+
+    monkeypatch.setattr(common, "_product_seconds", product_seconds)
+    assert common.gemm_gflops(torch.bfloat16, reps=2) == pytest.approx(gflops)
+    assert timed == sizes
+
+
 def test_bench_train_runs_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "train.json"
     assert run_benchmark("train", ["--cases", "resnet20-28x28x1", "--rounds", "1", "--calls",
