@@ -22,6 +22,7 @@ from resnetlab.data.sources import (
     locate_fashion_mnist,
     md5sum,
 )
+from resnetlab.errors import ConfigError
 from resnetlab.images import ImageError
 from resnetlab.train.config import DataConfig
 
@@ -320,3 +321,40 @@ def test_build_data_for_mnist_idx(tmp_path: Path) -> None:
     assert data.classes[:3] == ["0", "1", "2"] and len(data.test.data) == 20
     with pytest.raises(DataError, match="MD5"):
         build_data(DataConfig(dataset="mnist", data_dir=str(tmp_path), val_split=10), 8, 8, 0)
+
+
+def test_folder_loaders_follow_the_settings(tmp_path: Path, folder_dir: Path) -> None:
+    # Training shuffles in batches of batch_size; evaluation reads in folder order in batches
+    # of eval_batch_size; channels_last and the colour augmentation's std reach the loaders.
+    from resnetlab.data.folder import Lighting
+
+    cfg = DataConfig(dataset="folder", data_dir=str(folder_dir), val_split=0, image_size=28,
+                     workers=0, lighting=0.3)
+    data = build_data(cfg, batch_size=32, eval_batch_size=50, seed=0, channels_last=True)
+    x, y = next(iter(data.train.batches(0)))
+    xe, ye = next(iter(data.train_eval.batches(0)))
+    assert x.shape[0] == 32 and xe.shape[0] == 50 and len(data.train) == 640 // 32
+    assert ye.tolist() == sorted(ye.tolist()) and y.tolist() != sorted(y.tolist())
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in (x, xe))
+    steps = data.train.dataset.dataset.transform.transforms
+    assert [t.alphastd for t in steps if isinstance(t, Lighting)] == [0.3]
+
+
+def test_strict_applies_to_evaluation_of_the_training_split_not_to_training(
+        tmp_path: Path) -> None:
+    root = _image_folders(tmp_path, 1)
+    cfg = DataConfig(dataset="folder", data_dir=str(root), val_split=0, image_size=24,
+                     workers=0, max_bad_fraction=0.5)
+    data = build_data(cfg, batch_size=4, eval_batch_size=13, seed=0, strict=True)
+    assert sum(len(y) for _, y in data.train.batches(0)) >= 11  # skipped, not fatal
+    with pytest.raises(ImageError, match=str(root / "train" / "cat" / "broken0.jpg")):
+        list(data.train_eval.batches(0))  # what --recompute-bn reads
+
+
+def test_folder_setting_errors_say_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs --data-dir with train/ and val/"):
+        build_data(DataConfig(dataset="folder"), 4, 4, 0)
+    root = _image_folders(tmp_path, 0)
+    (root / "val" / "cat").rename(root / "val" / "cow")
+    with pytest.raises(DataError, match=r"val has classes \['cow', 'dog'\], train has \['cat'"):
+        build_data(DataConfig(dataset="folder", data_dir=str(root), val_split=0), 4, 4, 0)
