@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,9 +119,25 @@ sys.exit(main(sys.argv[2:]))
 '''
 
 
-def _leftovers(tag: str) -> list[str]:
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [ln for ln in ps.splitlines() if tag in ln and "ps -eo" not in ln]
+def _leftovers(tag: str, grace_s: float = 30.0) -> list[str]:
+    """Live processes whose command line names `tag`. Read from /proc, not from `ps`, so a
+    process exiting while we look is skipped, as is a zombie; one still exiting (a
+    DataLoader worker notices its parent's end within seconds) gets `grace_s` to go."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8",
+                                                                                    "replace")
+                state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+            except (OSError, IndexError):
+                continue  # it exited while we looked
+            if tag in args and state != "Z":
+                found.append(f"{proc.name} {args}")
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 @pytest.mark.parametrize("restarts", [0, 1])
