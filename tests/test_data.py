@@ -24,6 +24,7 @@ from resnetlab.data.sources import (
 )
 from resnetlab.errors import ConfigError
 from resnetlab.images import ImageError
+from resnetlab.models.registry import IMAGENET_MEAN, IMAGENET_STD
 from resnetlab.train.config import DataConfig
 
 from .conftest import synthetic_images, write_idx
@@ -338,6 +339,10 @@ def test_folder_loaders_follow_the_settings(tmp_path: Path, folder_dir: Path) ->
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in (x, xe))
     steps = data.train.dataset.dataset.transform.transforms
     assert [t.alphastd for t in steps if isinstance(t, Lighting)] == [0.3]
+    assert data.val is None  # val_split=0: nothing held out
+    # What trained weights record, so that evaluation and serving normalise alike.
+    assert (data.in_chans, data.input_size) == (3, 28)
+    assert (data.mean, data.std) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 
 def test_strict_applies_to_evaluation_of_the_training_split_not_to_training(
