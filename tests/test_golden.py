@@ -111,6 +111,34 @@ def test_multiscale_averages_every_scale_and_its_flip() -> None:
         predict_probs(Probe(), x, "5crop")
 
 
+def test_multiscale_and_ten_crop_scale_the_shorter_side_of_a_wide_image() -> None:
+    # A whole image is scored fully convolutionally at any aspect: the scale is that of its
+    # shorter side (here the height), as the paper's {224, ..., 640} are shorter sides.
+    x = _image(300)[..., :224, :]  # 224 high, 300 wide
+    views = [TF.resize(x, [round(224 * r)], antialias=True) for r in (1.5, 2.0)]
+    views += [v.flip(-1) for v in views]
+    assert views[0].shape[-2:] == (336, 450)
+    want = torch.stack([Probe()(v).softmax(1) for v in views]).mean(0)
+    torch.testing.assert_close(multiscale_probs(Probe(), x, scales=[1.5, 2.0]), want)
+    big = TF.resize(x, [256], antialias=True)  # 256 x 342: crops of 224, the shorter side
+    crops = [big[..., :224, :224], big[..., :224, -224:], big[..., -224:, :224],
+             big[..., -224:, -224:], big[..., 16:240, 59:283]]
+    views = crops + [c.flip(-1) for c in crops]
+    want = torch.stack([Probe()(v).softmax(1) for v in views]).mean(0)
+    torch.testing.assert_close(ten_crop_probs(Probe(), x), want)
+
+
+def test_multiscale_below_the_native_size_antialiases() -> None:
+    # A shrunken view is low-pass filtered first, or fine detail aliases. The paper's
+    # scales only enlarge, where torchvision's antialias changes nothing; a user's may not.
+    x = torch.rand(1, 1, 224, 224, generator=torch.Generator().manual_seed(0))
+    small = TF.resize(x, [112], antialias=True)
+    want = torch.stack([Probe()(v).softmax(1) for v in (small, small.flip(-1))]).mean(0)
+    torch.testing.assert_close(multiscale_probs(Probe(), x, scales=[0.5]), want)
+    aliased = TF.resize(x, [112], antialias=False)
+    assert (Probe()(aliased) - Probe()(small)).abs().max() > 0.05  # the probe tells them apart
+
+
 def test_recompute_bn_gives_the_exact_average_of_the_batch_statistics() -> None:
     gen = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(1, 4, 3, bias=False)

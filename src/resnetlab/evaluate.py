@@ -22,8 +22,9 @@ PAPER_SCALES = (224, 256, 384, 480, 640)
 
 
 def ten_crop_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Mean softmax over the 10 crops of a batch (crops of the input size, after upscaling)."""
-    size = x.shape[-1]
+    """Mean softmax over the 10 crops of a batch (square crops of the input's shorter side,
+    after upscaling that side by 256/224)."""
+    size = min(x.shape[-2:])
     big = TF.resize(x, [round(size * 256 / 224)], antialias=True)
     crops = TF.ten_crop(big, [size, size])
     return torch.stack([model(c).softmax(1) for c in crops]).mean(0)
@@ -31,12 +32,13 @@ def ten_crop_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def multiscale_probs(model: nn.Module, x: torch.Tensor,
                      scales: Iterable[float] | None = None) -> torch.Tensor:
-    """Mean softmax over whole images resized to several scales, with their flips."""
-    size = x.shape[-1]
+    """Mean softmax over whole images resized to several scales, with their flips; a scale
+    is the shorter side's new length over its length now."""
+    size = min(x.shape[-2:])
     ratios = scales or [s / 224 for s in PAPER_SCALES]
     probs = []
     for r in ratios:
-        xi = TF.resize(x, [round(size * r)], antialias=True) if r != 1 else x
+        xi = TF.resize(x, [round(size * r)], antialias=True)  # at r = 1: x itself
         probs += [model(xi).softmax(1), model(xi.flip(-1)).softmax(1)]
     return torch.stack(probs).mean(0)
 
