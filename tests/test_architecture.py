@@ -148,3 +148,14 @@ def test_average_pool_shortcuts_keep_the_last_row_of_odd_maps() -> None:
     assert z.shape == (1, 2, 4, 4) and torch.equal(z[:, :1], y)
     branch = conv3x3(1, 1, 2)(x)
     assert branch.shape == y.shape  # so the residual addition lines up
+
+
+def test_shortcut_defaults_are_the_papers_options_a_and_b() -> None:
+    # Built bare, a shortcut is the paper's own (Table 3): A takes every second pixel and
+    # appends zero channels; B is a strided 1x1 conv and a BN. The D pool is opt-in.
+    x = torch.randn(2, 3, 5, 5)
+    want = torch.cat([x[:, :, ::2, ::2], torch.zeros(2, 2, 3, 3)], 1)
+    assert torch.equal(ZeroPadShortcut(3, 5, 2)(x), want)
+    b = Projection(3, 5, 2)
+    assert isinstance(b.pool, nn.Identity) and b.conv.stride == (2, 2)
+    assert isinstance(b.bn, nn.BatchNorm2d)

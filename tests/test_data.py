@@ -253,6 +253,8 @@ def test_folder_hold_out_is_disjoint_from_what_trains(folder_dir: Path) -> None:
     assert len(train) == 600 and len(val) == 40 and not train & val
     assert plain == train  # BN re-estimation reads the training images, never the held-out
     assert len(data.train) == 600 // 32 and len(data.val) == 2
+    x, y = next(iter(data.val.batches(0)))  # un-augmented images of the held-out files
+    assert x.shape == (32, 3, 28, 28) and y.tolist() == sorted(y.tolist())
 
 
 def test_build_data_for_fashion_layout(fashion_dir: Path) -> None:
@@ -357,7 +359,8 @@ def test_strict_applies_to_evaluation_of_the_training_split_not_to_training(
 
 
 def test_folder_setting_errors_say_what_to_do(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="needs --data-dir with train/ and val/"):
+    with pytest.raises(ConfigError, match=r"^dataset=folder needs --data-dir with train/ and "
+                       r"val/ sub-folders$"):
         build_data(DataConfig(dataset="folder"), 4, 4, 0)
     root = _image_folders(tmp_path, 0)
     (root / "val" / "cat").rename(root / "val" / "cow")
