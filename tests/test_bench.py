@@ -139,3 +139,25 @@ def test_gpu_check_script_runs_its_cpu_path(tmp_path: Path, fashion_dir: Path) -
     assert res["demo"]["precision"] in ("fp32", "bf16")
     assert res["resnet50_step"]["ratio"] > 0 and res["torchrun"]["backend"] == "gloo"
     assert res["torchrun"]["exit"] == 0 and res["export_parity_exit"] == 0
+
+
+def test_mutation_table_scores_without_the_excused_equivalents() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "mutation_table", Path(__file__).parents[1] / "bench" / "mutation_table.py")
+    assert spec is not None and spec.loader is not None
+    mt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mt)
+    lines = ["    pkg.mod.x_f__mutmut_1: killed", "    pkg.mod.x_f__mutmut_2: survived",
+             "    pkg.mod.x_f__mutmut_3: survived", "    pkg.mod.x_f__mutmut_4: timeout",
+             "    pkg.mod.x_f__mutmut_5: no tests", "    pkg.mod.x_f__mutmut_6: not checked",
+             "    pkg.other.x_g__mutmut_1: killed"]
+    equivalents = mt.read_equivalents("# why each is equivalent\n"
+                                      "pkg.mod.x_f__mutmut_3  same on every input\n"
+                                      "pkg.mod.x_f__mutmut_1  listed, but a test tells it\n")
+    assert equivalents["pkg.mod.x_f__mutmut_3"] == "same on every input"
+    out = mt.table(lines, equivalents)
+    # killed 1 and 4; 3 excused; 2 and 5 (no test calls it) count against; 6 not run.
+    assert "| pkg.mod | 2 | 1 | 2 | 1 | 50.0% |" in out
+    assert "| pkg.other | 1 | 0 | 0 | 0 | 100.0% |" in out
+    assert "- pkg.mod.x_f__mutmut_2: survived\n- pkg.mod.x_f__mutmut_5: no tests" in out
+    assert out.endswith("(killed, or no longer written):\n- pkg.mod.x_f__mutmut_1")
