@@ -125,3 +125,29 @@ def test_preset_then_config_file_then_set(tmp_path: Path,
     assert got["batch_size"] == 16 and got["optim"]["lr"] == 0.03  # the file's, over it
     assert got["eval_every"] == 3 and got["optim"]["momentum"] == 0.8  # --set, over both
     assert got["optim"]["weight_decay"] == 1e-4 and got["preset"] == "smoke"  # defaults kept
+
+
+def test_every_schedule_kind_by_hand() -> None:
+    """Values worked out by hand, with a floor, a non-zero warm-up start and a gamma other
+    than 0.1, so that each term of each formula shows."""
+    def sched(**kw: object) -> LRSchedule:
+        return LRSchedule(ScheduleConfig(**{"milestones": [], **kw}), 0.2)  # type: ignore[arg-type]
+
+    # Cosine over all 120 iterations (t = 1/3 at 40: cos = 0.5), floor 0.02; the first 40
+    # ramp linearly from 0.01 to the cosine's value there, 0.02 + 0.18 * 0.75 = 0.155.
+    cos = sched(kind="cosine", iterations=120, final_lr=0.02, warmup_iters=40, warmup_lr=0.01)
+    got = [cos(i) for i in (0, 20, 40, 60, 120, 150)]
+    assert got == pytest.approx([0.01, 0.0825, 0.155, 0.11, 0.02, 0.02], abs=1e-12)
+    # One-cycle: up from 0.05 to 0.2 over 20, then linearly down to 0.02 at 100.
+    one = sched(kind="onecycle", iterations=100, final_lr=0.02, warmup_iters=20,
+                warmup_lr=0.05)
+    got = [one(i) for i in (0, 10, 20, 60, 100, 130)]
+    assert got == pytest.approx([0.05, 0.125, 0.2, 0.11, 0.02, 0.02], abs=1e-12)
+    # A decay of no length: straight to the floor after the peak.
+    flat = sched(kind="onecycle", iterations=20, final_lr=0.02, warmup_iters=20)
+    assert (flat(20), flat(21)) == (pytest.approx(0.2), pytest.approx(0.02))
+    step = sched(kind="multistep", milestones=[10, 20], gamma=0.5)
+    assert [step(i) for i in (9, 10, 19, 20, 1000)] == pytest.approx([0.2, 0.1, 0.1, 0.05, 0.05])
+    const = sched(kind="constant", warmup_iters=10)
+    assert [const(i) for i in (0, 5, 10, 10**6)] == pytest.approx([0.0, 0.1, 0.2, 0.2])
+    assert sched(kind="constant").warmup.done  # no conditional warm-up asked for
