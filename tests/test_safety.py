@@ -151,6 +151,27 @@ def test_failing_save_keeps_previous_checkpoint(tmp_path: Path,
     assert state["iteration"] == 3
 
 
+def test_saves_keep_the_newest_and_clear_only_their_own_leftovers(tmp_path: Path) -> None:
+    root, model = tmp_path / "ckpts", resnetlab.create_model("resnet8")
+    root.mkdir()
+    (root / ".tmp-ckpt-00000009").mkdir()  # what a killed save leaves behind
+    (root / ".latest.x1.tmp").write_text("ckpt-00000009\n")
+    (root / "notes.txt").write_text("mine")  # not the saver's: never touched
+    for i in (1, 2, 3):
+        target = save_checkpoint(root, model, {"iteration": i}, None, {}, keep=2)
+    assert target == root / "ckpt-00000003"
+    assert sorted(p.name for p in root.iterdir()) == ["ckpt-00000002", "ckpt-00000003",
+                                                      "latest", "notes.txt"]
+    assert (root / "latest").read_text() == "ckpt-00000003\n"
+    # A resumed run that reaches iteration 3 again supersedes that checkpoint.
+    save_checkpoint(root, model, {"iteration": 3, "again": True}, None, {}, keep=2)
+    assert load_checkpoint(latest_checkpoint(root) or root, model)["again"] is True
+    (root / "ckpt-00000003" / "trainer_state.pt").unlink()  # a pointer to an incomplete one
+    assert latest_checkpoint(root) is None
+    (root / "latest").unlink()
+    assert latest_checkpoint(root) is None
+
+
 BOMB = '''
 import sys
 from pathlib import Path
