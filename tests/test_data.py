@@ -207,6 +207,10 @@ def test_pixel_and_channel_normalisation() -> None:
         torch.testing.assert_close(n.std.flatten(), x.std(dim=(0, 2, 3)))
         if mode == "channel":
             torch.testing.assert_close(out.std(dim=(0, 2, 3)), torch.ones(3), atol=1e-4, rtol=0)
+        else:  # the paper's per-pixel mean: one value per channel and position
+            torch.testing.assert_close(n.mean, x.mean(0))
+        # What trained weights record (as_lists) rebuilds the same normaliser.
+        assert torch.equal(Normalize(*n.as_lists())(imgs), out)
     with pytest.raises(ValueError, match="'channel' or 'pixel'"):
         Normalize.fit(imgs, "global")
 
