@@ -193,6 +193,13 @@ def test_holdout_is_disjoint_and_fixed() -> None:
     assert len(tr) == 45000 and len(va) == 5000
     assert len(set(tr.tolist()) | set(va.tolist())) == 50000
     assert torch.equal(holdout(50000, 5000)[1], va)
+    # Pinned: the same examples are held out in every version, whatever the run's seed,
+    # so validation numbers of old and new runs compare. Both parts come sorted.
+    assert [t.tolist() for t in holdout(10, 3)] == [[0, 2, 4, 5, 6, 8, 9], [1, 3, 7]]
+    assert holdout(10, 0)[0].tolist() == list(range(10)) and len(holdout(10, 0)[1]) == 0
+    for bad in (-1, 10):
+        with pytest.raises(ConfigError, match=rf"^val_split must be in \[0, 10\), got {bad}$"):
+            holdout(10, bad)
 
 
 def test_pixel_and_channel_normalisation() -> None:
@@ -370,3 +377,34 @@ def test_folder_setting_errors_say_what_to_do(tmp_path: Path) -> None:
     (root / "val" / "cat").rename(root / "val" / "cow")
     with pytest.raises(DataError, match=r"val has classes \['cow', 'dog'\], train has \['cat'"):
         build_data(DataConfig(dataset="folder", data_dir=str(root), val_split=0), 4, 4, 0)
+
+
+def test_in_memory_loaders_follow_the_settings(fashion_dir: Path) -> None:
+    cfg = DataConfig(data_dir=str(fashion_dir), verify=False, val_split=40, limit_train=200,
+                     limit_test=50, pad=0, flip=False)
+    data = build_data(cfg, batch_size=32, eval_batch_size=50, seed=0, channels_last=True)
+    # The limits apply before the hold-out: 200 -> 160 training, 40 held out; 50 test.
+    assert (len(data.train.data), len(data.val.data), len(data.test.data)) == (160, 40, 50)
+    assert (len(data.train), len(data.train_eval), len(data.test)) == (5, 4, 1)
+    assert data.train.augment is None  # neither crop nor flip asked for
+    x, y = next(iter(data.train.batches(0)))
+    xe, ye = next(iter(data.train_eval.batches(0)))
+    assert x.shape[0] == 32 and xe.shape[0] == 50
+    # (one channel is laid out alike either way, so the loaders' setting is what shows)
+    assert all(ld.channels_last for ld in (data.train, data.train_eval, data.val, data.test))
+    assert torch.equal(ye, data.train.data.labels[:50]) and not torch.equal(y, ye[:32])
+    # Without augmentation an epoch is the normalised training set, shuffled.
+    epoch = torch.cat([b for b, _ in data.train.batches(0)])
+    norm = Normalize(data.mean, data.std)
+    want = norm(data.train.data.images)
+    torch.testing.assert_close(epoch.sum(0), want.sum(0))
+    assert data.val is not None and not data.val.shuffle and data.val.augment is None
+    # Trained weights' statistics, when given, replace the fitted ones; with a crop asked
+    # for, training is augmented and evaluation is not.
+    given = build_data(DataConfig(data_dir=str(fashion_dir), verify=False, val_split=0,
+                                  pad=2, flip=False), 32, 50, 0, stats=([0.5], [0.25]))
+    assert (given.mean, given.std, given.val) == ([0.5], [0.25], None)
+    assert given.train.augment is not None and given.train.augment.pad == 2
+    assert given.train_eval.augment is None and given.test.augment is None
+    with pytest.raises(ConfigError, match=r"^batch_size 33 must divide by the 2 processes$"):
+        build_data(cfg, 33, 8, 0, world=2)
