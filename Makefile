@@ -46,9 +46,10 @@ test-all: lint
 	$(BIN)/pytest -m runtimes
 
 # Mutation score of the modules where a wrong number is silent (docs/testing.md). Slow
-# (tens of minutes on 2 cores), so not part of `make test`. The mutants are the functions
-# named below. It ends with the table of docs/testing.md; `.venv/bin/mutmut results`
-# lists the survivors and `.venv/bin/mutmut show NAME` prints one's diff.
+# (about an hour on 2 cores), so not part of `make test`. The mutants are the functions
+# named below; one torch thread per mutant, as two run at once. It ends with the table of
+# docs/testing.md, equivalent mutants excused by bench/mutation_equivalents.txt;
+# `.venv/bin/mutmut show NAME` prints one mutant's diff.
 MUTANTS := 'resnetlab.evaluate.*' 'resnetlab.train.schedule.*' 'resnetlab.train.checkpoint.*' \
 	'resnetlab.data.x_holdout*' 'resnetlab.data.x_build_data*' 'resnetlab.data.x__build_folder*' \
 	'resnetlab.data.memory.xǁNormalizeǁ*' 'resnetlab.models.layers.x__subsample*' \
@@ -57,5 +58,5 @@ MUTANTS := 'resnetlab.evaluate.*' 'resnetlab.train.schedule.*' 'resnetlab.train.
 
 mutation: setup
 	$(BIN)/pip install --quiet -e '.[dev,deploy,mutation]'
-	$(BIN)/mutmut run --max-children 2 $(MUTANTS)
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $(MUTANTS)
 	$(BIN)/mutmut results --all true | $(BIN)/python bench/mutation_table.py

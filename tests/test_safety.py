@@ -55,9 +55,13 @@ def test_crafted_trainer_state_is_refused_without_running(tmp_path: Path) -> Non
     marker = tmp_path / "pwned"
     with open(ckpt / "trainer_state.pt", "wb") as f:
         pickle.dump({"iteration": _Evil(marker)}, f, protocol=2)
-    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
+    with pytest.raises(CheckpointError, match="cannot be loaded safely") as err:
         load_checkpoint(ckpt, model)
     assert not marker.exists()
+    with pytest.raises(pickle.UnpicklingError) as why:  # what torch itself says, first line
+        torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    reason = str(why.value).splitlines()[0]
+    assert str(err.value) == f"{ckpt / 'trainer_state.pt'} cannot be loaded safely: {reason}"
     torch.save({"iteration": _Evil(marker)}, ckpt / "trainer_state.pt")
     with pytest.raises(CheckpointError):
         load_checkpoint(ckpt, model)
