@@ -97,7 +97,7 @@ def test_110_layer_warmup_switches_back_to_0_1() -> None:
     assert s(32000) == pytest.approx(0.01)
     restored = LRSchedule(resolve("cifar10-resnet110").schedule, 0.1)
     restored.load_state_dict(s.state_dict())
-    assert restored(401) == 0.1
+    assert restored(401) == 0.1 and restored.warmup == s.warmup  # where it ended, too
 
 
 def test_cosine_and_onecycle() -> None:

@@ -69,6 +69,24 @@ def test_evaluate_on_fixed_logits_matches_the_hand_count() -> None:
     assert all(type(v) is int for row in res.confusion for v in row)  # counts, in eval.json
 
 
+class CertainOrNot(nn.Module):
+    """Class 1 with certainty for an image of zeros, class 0 at e^3 : 1 for one of ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([[0.0, 1000.0], [3.0, 0.0]])[x[:, 0, 0, 0].long()]
+
+
+def test_summed_loss_keeps_small_batches_after_a_large_one() -> None:
+    # 100,000 examples scored certain and wrong sum to 2.8 million (-log 1e-12 each, the
+    # clamp); in float32 each later 0.049 would vanish into that sum: it is kept in float64.
+    big = (torch.zeros(100_000, 1, 1, 1), torch.zeros(100_000, dtype=torch.long))
+    small = [(torch.ones(1, 1, 1, 1), torch.zeros(1, dtype=torch.long))] * 1000
+    res = evaluate(CertainOrNot(), [big, *small], num_classes=2)
+    want = (100_000 * math.log(1e12) + 1000 * math.log1p(math.exp(-3))) / 101_000
+    assert res.loss == pytest.approx(want, rel=2e-6)  # float32 sums: 1.8e-5 too low
+    assert (res.top1_error, res.count) == (pytest.approx(100_000 / 101_000), 101_000)
+
+
 class Probe(nn.Module):
     """Logits that read different parts of the view and its scale: three corners, the mean,
     one interior pixel (which moves when the image is resized) and the width itself."""

@@ -1,9 +1,11 @@
 """Nothing runs code from a file, and a failed save keeps the previous checkpoint."""
 
 import contextlib
+import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -148,8 +150,10 @@ def test_failing_save_keeps_previous_checkpoint(tmp_path: Path,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("resnetlab.train.checkpoint.torch.save", disk_full)
-    with pytest.raises(CheckpointError, match=r"No space left on device.*previous checkpoint"):
+    with pytest.raises(CheckpointError) as err:
         save_checkpoint(tmp_path / "ckpts", model, {"iteration": 9}, None, {})
+    assert str(err.value) == f"cannot write a checkpoint in {tmp_path / 'ckpts'}: No space " \
+        "left on device; the previous checkpoint is kept"
     assert latest_checkpoint(tmp_path / "ckpts") == ckpt
     state = load_checkpoint(ckpt, resnetlab.create_model("resnet8"))
     assert state["iteration"] == 3
@@ -174,6 +178,55 @@ def test_saves_keep_the_newest_and_clear_only_their_own_leftovers(tmp_path: Path
     assert latest_checkpoint(root) is None
     (root / "latest").unlink()
     assert latest_checkpoint(root) is None
+    save_checkpoint(root, model, {"iteration": 4}, None, {})  # by default only the newest
+    assert sorted(p.name for p in root.glob("ckpt-*")) == ["ckpt-00000004"]
+
+
+def test_a_checkpoint_records_the_run_and_survives_leftovers_of_its_own_name(
+        tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    model = resnetlab.create_model("resnet8", num_classes=2)
+    root.mkdir()
+    (root / ".tmp-ckpt-00000001").mkdir()  # a save of this very iteration was killed
+    (root / ".tmp-ckpt-00000001" / "model.safetensors").write_text("torn")
+    target = save_checkpoint(root, model, {"iteration": 1}, ["cat", "dog"],
+                             {"mean": [0.5], "std": [0.25], "input_size": 28})
+    (root / ".tmp-ckpt-00000002").mkdir()
+    save_checkpoint(root, model, {"iteration": 2}, ["cat", "dog"], {}, keep=2)
+    config = json.loads((target / "config.json").read_text())
+    assert config["class_names"] == ["cat", "dog"]
+    assert (config["mean"], config["std"], config["input_size"]) == ([0.5], [0.25], 28)
+    deep = tmp_path / "new-run" / "deeper" / "checkpoints"  # no folder of it exists yet
+    assert save_checkpoint(deep, model, {"iteration": 5}, None, {}).is_dir()
+
+
+def test_pruning_what_is_already_gone_does_not_fail_a_save(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another process (a second trainer, a user's rm) may remove an old checkpoint or a
+    # leftover between the listing and the removal: the new checkpoint still counts.
+    from resnetlab.train import checkpoint
+
+    root, model = tmp_path / "ckpts", resnetlab.create_model("resnet8")
+    save_checkpoint(root, model, {"iteration": 1}, None, {})
+    (root / ".tmp-ckpt-00000007").mkdir()
+    (root / ".latest.zz.tmp").write_text("x")
+    rmtree, unlink = shutil.rmtree, Path.unlink
+
+    def vanished_first(path: Path, *args: object, **kwargs: object) -> None:
+        rmtree(path)
+        rmtree(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    def unlinked_first(self: Path, *args: object, **kwargs: object) -> None:
+        if self.name.endswith(".tmp"):
+            unlink(self)
+        unlink(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", vanished_first)
+    monkeypatch.setattr(Path, "unlink", unlinked_first)
+    save_checkpoint(root, model, {"iteration": 2}, None, {})
+    monkeypatch.undo()
+    assert latest_checkpoint(root) == root / "ckpt-00000002"
+    assert sorted(p.name for p in root.iterdir()) == ["ckpt-00000002", "latest"]
 
 
 BOMB = '''
