@@ -220,6 +220,13 @@ def test_pixel_and_channel_normalisation() -> None:
         assert torch.equal(Normalize(*n.as_lists())(imgs), out)
     with pytest.raises(ValueError, match="'channel' or 'pixel'"):
         Normalize.fit(imgs, "global")
+    # float32 out whatever torch's default dtype is (a notebook may have set float64).
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert Normalize([0.5], [0.25])(imgs).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
 
 
 def test_in_memory_hold_out_is_disjoint_and_the_normaliser_sees_train_only(
@@ -305,6 +312,8 @@ def test_build_data_for_image_folders(tmp_path: Path, caplog: pytest.LogCaptureF
     assert sum(len(y) for _, y in seen) >= 8  # the broken file is skipped, not fatal
     xs, ys = next(iter(data.test.batches(0)))
     assert xs.shape == (4, 3, 24, 24) and sorted(ys.tolist()) == [0, 0, 1, 1]
+    with caplog.at_level("WARNING"):  # not strict unless asked: the bad file is skipped
+        assert sum(len(y) for _, y in data.test.batches(0)) == 4
 
 
 def test_too_many_unreadable_files_stop_with_a_count(tmp_path: Path) -> None:
@@ -348,6 +357,8 @@ def test_folder_loaders_follow_the_settings(tmp_path: Path, folder_dir: Path) ->
     x, y = next(iter(data.train.batches(0)))
     xe, ye = next(iter(data.train_eval.batches(0)))
     assert x.shape[0] == 32 and xe.shape[0] == 50 and len(data.train) == 640 // 32
+    given = build_data(cfg, 32, 50, 0, stats=([0.1] * 3, [0.2] * 3))  # trained weights'
+    assert (given.mean, given.std) == ([0.1] * 3, [0.2] * 3)
     assert ye.tolist() == sorted(ye.tolist()) and y.tolist() != sorted(y.tolist())
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in (x, xe))
     steps = data.train.dataset.dataset.transform.transforms
@@ -404,6 +415,7 @@ def test_in_memory_loaders_follow_the_settings(fashion_dir: Path) -> None:
     given = build_data(DataConfig(data_dir=str(fashion_dir), verify=False, val_split=0,
                                   pad=2, flip=False), 32, 50, 0, stats=([0.5], [0.25]))
     assert (given.mean, given.std, given.val) == ([0.5], [0.25], None)
+    assert not given.train.channels_last  # unless asked for
     assert given.train.augment is not None and given.train.augment.pad == 2
     assert given.train_eval.augment is None and given.test.augment is None
     with pytest.raises(ConfigError, match=r"^batch_size 33 must divide by the 2 processes$"):

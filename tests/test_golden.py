@@ -87,6 +87,24 @@ def test_summed_loss_keeps_small_batches_after_a_large_one() -> None:
     assert (res.top1_error, res.count) == (pytest.approx(100_000 / 101_000), 101_000)
 
 
+def test_evaluate_reports_progress_and_refuses_nothing_to_score() -> None:
+    seen: list[int] = []
+    one = [(torch.ones(1, 1, 1, 1), torch.zeros(1, dtype=torch.long))]
+    res = evaluate(CertainOrNot(), one * 3 + [(torch.zeros(2, 1, 1, 1), torch.ones(2).long())],
+                   num_classes=2, progress=seen.append)
+    assert seen == [1, 1, 1, 2] and res.count == 5 and res.top1_error == 0.0
+    assert evaluate(CertainOrNot(), one, num_classes=2).count == 1  # a single image is enough
+    with pytest.raises(ValueError, match=r"^evaluation got no examples$"):
+        evaluate(CertainOrNot(), [], num_classes=2)
+
+
+def test_the_model_device_is_where_its_parameters_are() -> None:
+    from resnetlab.evaluate import model_device
+
+    assert model_device(nn.Linear(2, 2, device="meta")) == torch.device("meta")
+    assert model_device(CertainOrNot()) == torch.device("cpu")  # no parameters at all
+
+
 class Probe(nn.Module):
     """Logits that read different parts of the view and its scale: three corners, the mean,
     one interior pixel (which moves when the image is resized) and the width itself."""
