@@ -159,3 +159,17 @@ def test_shortcut_defaults_are_the_papers_options_a_and_b() -> None:
     b = Projection(3, 5, 2)
     assert isinstance(b.pool, nn.Identity) and b.conv.stride == (2, 2)
     assert isinstance(b.bn, nn.BatchNorm2d)
+
+
+def test_make_shortcut_passes_every_choice_on() -> None:
+    from resnetlab.models.layers import make_shortcut
+
+    a = make_shortcut("A", 3, 5, 2, avg_down=True, preact=False)
+    assert isinstance(a, ZeroPadShortcut) and a.avg_down
+    assert isinstance(make_shortcut("B", 3, 5, 2, avg_down=False, preact=True).bn, nn.Identity)
+    with pytest.raises(ValueError, match=r"^shortcut must be one of \('A', 'B', 'C'\), got 'D'$"):
+        make_shortcut("D", 3, 5, 2, avg_down=False, preact=False)
+    x = torch.randn(1, 4, 6, 6)
+    assert torch.equal(ZeroPadShortcut(4, 4, 2)(x), x[:, :, ::2, ::2])  # subsampling only
+    with pytest.raises(ValueError, match=r"^option A cannot reduce channels \(4 -> 3\)$"):
+        ZeroPadShortcut(4, 3, 1)
