@@ -46,7 +46,7 @@ test-all: lint
 	$(BIN)/pytest -m runtimes
 
 # Mutation score of the modules where a wrong number is silent (docs/testing.md). Slow
-# (about an hour on 2 cores), so not part of `make test`. The mutants are the functions
+# (about half an hour on 2 cores), so not part of `make test`. The mutants are the functions
 # named below; one torch thread per mutant, as two run at once. It ends with the table of
 # docs/testing.md, equivalent mutants excused by bench/mutation_equivalents.txt;
 # `.venv/bin/mutmut show NAME` prints one mutant's diff.
