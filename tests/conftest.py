@@ -11,8 +11,8 @@ import torch
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under `make mutation`, fastest tests first. mutmut stops a mutant's run at its first
-    failing test, so a mutant that a quick test kills no longer waits for the training runs
-    that came first by chance; only survivors pay for every test."""
+    failing test, so a mutant that a quick test kills no longer waits for slow tests that
+    came first by chance; only survivors pay for every test."""
     stats = Path("mutmut-stats.json")  # mutmut runs the tests from mutants/, beside it
     if "MUTANT_UNDER_TEST" not in os.environ or not stats.exists():
         return
