@@ -135,7 +135,7 @@ def test_fused_model_is_as_exact_as_float32_allows(name: str, size: int, pairs: 
                                                    fwd: float, grad: float) -> None:
     """One fused float32 training step against float64. The bounds are fixed: PyTorch's own
     float32 step is no yardstick, its error depends on the CPU's ISA (its channels_last BN
-    backward was off by 1% on ResNet-110 on an AVX2 EPYC, exact on others). A wrong kernel
+    backward was off by 1% on ResNet-110 on an AVX2 EPYC). A wrong kernel
     is off by far more than these bounds."""
     plain = create_model(name, num_classes=10).to(memory_format=torch.channels_last)
     exact, fused = copy.deepcopy(plain).double(), copy.deepcopy(plain)
