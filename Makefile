@@ -29,7 +29,7 @@ demo: setup data
 	$(BIN)/resnetlab train --preset fashion-mnist --out runs/demo --resume auto
 
 lint: setup
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests tools
 	$(BIN)/mypy src
 
 # Tests that load ONNX Runtime or OpenVINO run in a second pytest process: in one process
@@ -48,7 +48,7 @@ test-all: lint
 # Mutation score of the modules where a wrong number is silent (docs/testing.md). Slow
 # (about half an hour on 2 cores), so not part of `make test`. The mutants are the functions
 # named below; one torch thread per mutant, as two run at once. It ends with the table of
-# docs/testing.md, equivalent mutants excused by bench/mutation_equivalents.txt;
+# docs/testing.md, equivalent mutants excused by tools/mutation_equivalents.txt;
 # `.venv/bin/mutmut show NAME` prints one mutant's diff.
 MUTANTS := 'resnetlab.evaluate.*' 'resnetlab.train.schedule.*' 'resnetlab.train.checkpoint.*' \
 	'resnetlab.data.x_holdout*' 'resnetlab.data.x_build_data*' 'resnetlab.data.x__build_folder*' \
@@ -59,4 +59,4 @@ MUTANTS := 'resnetlab.evaluate.*' 'resnetlab.train.schedule.*' 'resnetlab.train.
 mutation: setup
 	$(BIN)/pip install --quiet -e '.[dev,deploy,mutation]'
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $(MUTANTS)
-	$(BIN)/mutmut results --all true | $(BIN)/python bench/mutation_table.py
+	$(BIN)/mutmut results --all true | $(BIN)/python tools/mutation_table.py

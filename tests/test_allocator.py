@@ -41,7 +41,7 @@ print(big + (4 << 20) <= libc.sbrk(0), trimmed)
 def _probe(mode: str) -> tuple[bool, bool]:
     spec = importlib.util.find_spec("resnetlab")  # finds the package without importing it
     assert spec is not None and spec.origin is not None
-    source = Path(spec.origin).parent / "allocator.py"
+    source = Path(spec.origin).parent / "train" / "allocator.py"
     out = subprocess.run([sys.executable, "-c", PROBE, mode, str(source)], capture_output=True,
                          text=True, check=True, timeout=60)
     on_heap, trimmed = out.stdout.split()

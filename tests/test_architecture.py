@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import resnetlab
-from resnetlab.complexity import count_params, meta_model, model_summary
 from resnetlab.models import Bottleneck, Projection, ZeroPadShortcut
+from resnetlab.models.complexity import count_params, meta_model, model_summary
 from resnetlab.models.layers import conv3x3
 from resnetlab.models.registry import PAPER_MACS
 

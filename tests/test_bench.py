@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resnetlab.benchmarks import BENCHMARKS, run_benchmark
+from resnetlab.benchmarks import BENCHMARKS, gpu_check, run_benchmark
+from resnetlab.benchmarks import winograd as wino
 from resnetlab.benchmarks.common import Timing, alternate, ratio
 from resnetlab.cli import main
 
@@ -101,17 +102,13 @@ def test_bench_cli_lists_and_dispatches(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit) as e:
         main(["bench", "infer", "--help"])
     assert e.value.code == 0 and "--batches" in capsys.readouterr().out
-    assert set(BENCHMARKS) == {"train", "infer", "data", "time-to-accuracy"}
+    assert set(BENCHMARKS) == {"train", "infer", "data", "time-to-accuracy", "winograd",
+                               "gpu-check"}
 
 
 def test_winograd_ceiling_convolution_is_exact() -> None:
-    """bench/winograd_ceiling.py times F(4x4, 3x3)'s products; its convolution must be right,
+    """`resnetlab bench winograd` times F(4x4, 3x3)'s products; its convolution must be right,
     sizes that are not multiples of the tile included."""
-    spec = importlib.util.spec_from_file_location(
-        "winograd_ceiling", Path(__file__).parents[1] / "bench" / "winograd_ceiling.py")
-    assert spec is not None and spec.loader is not None
-    wino = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(wino)
     gen = torch.Generator().manual_seed(0)
     for c_in, c_out, size in [(3, 5, 7), (8, 4, 13), (16, 16, 16)]:
         w = torch.randn(c_out, c_in, 3, 3, generator=gen)
@@ -124,13 +121,8 @@ def test_winograd_ceiling_convolution_is_exact() -> None:
 
 @pytest.mark.runtimes  # its export step loads ONNX Runtime
 def test_gpu_check_script_runs_its_cpu_path(tmp_path: Path, fashion_dir: Path) -> None:
-    """bench/gpu_check.py runs rarely, on a lent GPU; its CPU path at toy sizes runs here so
-    that it works when a GPU is at hand (only the CUDA device itself is left out)."""
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check", Path(__file__).parents[1] / "bench" / "gpu_check.py")
-    assert spec is not None and spec.loader is not None
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    """`resnetlab bench gpu-check` runs rarely, on a lent GPU; its CPU path at toy sizes runs
+    here so that it works when a GPU is at hand (only the CUDA device itself is left out)."""
     out = tmp_path / "gpu.json"
     assert gpu_check.main(["--device", "cpu", "--quick", "--data-dir", str(fashion_dir),
                            "--no-verify", "--json", str(out)]) == 0
@@ -143,7 +135,7 @@ def test_gpu_check_script_runs_its_cpu_path(tmp_path: Path, fashion_dir: Path) -
 
 def test_mutation_table_scores_without_the_excused_equivalents() -> None:
     spec = importlib.util.spec_from_file_location(
-        "mutation_table", Path(__file__).parents[1] / "bench" / "mutation_table.py")
+        "mutation_table", Path(__file__).parents[1] / "tools" / "mutation_table.py")
     assert spec is not None and spec.loader is not None
     mt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mt)

@@ -6,7 +6,9 @@ import pytest
 import yaml
 
 from resnetlab.errors import ConfigError
+from resnetlab.reproduce.common import get_scale
 from resnetlab.train.config import PRESETS, ScheduleConfig, parse_set, resolve, to_yaml
+from resnetlab.train.recipes import CifarNet, cifar_recipe
 from resnetlab.train.schedule import LRSchedule
 
 
@@ -19,7 +21,38 @@ def test_paper_cifar_recipe() -> None:
     assert (s.warmup_lr, s.warmup_until_error) == (0.01, 0.8)
     assert cfg.data.val_split == 5000 and cfg.data.normalize == "pixel" and cfg.data.pad == 4
     assert resolve("cifar10-resnet56").schedule.warmup_until_error == 0
-    assert resolve("cifar10-plain20").model.name == "plain20"
+    plain = resolve("cifar10-plain20").model
+    assert (plain.name, plain.options) == ("resnet20", {"plain": True})
+
+
+@pytest.mark.parametrize("depth", [20, 56, 110, 1202])
+def test_one_cifar_recipe_for_presets_and_reproduce_and_twins(depth: int) -> None:
+    """The preset and a reproduce sub-run of the same net differ only in what a reproduce
+    scale sets (sizes, data set, precision); a plain twin only in its shortcuts. The
+    110-layer warm-up (paper sec. 4.2) is one rule for both twins."""
+    scale = get_scale("paper")
+    for net in (CifarNet(depth), CifarNet(depth, plain=True)):
+        if net.plain and depth == 1202:
+            continue  # no plain-1202 preset
+        preset = resolve(f"cifar10-{net.label}")
+        sub_run = scale.train_config(net)
+        assert (preset.model, preset.optim) == (sub_run.model, sub_run.optim)
+        assert preset.schedule == sub_run.schedule
+        assert (preset.data.normalize, preset.data.pad, preset.data.flip) == ("pixel", 4, True)
+        assert (sub_run.data.normalize, sub_run.data.pad, sub_run.data.flip) == ("pixel", 4, True)
+        warm = (preset.schedule.warmup_lr, preset.schedule.warmup_until_error)
+        assert warm == ((0.01, 0.8) if depth >= 110 else (0.0, 0.0))
+    twins = [resolve(f"cifar10-{n}{depth}") for n in ("resnet", "plain") if depth != 1202]
+    if twins:
+        assert twins[0].schedule == twins[1].schedule and twins[0].optim == twins[1].optim
+        assert twins[1].model.options == {"plain": True} and twins[0].model.options == {}
+
+
+def test_recipe_settings_are_mappings_checked_like_any_other() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.lrr'"):
+        resolve(None, settings=[{"optim": {"lrr": 0.1}}])
+    cfg = resolve(None, sets=["optim.lr=0.5"], settings=[cifar_recipe(CifarNet(32))])
+    assert cfg.optim.lr == 0.5 and cfg.model.name == "resnet32"  # --set comes last
 
 
 def test_every_preset_resolves() -> None:

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from resnetlab.data import build_data, holdout
+from resnetlab.data import DataConfig, build_data, holdout
+from resnetlab.data.images import ImageError
 from resnetlab.data.memory import BatchAugment, InMemoryLoader, Normalize
 from resnetlab.data.sources import (
     ArrayDataset,
@@ -23,9 +24,7 @@ from resnetlab.data.sources import (
     md5sum,
 )
 from resnetlab.errors import ConfigError
-from resnetlab.images import ImageError
 from resnetlab.models.registry import IMAGENET_MEAN, IMAGENET_STD
-from resnetlab.train.config import DataConfig
 
 from .conftest import synthetic_images, write_idx
 

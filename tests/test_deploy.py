@@ -222,12 +222,12 @@ def test_export_folder_falls_back_to_the_cache(tmp_path: Path,
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(content)
         (folder / "export").write_text("a file where the folder would go")
-    got_a, got_b = backends.export_dir(a), backends.export_dir(b)
+    got_a, got_b = backends.export_folder(a), backends.export_folder(b)
     assert got_a.parent == tmp_path / "cache" / "export"
     assert got_a != got_b
     c = tmp_path / "c"
     c.mkdir()
-    assert backends.export_dir(c) == c / "export" and (c / "export").is_dir()
+    assert backends.export_folder(c) == c / "export" and (c / "export").is_dir()
 
 
 def test_a_failed_export_is_recorded_and_not_retried(tmp_path: Path,

@@ -15,7 +15,7 @@ from torch import nn
 
 import resnetlab
 from resnetlab.data import build_data
-from resnetlab.evaluate import evaluate
+from resnetlab.evaluation.evaluate import evaluate
 from resnetlab.train.config import resolve
 from resnetlab.train.distributed import CPUSyncBatchNorm, convert_sync_bn
 from resnetlab.train.loop import train

@@ -12,8 +12,8 @@ from PIL import Image
 import resnetlab
 from resnetlab.cli import main
 from resnetlab.data import build_data
-from resnetlab.evaluate import evaluate
-from resnetlab.images import ImageError, load_image
+from resnetlab.data.images import ImageError, load_image
+from resnetlab.evaluation.evaluate import evaluate
 from resnetlab.train.config import resolve
 
 

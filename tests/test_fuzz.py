@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from resnetlab.data.images import ImageError, load_image
 from resnetlab.errors import ConfigError
-from resnetlab.images import ImageError, load_image
 from resnetlab.train.config import parse_set, resolve
 
 FAST = settings(max_examples=150, deadline=2000,

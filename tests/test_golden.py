@@ -12,7 +12,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import nn
 
-from resnetlab.evaluate import (
+from resnetlab.evaluation.evaluate import (
     PAPER_SCALES,
     EvalResult,
     evaluate,
@@ -99,7 +99,7 @@ def test_evaluate_reports_progress_and_refuses_nothing_to_score() -> None:
 
 
 def test_the_model_device_is_where_its_parameters_are() -> None:
-    from resnetlab.evaluate import model_device
+    from resnetlab.evaluation.evaluate import model_device
 
     assert model_device(nn.Linear(2, 2, device="meta")) == torch.device("meta")
     assert model_device(CertainOrNot()) == torch.device("cpu")  # no parameters at all

@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 import resnetlab
-from resnetlab.train.checkpoint import latest_checkpoint, load_checkpoint
+from resnetlab.train.checkpoint import load_checkpoint
 from resnetlab.train.config import resolve
 from resnetlab.train.loop import KILL_AT_ENV, train
 from resnetlab.train.report import MetricsLog
+from resnetlab.train.rundir import RunDir
 
 # 16 batches an epoch (512 examples, batch 32): checkpoints every 3 iterations fall
 # mid-epoch, and the evaluation at each epoch end (16, 32) saves one on the boundary.
@@ -40,8 +41,10 @@ def _run(data_dir: Path, out: Path, extra: list[str], log: Path,
                               timeout=300).returncode
 
 
-def _state(ckpts: Path) -> dict:
-    return torch.load(latest_checkpoint(ckpts) / "trainer_state.pt", weights_only=True)
+def _state(run: Path) -> dict:
+    ckpt = RunDir(run).latest_checkpoint()
+    assert ckpt is not None
+    return torch.load(ckpt / "trainer_state.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -52,20 +55,19 @@ def test_sigkill_mid_epoch_and_at_epoch_boundary_then_resume_is_bit_identical(
     reference = train(resolve("smoke", sets=[f"data.data_dir={data_dir}", *SETS, *extra]),
                       tmp_path / "reference", progress=False)
     out, log = tmp_path / "killed", tmp_path / "stderr.txt"
-    ckpts = out / "checkpoints"
     # Killed 2 steps after the mid-epoch checkpoint at 6: those steps are lost and redone.
     assert _run(data_dir, out, extra, log, kill_at=8) == -signal.SIGKILL, log.read_text()
-    state = _state(ckpts)
+    state = _state(out)
     assert (state["iteration"], state["epoch"], state["batch_in_epoch"]) == (6, 0, 6)
     # Resumed mid-epoch, then killed right after the checkpoint of the epoch's end.
     assert _run(data_dir, out, extra, log, kill_at=16) == -signal.SIGKILL, log.read_text()
-    state = _state(ckpts)
+    state = _state(out)
     assert (state["iteration"], state["epoch"], state["batch_in_epoch"]) == (16, 1, 0)
     assert _run(data_dir, out, extra, log) == 0, log.read_text()  # from the boundary on
     a, b = load_file(reference.weights / "model.safetensors"), \
         load_file(out / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = _state(tmp_path / "reference" / "checkpoints"), _state(ckpts)
+    sa, sb = _state(tmp_path / "reference"), _state(out)
     assert sa["iteration"] == sb["iteration"] == 40
     assert sa["recent_errors"] == sb["recent_errors"]
     if not extra:  # DataLoader iterators draw base seeds from it (unused: SeededSubset)
@@ -76,9 +78,9 @@ def test_sigkill_mid_epoch_and_at_epoch_boundary_then_resume_is_bit_identical(
     assert sa["ema"].keys() == sb["ema"].keys()
     assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])
     # The log has each logged iteration once, as the uninterrupted run has it.
-    logged = [(r["kind"], r["iteration"]) for r in MetricsLog(out).records()]
+    logged = [(r["kind"], r["iteration"]) for r in MetricsLog(RunDir(out)).records()]
     assert logged == [(r["kind"], r["iteration"])
-                      for r in MetricsLog(tmp_path / "reference").records()]
+                      for r in MetricsLog(RunDir(tmp_path / "reference")).records()]
 
 
 def test_resume_with_another_batch_stream_differs(tmp_path: Path, fashion_dir: Path,
@@ -116,7 +118,8 @@ import sys, torch
 from pathlib import Path
 import resnetlab
 from resnetlab.train.checkpoint import save_checkpoint
-root = Path(sys.argv[1])
+from resnetlab.train.rundir import RunDir
+run = RunDir(sys.argv[1])
 model = resnetlab.create_model("resnet8")
 i = int(sys.argv[2])
 while True:
@@ -124,14 +127,14 @@ while True:
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(i)
-    save_checkpoint(root, model, {"iteration": i, "rng": torch.get_rng_state()}, None, {})
+    save_checkpoint(run, model, {"iteration": i, "rng": torch.get_rng_state()}, None, {})
 '''
 
 
-def _saved_iteration(root: Path) -> int:
+def _saved_iteration(run: RunDir) -> int:
     """The iteration `latest` names, read once (-1 if none yet): while the saver runs, a
     second read could find the first one's checkpoint already pruned."""
-    ckpt = latest_checkpoint(root)
+    ckpt = run.latest_checkpoint()
     return -1 if ckpt is None else int(ckpt.name.split("-")[1])
 
 
@@ -139,18 +142,19 @@ def test_saves_killed_at_random_moments_always_leave_a_complete_checkpoint(
         tmp_path: Path) -> None:
     script = tmp_path / "saver.py"
     script.write_text(SAVER)
-    root = tmp_path / "ckpts"
+    run = RunDir(tmp_path / "run")
+    root = run.checkpoints
     rng = random.Random(0)
     last = 0
     for _ in range(8):
-        proc = subprocess.Popen([sys.executable, str(script), str(root), str(last)])
-        while _saved_iteration(root) <= last:
+        proc = subprocess.Popen([sys.executable, str(script), str(run.path), str(last)])
+        while _saved_iteration(run) <= last:
             assert proc.poll() is None
             time.sleep(0.01)
         time.sleep(rng.uniform(0, 0.3))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        ckpt = latest_checkpoint(root)
+        ckpt = run.latest_checkpoint()
         model = resnetlab.create_model("resnet8")
         state = load_checkpoint(ckpt, model)  # loads: complete, not torn
         assert all(torch.all(p == state["iteration"]) for p in model.parameters())
@@ -158,8 +162,8 @@ def test_saves_killed_at_random_moments_always_leave_a_complete_checkpoint(
         last = state["iteration"]
     # The next successful save cleans what killed saves left behind.
     leftovers = {p.name for p in root.iterdir() if p.name.startswith(".")}
-    proc = subprocess.Popen([sys.executable, str(script), str(root), str(last)])
-    while _saved_iteration(root) <= last + 1:
+    proc = subprocess.Popen([sys.executable, str(script), str(run.path), str(last)])
+    while _saved_iteration(run) <= last + 1:
         time.sleep(0.01)
     proc.kill()
     proc.wait()

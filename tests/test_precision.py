@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from resnetlab import ConfigError, precision
+from resnetlab.deploy.runtimes import RUNTIMES
 from resnetlab.precision import CPU, infer_candidates, this_cpu, train_precision
 from resnetlab.train.config import resolve, saved_config
 from resnetlab.train.loop import train
@@ -41,8 +42,9 @@ def test_auto_picks_only_what_the_cpu_runs_natively(kind: str, cap: str, train_a
     cpu = CPU(CPU_KINDS[kind].model, CPU_KINDS[kind].flags, cap)
     choice = train_precision("auto", torch.device("cpu"), cpu)
     assert choice.precision == train_auto and cpu.model in choice.reason
-    assert infer_candidates("openvino", cpu) == ov_auto
-    assert "bf16" not in infer_candidates("onnxruntime", cpu)  # ORT's CPU EP has no bf16
+    assert infer_candidates(RUNTIMES["openvino"].precisions, cpu) == ov_auto
+    # ORT's CPU EP has no bf16
+    assert "bf16" not in infer_candidates(RUNTIMES["onnxruntime"].precisions, cpu)
     assert cpu.kind == label
     # Asked for explicitly, a precision is honoured, and an emulated one says so.
     forced = train_precision("bf16", torch.device("cpu"), cpu)
@@ -73,7 +75,7 @@ def test_emulated_avx2_cpu_trains_and_infers_in_fp32(tmp_path: Path) -> None:
     code = ("import json, torch; from resnetlab.precision import *; c = this_cpu(); "
             "print(json.dumps([c.native_bf16, c.native_int8, c.kind, "
             "train_precision('auto', torch.device('cpu')).precision, "
-            "infer_candidates('openvino')]))")
+            "infer_candidates(('fp32', 'bf16', 'int8'))]))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, check=True).stdout
     assert json.loads(out) == [False, False, "avx2", "fp32", ["fp32"]]

@@ -11,10 +11,11 @@ from PIL import Image
 import resnetlab
 from resnetlab.cli import main
 from resnetlab.reproduce import EXPERIMENTS, run_experiment
-from resnetlab.reproduce.common import SCALES, Net, get_scale
+from resnetlab.reproduce.common import SCALES, get_scale
 from resnetlab.reproduce.gradients import conv_grad_norms
 from resnetlab.reproduce.lesion import blocks, deletable, delete
 from resnetlab.reproduce.responses import response_layers, response_stds
+from resnetlab.train.recipes import CifarNet
 
 from .conftest import interrupt_at
 
@@ -46,7 +47,7 @@ def test_degradation_report_holds_the_runs_numbers(root: Path) -> None:
     assert results["scale"] == "smoke" and set(results["errors"]) == {"8", "14"}
     for depth in (8, 14):
         for plain in (False, True):
-            err = _eval_error(root / "runs" / Net(depth, plain=plain).label)
+            err = _eval_error(root / "runs" / CifarNet(depth, plain=plain).label)
             key = "plain_test" if plain else "resnet_test"
             assert results["errors"][str(depth)][key] == err
             assert f"{100 * err:.2f}" in report
@@ -157,7 +158,7 @@ def test_gradients_shortcuts_preact_table1(root: Path, fashion_dir: Path) -> Non
     short = json.loads((root / "shortcuts" / "results.json").read_text())
     assert short["params"]["A"] < short["params"]["B"] < short["params"]["C"]
     for opt in "ABC":
-        label = Net(8, shortcut=opt).label
+        label = CifarNet(8, shortcut=opt).label
         assert short["test_error"][opt] == _eval_error(root / "runs" / label)
     table = (root / "table1" / "report.md").read_text()
     assert "| resnet50 | 25,557,032 | 3.86 | 3.8 |" in table

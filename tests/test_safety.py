@@ -17,10 +17,10 @@ import torch
 import resnetlab
 from resnetlab.train.checkpoint import (
     CheckpointError,
-    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from resnetlab.train.rundir import RunDir
 
 SRC = Path(resnetlab.__file__).parent
 
@@ -48,7 +48,7 @@ def _saved(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     model = resnetlab.create_model("resnet8")
     state = {"iteration": 3, "optimizer": {}, "schedule": {}, "recent_errors": [],
              "rng": torch.get_rng_state()}
-    return save_checkpoint(tmp_path / "ckpts", model, state, None, {}), model
+    return save_checkpoint(RunDir(tmp_path / "run"), model, state, None, {}), model
 
 
 def test_crafted_trainer_state_is_refused_without_running(tmp_path: Path) -> None:
@@ -101,12 +101,12 @@ def _read_only(path: Path) -> Iterator[None]:
 
 def test_read_only_directory_keeps_previous_checkpoint(tmp_path: Path) -> None:
     ckpt, model = _saved(tmp_path)
-    with _read_only(tmp_path / "ckpts"):
+    with _read_only(tmp_path / "run" / "checkpoints"):
         with pytest.raises(CheckpointError, match=r"(Read-only file system|Permission "
                            r"denied).*previous checkpoint is kept"):
-            save_checkpoint(tmp_path / "ckpts", model, {"iteration": 4}, None, {})
-        assert latest_checkpoint(tmp_path / "ckpts") == ckpt
-    assert latest_checkpoint(tmp_path / "ckpts") == ckpt
+            save_checkpoint(RunDir(tmp_path / "run"), model, {"iteration": 4}, None, {})
+        assert RunDir(tmp_path / "run").latest_checkpoint() == ckpt
+    assert RunDir(tmp_path / "run").latest_checkpoint() == ckpt
     assert load_checkpoint(ckpt, resnetlab.create_model("resnet8"))["iteration"] == 3
 
 
@@ -128,8 +128,9 @@ def test_checkpoint_reaches_the_disk_before_latest_points_at_it(
 
     monkeypatch.setattr(os, "fsync", logged_fsync)
     monkeypatch.setattr(os, "replace", logged_replace)
-    root = tmp_path / "ckpts"
-    target = save_checkpoint(root, resnetlab.create_model("resnet8"), {"iteration": 5}, None, {})
+    run = RunDir(tmp_path / "run")
+    root = run.checkpoints
+    target = save_checkpoint(run, resnetlab.create_model("resnet8"), {"iteration": 5}, None, {})
     moved = events.index(("replace", str(target)))
     synced = [path for kind, path in events[:moved] if kind == "fsync"]
     tmp = str(root / f".tmp-{target.name}")
@@ -151,52 +152,54 @@ def test_failing_save_keeps_previous_checkpoint(tmp_path: Path,
 
     monkeypatch.setattr("resnetlab.train.checkpoint.torch.save", disk_full)
     with pytest.raises(CheckpointError) as err:
-        save_checkpoint(tmp_path / "ckpts", model, {"iteration": 9}, None, {})
-    assert str(err.value) == f"cannot write a checkpoint in {tmp_path / 'ckpts'}: No space " \
-        "left on device; the previous checkpoint is kept"
-    assert latest_checkpoint(tmp_path / "ckpts") == ckpt
+        save_checkpoint(RunDir(tmp_path / "run"), model, {"iteration": 9}, None, {})
+    assert str(err.value) == f"cannot write a checkpoint in {tmp_path / 'run' / 'checkpoints'}: " \
+        "No space left on device; the previous checkpoint is kept"
+    assert RunDir(tmp_path / "run").latest_checkpoint() == ckpt
     state = load_checkpoint(ckpt, resnetlab.create_model("resnet8"))
     assert state["iteration"] == 3
 
 
 def test_saves_keep_the_newest_and_clear_only_their_own_leftovers(tmp_path: Path) -> None:
-    root, model = tmp_path / "ckpts", resnetlab.create_model("resnet8")
-    root.mkdir()
+    run, model = RunDir(tmp_path / "run"), resnetlab.create_model("resnet8")
+    root = run.checkpoints
+    root.mkdir(parents=True)
     (root / ".tmp-ckpt-00000009").mkdir()  # what a killed save leaves behind
     (root / ".latest.x1.tmp").write_text("ckpt-00000009\n")
     (root / "notes.txt").write_text("mine")  # not the saver's: never touched
     for i in (1, 2, 3):
-        target = save_checkpoint(root, model, {"iteration": i}, None, {}, keep=2)
+        target = save_checkpoint(run, model, {"iteration": i}, None, {}, keep=2)
     assert target == root / "ckpt-00000003"
     assert sorted(p.name for p in root.iterdir()) == ["ckpt-00000002", "ckpt-00000003",
                                                       "latest", "notes.txt"]
     assert (root / "latest").read_text() == "ckpt-00000003\n"
     # A resumed run that reaches iteration 3 again supersedes that checkpoint.
-    save_checkpoint(root, model, {"iteration": 3, "again": True}, None, {}, keep=2)
-    assert load_checkpoint(latest_checkpoint(root) or root, model)["again"] is True
+    save_checkpoint(run, model, {"iteration": 3, "again": True}, None, {}, keep=2)
+    assert load_checkpoint(run.latest_checkpoint() or root, model)["again"] is True
     (root / "ckpt-00000003" / "trainer_state.pt").unlink()  # a pointer to an incomplete one
-    assert latest_checkpoint(root) is None
+    assert run.latest_checkpoint() is None
     (root / "latest").unlink()
-    assert latest_checkpoint(root) is None
-    save_checkpoint(root, model, {"iteration": 4}, None, {})  # by default only the newest
+    assert run.latest_checkpoint() is None
+    save_checkpoint(run, model, {"iteration": 4}, None, {})  # by default only the newest
     assert sorted(p.name for p in root.glob("ckpt-*")) == ["ckpt-00000004"]
 
 
 def test_a_checkpoint_records_the_run_and_survives_leftovers_of_its_own_name(
         tmp_path: Path) -> None:
-    root = tmp_path / "checkpoints"
+    run = RunDir(tmp_path)
+    root = run.checkpoints
     model = resnetlab.create_model("resnet8", num_classes=2)
-    root.mkdir()
+    root.mkdir(parents=True)
     (root / ".tmp-ckpt-00000001").mkdir()  # a save of this very iteration was killed
     (root / ".tmp-ckpt-00000001" / "model.safetensors").write_text("torn")
-    target = save_checkpoint(root, model, {"iteration": 1}, ["cat", "dog"],
+    target = save_checkpoint(run, model, {"iteration": 1}, ["cat", "dog"],
                              {"mean": [0.5], "std": [0.25], "input_size": 28})
     (root / ".tmp-ckpt-00000002").mkdir()
-    save_checkpoint(root, model, {"iteration": 2}, ["cat", "dog"], {}, keep=2)
+    save_checkpoint(run, model, {"iteration": 2}, ["cat", "dog"], {}, keep=2)
     config = json.loads((target / "config.json").read_text())
     assert config["class_names"] == ["cat", "dog"]
     assert (config["mean"], config["std"], config["input_size"]) == ([0.5], [0.25], 28)
-    deep = tmp_path / "new-run" / "deeper" / "checkpoints"  # no folder of it exists yet
+    deep = RunDir(tmp_path / "new-run" / "deeper")  # no folder of it exists yet
     assert save_checkpoint(deep, model, {"iteration": 5}, None, {}).is_dir()
 
 
@@ -206,8 +209,9 @@ def test_pruning_what_is_already_gone_does_not_fail_a_save(
     # leftover between the listing and the removal: the new checkpoint still counts.
     from resnetlab.train import checkpoint
 
-    root, model = tmp_path / "ckpts", resnetlab.create_model("resnet8")
-    save_checkpoint(root, model, {"iteration": 1}, None, {})
+    run, model = RunDir(tmp_path / "run"), resnetlab.create_model("resnet8")
+    root = run.checkpoints
+    save_checkpoint(run, model, {"iteration": 1}, None, {})
     (root / ".tmp-ckpt-00000007").mkdir()
     (root / ".latest.zz.tmp").write_text("x")
     rmtree, unlink = shutil.rmtree, Path.unlink
@@ -223,16 +227,16 @@ def test_pruning_what_is_already_gone_does_not_fail_a_save(
 
     monkeypatch.setattr(checkpoint.shutil, "rmtree", vanished_first)
     monkeypatch.setattr(Path, "unlink", unlinked_first)
-    save_checkpoint(root, model, {"iteration": 2}, None, {})
+    save_checkpoint(run, model, {"iteration": 2}, None, {})
     monkeypatch.undo()
-    assert latest_checkpoint(root) == root / "ckpt-00000002"
+    assert run.latest_checkpoint() == root / "ckpt-00000002"
     assert sorted(p.name for p in root.iterdir()) == ["ckpt-00000002", "latest"]
 
 
 BOMB = '''
 import sys
 from pathlib import Path
-from resnetlab.images import ImageError, load_image
+from resnetlab.data.images import ImageError, load_image
 
 def peak_kib():
     line = [ln for ln in Path("/proc/self/status").read_text().splitlines()

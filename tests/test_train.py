@@ -10,10 +10,11 @@ from torch import nn
 
 import resnetlab
 from resnetlab.cli import main
-from resnetlab.train.checkpoint import latest_checkpoint, load_checkpoint
+from resnetlab.train.checkpoint import load_checkpoint
 from resnetlab.train.config import resolve
 from resnetlab.train.loop import NonFiniteLossError, make_optimizer, train
 from resnetlab.train.report import MetricsLog
+from resnetlab.train.rundir import RunDir
 
 from .conftest import interrupt_at
 
@@ -24,7 +25,7 @@ def _smoke(fashion_dir: Path, *sets: str):
 
 def _logged_lrs(run_dir: Path) -> list[tuple[int, float]]:
     """(iteration, lr) of every record the run logged, in order."""
-    return [(r["iteration"], r["lr"]) for r in MetricsLog(run_dir).records()]
+    return [(r["iteration"], r["lr"]) for r in MetricsLog(RunDir(run_dir)).records()]
 
 
 def test_overfits_a_tiny_batch() -> None:
@@ -86,14 +87,14 @@ def test_resume_is_bit_identical(tmp_path: Path, fashion_dir: Path,
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", progress=False)
     monkeypatch.undo()  # the schedule as it was
-    assert latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "ckpt-00000013"
+    assert RunDir(tmp_path / "cut").latest_checkpoint().name == "ckpt-00000013"
     resumed = train(cfg, tmp_path / "cut", resume=True, progress=False)
     a = resnetlab.load_model(full.weights).state_dict()
     b = resnetlab.load_model(resumed.weights).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    state_a = torch.load(latest_checkpoint(tmp_path / "full" / "checkpoints") /
+    state_a = torch.load(RunDir(tmp_path / "full").latest_checkpoint() /
                          "trainer_state.pt", weights_only=True)
-    state_b = torch.load(latest_checkpoint(tmp_path / "cut" / "checkpoints") /
+    state_b = torch.load(RunDir(tmp_path / "cut").latest_checkpoint() /
                          "trainer_state.pt", weights_only=True)
     mom_a = [v["momentum_buffer"] for v in state_a["optimizer"]["state"].values()]
     mom_b = [v["momentum_buffer"] for v in state_b["optimizer"]["state"].values()]
@@ -114,7 +115,7 @@ def test_resume_after_the_conditional_warmup_ended_is_bit_identical(
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", progress=False)
     monkeypatch.undo()
-    state = load_checkpoint(latest_checkpoint(tmp_path / "cut" / "checkpoints"),
+    state = load_checkpoint(RunDir(tmp_path / "cut").latest_checkpoint(),
                             resnetlab.create_model("resnet8", in_chans=1, num_classes=10))
     assert state["schedule"]["warmup_done"] and 0 <= state["schedule"]["warmup_ended_at"] < 13
     resumed = train(cfg, tmp_path / "cut", resume=True, progress=False)
@@ -123,7 +124,7 @@ def test_resume_after_the_conditional_warmup_ended_is_bit_identical(
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _logged_lrs(tmp_path / "cut") == _logged_lrs(tmp_path / "full")
     # The resumed run checkpoints the warm-up's end as it read it, not a reset one.
-    last = load_checkpoint(latest_checkpoint(tmp_path / "cut" / "checkpoints"),
+    last = load_checkpoint(RunDir(tmp_path / "cut").latest_checkpoint(),
                            resnetlab.create_model("resnet8", in_chans=1, num_classes=10))
     assert last["schedule"] == state["schedule"]
 
@@ -135,7 +136,7 @@ def test_resume_before_the_warmup_ends_and_final_holds_the_ema(
     cfg = _smoke(fashion_dir, "schedule.iterations=24", "eval_every=8", "precision=fp32",
                  "schedule.warmup_lr=0.2", "schedule.warmup_until_error=0.82", "ema_decay=0.8")
     full = train(cfg, tmp_path / "full", progress=False)
-    ckpt = latest_checkpoint(tmp_path / "full" / "checkpoints")
+    ckpt = RunDir(tmp_path / "full").latest_checkpoint()
     core = resnetlab.create_model("resnet8", in_chans=1, num_classes=10)
     state = load_checkpoint(ckpt, core)
     ended = state["schedule"]["warmup_ended_at"]
@@ -144,13 +145,13 @@ def test_resume_before_the_warmup_ends_and_final_holds_the_ema(
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", progress=False)
     monkeypatch.undo()
-    cut = load_checkpoint(latest_checkpoint(tmp_path / "cut" / "checkpoints"), core)
+    cut = load_checkpoint(RunDir(tmp_path / "cut").latest_checkpoint(), core)
     assert cut["schedule"] == {"warmup_done": False, "warmup_ended_at": -1}
     resumed = train(cfg, tmp_path / "cut", resume=True, progress=False)
     a = resnetlab.load_model(full.weights).state_dict()
     b = resnetlab.load_model(resumed.weights).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    again = load_checkpoint(latest_checkpoint(tmp_path / "cut" / "checkpoints"), core)
+    again = load_checkpoint(RunDir(tmp_path / "cut").latest_checkpoint(), core)
     assert again["schedule"] == state["schedule"]
     logged = _logged_lrs(tmp_path / "full")
     assert _logged_lrs(tmp_path / "cut") == logged
@@ -193,7 +194,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(
     _poison_loss(monkeypatch, at_call=8, value=float("nan"))
     with pytest.raises(NonFiniteLossError, match="before iteration 10"):
         train(cfg, tmp_path / "nan", progress=False)
-    ckpt = latest_checkpoint(tmp_path / "nan" / "checkpoints")
+    ckpt = RunDir(tmp_path / "nan").latest_checkpoint()
     assert ckpt.name == "ckpt-00000005"
     model = resnetlab.create_model("resnet8", in_chans=1)
     state = load_checkpoint(ckpt, model)
@@ -247,7 +248,7 @@ def test_nan_gradient_stops_the_run_with_the_last_good_checkpoint(
     monkeypatch.setattr(torch.optim.SGD, "step", step_with_nan_grad)
     with pytest.raises(NonFiniteLossError, match="before iteration 10"):
         train(cfg, tmp_path / "nangrad", progress=False)
-    ckpt = latest_checkpoint(tmp_path / "nangrad" / "checkpoints")
+    ckpt = RunDir(tmp_path / "nangrad").latest_checkpoint()
     assert ckpt.name == "ckpt-00000005"
     model = resnetlab.create_model("resnet8", in_chans=1)
     assert load_checkpoint(ckpt, model)["iteration"] == 5

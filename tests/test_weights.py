@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import resnetlab
-from resnetlab.convert import TORCHVISION_PAIRS
+from resnetlab.models.convert import TORCHVISION_PAIRS
 
 
 @pytest.mark.parametrize("tv_name", list(TORCHVISION_PAIRS))

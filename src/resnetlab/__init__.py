@@ -1,10 +1,11 @@
 """resnetlab: deep residual networks (He et al., CVPR 2016) and their follow-ups."""
 
-from .complexity import count_params, model_summary, stage_table
-from .convert import from_torchvision, to_torchvision
 from .errors import ConfigError, ResNetLabError, UnknownModelError, WeightsError
-from .factory import ModelConfig, create_model, load_model, load_weights, save_weights
 from .models import ResNet, cifar_resnet, list_models
+from .models.complexity import count_params, model_summary, stage_table
+from .models.config import ModelConfig
+from .models.convert import from_torchvision, to_torchvision
+from .models.factory import create_model, load_model, load_weights, save_weights
 
 __version__ = "0.1.0"
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,36 +131,10 @@ def train_precision(requested: str, device: torch.device, cpu: CPU | None = None
     return Choice("fp32", f"auto: the {where} has no native bf16")
 
 
-def infer_candidates(backend: str, cpu: CPU | None = None) -> list[str]:
-    """The precisions `auto` may try for `backend`, fastest first (each still needs its
-    agreement check to pass before it is used)."""
+def infer_candidates(offered: Sequence[str], cpu: CPU | None = None) -> list[str]:
+    """Of the precisions a runtime `offered`, those `auto` may try, fastest first: int8
+    and bf16 only where this CPU runs them natively (each still needs its agreement check
+    to pass before it is used), then fp32."""
     cpu = cpu or this_cpu()
-    order = []
-    if cpu.native_int8 and backend in ("openvino", "onnxruntime"):
-        order.append("int8")
-    if cpu.native_bf16 and backend in ("openvino", "torch"):
-        order.append("bf16")
-    return [*order, "fp32"]
-
-
-def supported(backend: str) -> tuple[str, ...]:
-    """The precisions each backend can run at all."""
-    return {"torch": ("fp32", "bf16"), "onnxruntime": ("fp32", "int8"),
-            "openvino": ("fp32", "bf16", "int8")}[backend]
-
-
-def machine_report(measure: bool = True) -> dict[str, object]:
-    """CPU, the flags that matter, threads, measured gemm rates and what `auto` picks."""
-    from .benchmarks.common import gemm_gflops, machine
-
-    cpu = this_cpu()
-    out: dict[str, object] = {
-        **machine(), "native_bf16": cpu.native_bf16, "native_int8": cpu.native_int8,
-        "train_auto": train_precision("auto", torch.device("cpu"), cpu).precision,
-        "infer_auto": {b: infer_candidates(b, cpu)[0] for b in ("openvino", "onnxruntime",
-                                                                  "torch")},
-    }
-    if measure:
-        out["sgemm_gflops"] = round(gemm_gflops(torch.float32), 1)
-        out["bf16_gemm_gflops"] = round(gemm_gflops(torch.bfloat16), 1)
-    return out
+    native = {"int8": cpu.native_int8, "bf16": cpu.native_bf16}
+    return [*(p for p in ("int8", "bf16") if p in offered and native[p]), "fp32"]

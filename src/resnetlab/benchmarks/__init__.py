@@ -1,4 +1,4 @@
-"""Benchmarks: `resnetlab bench NAME` or `python bench/NAME.py`; see docs/performance.md."""
+"""Benchmarks, the one home of every speed claim: `resnetlab bench NAME`; docs/performance.md."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ BENCHMARKS = {
     "infer": ("infer", "inference images/s: torchvision eager, our backends, ORT, OpenVINO"),
     "data": ("data", "data pipelines' samples/s against what the training step consumes"),
     "time-to-accuracy": ("accuracy", "wall time of the demo preset to 90/92/93/94% accuracy"),
+    "winograd": ("winograd", "how fast resnet50 at batch 1 could get with Winograd 3x3s"),
+    "gpu-check": ("gpu_check", "the short check for a lent GPU machine (tools/gpu_check.sh)"),
 }
 
 

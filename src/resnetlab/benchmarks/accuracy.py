@@ -11,16 +11,16 @@ at which test accuracy first reached 90/92/93/94%. Writes the figures as JSON be
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from ..train.report import MetricsLog
+from ..train.rundir import RunDir
+from .common import machine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,19 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
-    result = json.loads((out / "eval.json").read_text())
-    rows = list(csv.DictReader((out / "summary.csv").open()))
+    run = RunDir(out)
+    result = json.loads(run.eval_report.read_text())
+    rows = [r for r in MetricsLog(run).records() if r.get("kind") == "eval"]
     reached = {}
     for target in (0.90, 0.92, 0.93, 0.94):
-        hit = next((r for r in rows if r["test_error"] and 1 - float(r["test_error"]) >= target),
-                   None)
+        hit = next((r for r in rows if r["test_error"] is not None
+                    and 1 - r["test_error"] >= target), None)
         reached[f"{int(target * 100)}%"] = None if hit is None else float(hit["elapsed_s"])
     report = {
         "command": " ".join(cmd), "wall_s": round(wall, 1),
         "test_accuracy": round(1 - result["top1_error"], 4),
         "train_seconds_to_test_accuracy": reached,
-        "machine": {"cpu": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": machine(),
     }
     (out.parent / "bench-demo.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwall time {wall / 60:.1f} min, test accuracy {100 * report['test_accuracy']:.2f}%")

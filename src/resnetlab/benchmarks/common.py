@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from ..precision import this_cpu
+from ..deploy.runtimes import SERVED
+from ..precision import infer_candidates, this_cpu, train_precision
 
 
 def machine() -> dict[str, Any]:
@@ -29,6 +30,21 @@ def machine() -> dict[str, Any]:
             "onednn_max_cpu_isa": cpu.onednn_cap or None, "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}
+
+
+def machine_report(measure: bool = True) -> dict[str, object]:
+    """`machine()`, what `auto` picks for training and for each runtime, and (`measure`) the
+    measured gemm rates."""
+    cpu = this_cpu()
+    out: dict[str, object] = {
+        **machine(), "native_bf16": cpu.native_bf16, "native_int8": cpu.native_int8,
+        "train_auto": train_precision("auto", torch.device("cpu"), cpu).precision,
+        "infer_auto": {r.name: infer_candidates(r.precisions, cpu)[0] for r in SERVED},
+    }
+    if measure:
+        out["sgemm_gflops"] = round(gemm_gflops(torch.float32), 1)
+        out["bf16_gemm_gflops"] = round(gemm_gflops(torch.bfloat16), 1)
+    return out
 
 
 def _product_seconds(n: int, dtype: torch.dtype) -> float:

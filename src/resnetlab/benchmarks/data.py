@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..allocator import keep_freed_memory
 from ..data.folder import FolderLoader, ImageFolderDataset, SeededSubset, train_transform
 from ..data.memory import BatchAugment, InMemoryLoader, Normalize
 from ..data.sources import ArrayDataset
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD
-from ..train.report import markdown_table
+from ..tables import format_table
+from ..train.allocator import keep_freed_memory
 from .common import machine, save
 from .train import resnetlab_step
 
@@ -113,9 +113,9 @@ def run(seconds: float, workers: int, say: Callable[[str], None]) -> dict[str, A
 
 
 def report(res: dict[str, Any]) -> str:
-    return markdown_table(["pipeline", "samples/s", "training step consumes/s", "headroom"], [
+    return format_table(["pipeline", "samples/s", "training step consumes/s", "headroom"], [
         [k, f"{v['samples_per_s']:.0f}", f"{v['step_consumes_per_s']:.0f}",
-         f"{v['headroom']:.1f}x"] for k, v in res["pipelines"].items()])
+         f"{v['headroom']:.1f}x"] for k, v in res["pipelines"].items()], markdown=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 import torchvision
 
-from ..convert import to_torchvision
-from ..deploy.backends import available, exported, load_backend
-from ..deploy.export import INPUT, openvino_props
+from ..deploy.backends import exported, load_backend
 from ..deploy.quantize import quantize_int8
-from ..factory import create_model, save_weights
-from ..precision import supported, this_cpu
-from ..train.report import markdown_table
+from ..deploy.runtimes import INPUT, RUNTIMES, OpenVINORunner, openvino_props, ort_session
+from ..models.convert import to_torchvision
+from ..models.factory import create_model, save_weights
+from ..precision import this_cpu
+from ..tables import format_table
 from .common import alternate, gemm_gflops, machine, ratio, save, sgemm_gflops
 
 # Paper Table 1 multiply-adds at 224 (ours count 1.81 G and 3.86 G; see `resnetlab info`).
@@ -38,26 +38,16 @@ REFERENCE = "torchvision eager fp32"
 
 
 def standalone_ort(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    import onnxruntime as ort
-
-    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    s = ort_session(path)
     return lambda x: s.run(None, {INPUT: x})[0]
 
 
 def standalone_openvino(path: Path, precision: str = "fp32"
                         ) -> Callable[[np.ndarray], np.ndarray]:
-    import openvino as ov
-
-    # Core and compiled model must outlive the request (see deploy.export.OpenVINORunner).
-    core = ov.Core()
-    compiled = core.compile_model(str(path), "CPU",
-                                  openvino_props(precision, PERFORMANCE_HINT="LATENCY"))
-    req = compiled.create_infer_request()
-
-    def run(x: np.ndarray, _owners: tuple[object, ...] = (core, compiled)) -> np.ndarray:
-        return req.infer({0: x})[0]
-
-    return run
+    """The infer request alone (OpenVINORunner keeps its owners alive), its output not
+    copied out of the request's buffer."""
+    runner = OpenVINORunner(path, openvino_props(precision, PERFORMANCE_HINT="LATENCY"))
+    return lambda x: runner.request.infer({0: x})[0]
 
 
 def _timed(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Callable[[], int]:
@@ -99,18 +89,20 @@ def contenders(model: str, weights: Path, precisions: list[str] | None = None
         return tv(x)
 
     out: dict[str, Callable[[torch.Tensor], Any]] = {REFERENCE: eager}
-    if not available("onnxruntime"):  # it quantises the int8 graph
+    ort, ov = RUNTIMES["onnxruntime"], RUNTIMES["openvino"]
+    if not ort.available():  # it quantises the int8 graph
         precisions = [p for p in precisions if p != "int8"]
     int8 = _int8(weights, 224) if "int8" in precisions else None
     for prec in precisions:
-        for name in ("torch", "onnxruntime", "openvino"):
-            if available(name) and prec in supported(name):
-                out[f"resnetlab {name} {prec}"] = load_backend(weights, name, precision=prec)
-        if available("onnxruntime") and prec in supported("onnxruntime"):
-            graph = int8 if int8 and prec == "int8" else exported(weights, "onnx")
+        for rt in (RUNTIMES["torch"], ort, ov):
+            if rt.available() and prec in rt.precisions:
+                out[f"resnetlab {rt.name} {prec}"] = load_backend(weights, rt.name,
+                                                                  precision=prec)
+        if ort.available() and prec in ort.precisions:
+            graph = int8 if int8 and prec == "int8" else exported(weights, ort)
             out[f"stand-alone onnxruntime {prec}"] = _on_numpy(standalone_ort(graph))
-        if available("openvino"):
-            graph = int8 if int8 and prec == "int8" else exported(weights, "openvino")
+        if ov.available():
+            graph = int8 if int8 and prec == "int8" else exported(weights, ov)
             out[f"stand-alone openvino {prec}"] = _on_numpy(standalone_openvino(graph, prec))
     return out
 
@@ -175,8 +167,9 @@ def report(results: dict[str, Any]) -> str:
                          "" if vs is None else f"{vs:.2f}x", f"{r['gflops']:.0f}",
                          f"{100 * r['peak_fraction']:.0f}%", f"{r['max_abs_diff']:.1e}",
                          "yes" if r["top1_identical"] else "NO"])
-    return markdown_table(["case", "contender", "images/s", "vs eager", "vs stand-alone",
-                           "GFLOP/s", "of sgemm peak", "max logit diff", "same top-1"], rows)
+    return format_table(["case", "contender", "images/s", "vs eager", "vs stand-alone",
+                         "GFLOP/s", "of sgemm peak", "max logit diff", "same top-1"], rows,
+                        markdown=True)
 
 
 def main(argv: list[str] | None = None) -> int:

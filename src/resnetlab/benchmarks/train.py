@@ -28,15 +28,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from ..allocator import keep_freed_memory
-from ..complexity import count_params
 from ..data.memory import BatchAugment, InMemoryLoader, Normalize
 from ..data.sources import ArrayDataset
-from ..factory import create_model
+from ..kernels.fuse import fuse_bn_act
+from ..models.complexity import count_params
+from ..models.factory import create_model
 from ..precision import this_cpu
+from ..tables import format_table
+from ..train.allocator import keep_freed_memory
 from ..train.config import TrainConfig
 from ..train.loop import make_optimizer, train_step
-from ..train.report import markdown_table
 from .common import alternate, machine, ratio, save, sgemm_gflops
 
 log = logging.getLogger(__name__)
@@ -146,9 +147,10 @@ def resnetlab_step(name: str, chans: int, size: int, batch: int, n: int,
     cfg = TrainConfig()
     cfg.optim.lr = 0.05
     core = create_model(name, in_chans=chans, num_classes=10).to(memory_format=torch.channels_last)
+    model: nn.Module = core
     if not compiled and precision == "fp32":  # as the trainer does on the CPU (cfg.fused_bn)
-        core.fuse_bn_act()
-    model = cast(nn.Module, torch.compile(core)) if compiled else core
+        model = fuse_bn_act(core) or core
+    model = cast(nn.Module, torch.compile(model)) if compiled else model
     opt, crit = make_optimizer(core, cfg), nn.CrossEntropyLoss()
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else \
         contextlib.nullcontext()
@@ -164,7 +166,7 @@ def resnetlab_step(name: str, chans: int, size: int, batch: int, n: int,
 
 def train_macs(name: str, chans: int, size: int) -> int:
     """Forward multiply-adds of one image (a training step costs about three times this)."""
-    from ..complexity import meta_model, stage_table
+    from ..models.complexity import meta_model, stage_table
 
     return sum(r.macs for r in stage_table(meta_model(name, in_chans=chans), size))
 
@@ -215,8 +217,8 @@ def report(results: dict[str, Any]) -> str:
         for k, r in res.items():
             rows.append([case, k, f"{r['images_per_s']:.0f}", f"{r['ratio_vs_reference']:.2f}x",
                          f"{r['gflops']:.0f}", f"{100 * r['peak_fraction']:.0f}%"])
-    return markdown_table(["case", "contender", "images/s (median)", "vs reference",
-                           "GFLOP/s", "of sgemm peak"], rows)
+    return format_table(["case", "contender", "images/s (median)", "vs reference",
+                           "GFLOP/s", "of sgemm peak"], rows, markdown=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD
+from .config import DATASETS, DataConfig
 from .folder import (
     FolderLoader,
     ImageFolderDataset,
@@ -33,7 +34,6 @@ from .sources import (
     locate_fashion_mnist,
 )
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder")
 SPLIT_SEED = 20151210  # the held-out split never depends on the run's seed
 
 
@@ -81,10 +81,10 @@ def _limit(data: ArrayDataset, n: int) -> ArrayDataset:
     return data.subset(torch.arange(min(n, len(data)))) if n > 0 else data
 
 
-def build_data(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
+def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int,
                channels_last: bool = False, stats: tuple[list, list] | None = None,
                rank: int = 0, world: int = 1, strict: bool = False) -> DataBundle:
-    """Loaders for a `DataConfig` (see resnetlab.train.config).
+    """Loaders for a `DataConfig` (data/config.py).
 
     `stats` = (mean, std) of trained weights; by default they are fitted on the training
     split. `rank`/`world`: this process's share in data-parallel training. `strict`: an
@@ -113,7 +113,7 @@ def build_data(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
                       train.images.shape[-1], mean, std, loader(train, False))
 
 
-def _build_folder(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
+def _build_folder(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int,
                   channels_last: bool, stats: tuple[list, list] | None, rank: int,
                   world: int, strict: bool) -> DataBundle:
     if not cfg.data_dir:
@@ -141,5 +141,16 @@ def _build_folder(cfg: Any, batch_size: int, eval_batch_size: int, seed: int,
                       loader(SeededSubset(plain_ds, tr_idx.tolist()), False))
 
 
-__all__ = ["DATASETS", "ArrayDataset", "BatchAugment", "DataBundle", "DataError",
-           "InMemoryLoader", "Normalize", "build_data", "holdout", "load_arrays"]
+__all__ = [
+    "DATASETS",
+    "ArrayDataset",
+    "BatchAugment",
+    "DataBundle",
+    "DataConfig",
+    "DataError",
+    "InMemoryLoader",
+    "Normalize",
+    "build_data",
+    "holdout",
+    "load_arrays",
+]

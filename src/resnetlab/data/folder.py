@@ -18,7 +18,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from ..images import ImageError, load_image
+from .images import ImageError, load_image
 from .memory import epoch_permutation, shard
 from .sources import DataError
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ResNetLabError
-from ..paths import cache_dir
+from ..files import cache_dir
 
 log = logging.getLogger(__name__)
 

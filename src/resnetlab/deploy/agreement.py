@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..factory import write_atomic
+from ..files import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ model on the calibration images must reach `min_agreement`, and `resnetlab eval
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,14 +19,17 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .backends import export_dir, exported
-from .export import INPUT, INT8_FILE, ExportError, run_exported
+from ..evaluation.run import run_data
+from ..train.rundir import weights_dir
+from .backends import export_folder, exported
+from .export import run_exported
+from .runtimes import INPUT, INT8_FILE, RUNTIMES, ExportError
 
 log = logging.getLogger(__name__)
 
 
 def int8_path(weights: Path) -> Path:
-    return export_dir(weights) / INT8_FILE
+    return export_folder(weights) / INT8_FILE
 
 
 def quantize_int8(weights: str | Path, calibration: Iterable[torch.Tensor],
@@ -57,7 +61,7 @@ def quantize_int8(weights: str | Path, calibration: Iterable[torch.Tensor],
             x = next(self.it, None)
             return None if x is None else {INPUT: x}
 
-    fp32 = exported(wdir, "onnx")
+    fp32 = exported(wdir, RUNTIMES["onnxruntime"])
     out = int8_path(wdir)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         prepared, staged = Path(tmp) / "prepared.onnx", Path(tmp) / INT8_FILE
@@ -76,3 +80,13 @@ def quantize_int8(weights: str | Path, calibration: Iterable[torch.Tensor],
     log.info("int8: %s (top-1 agreement with fp32 %.1f%% on %d images)", out, 100 * agree,
              len(x))
     return out, agree
+
+
+def quantize_run(weights: str | os.PathLike[str], images: int = 512,
+                 min_agreement: float = 0.95, dataset: str | None = None,
+                 data_dir: str | None = None) -> tuple[Path, float]:
+    """`quantize_int8` of a run's weights (or a weights directory), calibrated on the
+    un-augmented training images of its data set (`dataset` outside a run)."""
+    data = run_data(weights, 128, dataset, data_dir)
+    return quantize_int8(weights_dir(weights), (x for x, _ in data.train_eval.batches(0)),
+                         images, min_agreement)

@@ -29,7 +29,7 @@ from typing import TypeGuard
 import torch
 from torch import nn
 
-from ..paths import cache_dir
+from ..files import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -11,30 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
 from .layers import Projection, conv1x1, conv3x3
 
 
 class _Block(nn.Module):
-    """What every block shares: BN followed by ReLU, fused in CPU training when enabled."""
+    """What every block shares: its expansion and how it starts as an identity."""
 
-    # Set by ResNet.fuse_bn_act(); a plain attribute, so weights files never hold it.
-    fuse_bn_act = False
     # Output channels per unit of width: 4 for the bottleneck (paper sec. 3.3).
     expansion = 1
 
     def zero_init_last(self) -> None:
         """Zero the branch's last layer (BN gamma or conv): the block starts as an identity."""
         raise NotImplementedError
-
-    def bn_relu(self, bn: nn.Module, x: torch.Tensor, add: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """relu(bn(x) + add): PyTorch's ops, or one fused kernel (resnetlab.kernels) where
-        enabled and usable; the fused path skips bn's hooks, so it is off while it has any."""
-        if self.fuse_bn_act and kernels.usable(bn, x, add):
-            return kernels.bn_act(bn, x, add)
-        out = bn(x)
-        return F.relu(out if add is None else out + add)
 
 
 class _PostActBase(_Block):
@@ -52,8 +40,10 @@ class _PostActBase(_Block):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        add = self.shortcut(x) if self.shortcut is not None else None
-        return self.bn_relu(self.last_bn, self.branch(x), add)
+        out = self.last_bn(self.branch(x))
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)
+        return F.relu(out)
 
 
 class BasicBlock(_PostActBase):
@@ -81,7 +71,7 @@ class BasicBlock(_PostActBase):
         return self.bn2
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.bn_relu(self.bn1, self.conv1(x)))
+        return self.conv2(F.relu(self.bn1(self.conv1(x))))
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)
@@ -120,8 +110,8 @@ class Bottleneck(_PostActBase):
         return self.bn3
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn_relu(self.bn1, self.conv1(x))
-        return self.conv3(self.bn_relu(self.bn2, self.conv2(out)))
+        out = F.relu(self.bn1(self.conv1(x)))
+        return self.conv3(F.relu(self.bn2(self.conv2(out))))
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
@@ -161,8 +151,8 @@ class PreActBasicBlock(_PreActBase):
         self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.bn_relu(self.bn1, x)
-        out = self.conv2(self.bn_relu(self.bn2, self.conv1(pre)))
+        pre = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
         return self._add_shortcut(out, x, pre)
 
     def zero_init_last(self) -> None:
@@ -193,9 +183,9 @@ class PreActBottleneck(_PreActBase):
         self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.bn_relu(self.bn1, x)
-        out = self.conv2(self.bn_relu(self.bn2, self.conv1(pre)))
-        out = self.conv3(self.bn_relu(self.bn3, out))
+        pre = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        out = self.conv3(F.relu(self.bn3(out)))
         return self._add_shortcut(out, x, pre)
 
     def zero_init_last(self) -> None:

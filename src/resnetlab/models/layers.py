@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
-
 SHORTCUT_OPTIONS = ("A", "B", "C")
 STEM_KINDS = ("conv7", "deep", "cifar")
 
@@ -88,25 +86,7 @@ def make_shortcut(
     return Projection(in_ch, out_ch, stride, avg_down, norm=not preact)
 
 
-class Stem(nn.Sequential):
-    """The layers before the first stage, in order. Where enabled (ResNet.fuse_bn_act), a BN
-    and the ReLU after it run as one fused kernel when `kernels.usable` allows."""
-
-    fuse_bn_act = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layers, i = list(self), 0
-        while i < len(layers):
-            layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
-            if (self.fuse_bn_act and isinstance(after, nn.ReLU) and not after._forward_hooks
-                    and kernels.usable(layer, x)):
-                x, i = kernels.bn_act(layer, x), i + 2
-            else:
-                x, i = layer(x), i + 1
-        return x
-
-
-def make_stem(kind: str, in_chans: int, width: int, preact: bool) -> Stem:
+def make_stem(kind: str, in_chans: int, width: int, preact: bool) -> nn.Sequential:
     """The layers before the first stage.
 
     conv7: paper Table 1's 7x7/2 conv and 3x3/2 max pool. deep: ResNet-C's three 3x3 convs
@@ -132,4 +112,4 @@ def make_stem(kind: str, in_chans: int, width: int, preact: bool) -> Stem:
         layers["relu"] = nn.ReLU(inplace=True)
     if kind != "cifar":
         layers["pool"] = nn.MaxPool2d(3, stride=2, padding=1)
-    return Stem(layers)
+    return nn.Sequential(layers)

@@ -1,7 +1,7 @@
 """One parameterised ResNet: every network of the paper and its follow-ups is a set of arguments.
 
 Module names follow torchvision where the two agree (`layer1`.., `conv1`/`bn1` inside blocks),
-so checkpoints convert with a short key map (see `resnetlab.weights`).
+so checkpoints convert with a short key map (models/convert.py).
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .. import kernels
 from .blocks import BLOCKS, _Block
-from .layers import SHORTCUT_OPTIONS, Stem, make_shortcut, make_stem
+from .layers import SHORTCUT_OPTIONS, make_shortcut, make_stem
 
 if TYPE_CHECKING:
-    from ..factory import ModelConfig
+    from .config import ModelConfig
 
 
 class Head(nn.Module):
@@ -124,16 +123,6 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, _Block):
                 m.zero_init_last()
-
-    def fuse_bn_act(self, enabled: bool = True) -> bool:
-        """Train with fused BN(+addition)+ReLU kernels (resnetlab.kernels) wherever they apply:
-        CPU, float32, channels_last, training mode, eager. Same results to float rounding;
-        True if they are in use (False where no C compiler could build them)."""
-        on = enabled and kernels.available()
-        for m in self.modules():
-            if isinstance(m, _Block | Stem):
-                m.fuse_bn_act = on
-        return on
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Outputs of every stage (C2..C5 for the ImageNet family), e.g. for a detection FPN."""

@@ -20,10 +20,13 @@ import torch
 
 from ..data import build_data
 from ..errors import ConfigError
-from ..factory import load_model
+from ..models.factory import load_model
 from ..models.resnet import ResNet
 from ..train.config import TrainConfig, resolve, saved_config
 from ..train.loop import train
+from ..train.recipes import CifarNet, cifar_recipe
+from ..train.report import MetricsLog
+from ..train.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -54,25 +57,20 @@ class Scale:
     limit_test: int = 0
     eval_batch_size: int = 1000
 
-    def train_config(self, net: Net, data_dir: str | None = None,
+    def train_config(self, net: CifarNet, data_dir: str | None = None,
                      sets: Sequence[str] = ()) -> TrainConfig:
-        """The paper's CIFAR recipe (sec. 4.2) with this scale's sizes."""
-        sched: dict[str, Any] = {"kind": "multistep", "iterations": self.iterations,
-                                 "milestones": list(self.milestones)}
-        if net.depth >= 110 and not net.plain:  # "0.01 until the training error is below 80%"
-            sched.update(warmup_lr=0.01, warmup_until_error=0.8)
+        """The paper's CIFAR recipe (sec. 4.2) with this scale's data set and sizes."""
         data: dict[str, Any] = {"dataset": self.dataset, "val_split": self.val_split,
-                                "normalize": "pixel", "pad": self.pad, "flip": True,
-                                "limit_train": self.limit_train, "limit_test": self.limit_test}
+                                "pad": self.pad, "limit_train": self.limit_train,
+                                "limit_test": self.limit_test}
         if data_dir:
             data["data_dir"] = data_dir
-        base = {"preset": f"reproduce-{self.name}", "seed": 0, "batch_size": self.batch_size,
-                "eval_batch_size": self.eval_batch_size, "data": data,
-                "model": {"name": f"resnet{net.depth}", "options": net.options},
-                "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
-                "schedule": sched, "eval_every": self.eval_every, "log_every": self.log_every,
-                "precision": "fp32"}  # as the paper, on every device
-        return resolve(None, sets=[f"{k}={json.dumps(v)}" for k, v in base.items()] + list(sets))
+        sizes = {"preset": f"reproduce-{self.name}", "seed": 0, "batch_size": self.batch_size,
+                 "eval_batch_size": self.eval_batch_size, "data": data,
+                 "eval_every": self.eval_every, "log_every": self.log_every,
+                 "precision": "fp32"}  # as the paper, on every device
+        recipe = cifar_recipe(net, self.iterations, self.milestones)
+        return resolve(None, sets=sets, settings=[recipe, sizes])
 
 
 SCALES: dict[str, Scale] = {
@@ -105,35 +103,6 @@ def get_scale(name: str) -> Scale:
     return SCALES[name]
 
 
-@dataclass(frozen=True)
-class Net:
-    """One CIFAR-style network an experiment trains (paper sec. 4.2, 6n+2 layers)."""
-
-    depth: int
-    plain: bool = False
-    shortcut: str = "A"
-    preact: bool = False
-
-    @property
-    def label(self) -> str:
-        if self.plain:
-            return f"plain{self.depth}"
-        tags = ([self.shortcut] if self.shortcut != "A" else []) + \
-            (["preact"] if self.preact else [])
-        return "-".join([f"resnet{self.depth}", *tags])
-
-    @property
-    def options(self) -> dict[str, Any]:
-        if self.plain:
-            return {"plain": True}
-        opts: dict[str, Any] = {}
-        if self.shortcut != "A":
-            opts["shortcut"] = self.shortcut
-        if self.preact:
-            opts["preact"] = True
-        return opts
-
-
 @dataclass
 class Context:
     """Where an experiment reads and writes, and how it reports progress."""
@@ -145,10 +114,10 @@ class Context:
     progress: bool | None = None  # tqdm bars of the trainer (None: when stderr is a terminal)
     say: Callable[[str], None] = log.info
 
-    def config(self, net: Net) -> TrainConfig:
+    def config(self, net: CifarNet) -> TrainConfig:
         return self.scale.train_config(net, self.data_dir, self.sets)
 
-    def run_dir(self, net: Net) -> Path:
+    def run_dir(self, net: CifarNet) -> Path:
         return self.out / "runs" / net.label
 
     def report_dir(self, experiment: str) -> Path:
@@ -161,53 +130,51 @@ class Context:
 class SubRun:
     """A finished sub-run: its directory, final test error and metric records."""
 
-    net: Net
+    net: CifarNet
     run_dir: Path
     test_error: float
     records: list[dict[str, Any]]
 
     def model(self) -> ResNet:
-        return load_model(self.run_dir / "final")
+        return load_model(RunDir(self.run_dir).final)
 
 
-def _finished(run_dir: Path, cfg: TrainConfig) -> bool:
-    if not ((run_dir / "eval.json").is_file() and (run_dir / "final" / "config.json").is_file()):
+def _finished(run: RunDir, cfg: TrainConfig) -> bool:
+    if not run.finished():
         return False
-    if saved_config(run_dir / "config.yaml") != asdict(cfg):
-        raise ConfigError(f"{run_dir} holds a finished run of another configuration; "
+    if saved_config(run.config) != asdict(cfg):
+        raise ConfigError(f"{run.path} holds a finished run of another configuration; "
                           "remove it or pass another --out")
     return True
 
 
-def _load(net: Net, run_dir: Path) -> SubRun:
-    report = json.loads((run_dir / "eval.json").read_text())
-    records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
-               if ln.strip()]
-    return SubRun(net, run_dir, float(report["top1_error"]), records)
+def _load(net: CifarNet, run: RunDir) -> SubRun:
+    report = json.loads(run.eval_report.read_text())
+    return SubRun(net, run.path, float(report["top1_error"]), MetricsLog(run).records())
 
 
-def ensure_trained(ctx: Context, nets: Sequence[Net]) -> dict[Net, SubRun]:
+def ensure_trained(ctx: Context, nets: Sequence[CifarNet]) -> dict[CifarNet, SubRun]:
     """Train the nets not yet finished (resuming interrupted ones), one progress line each."""
-    out: dict[Net, SubRun] = {}
+    out: dict[CifarNet, SubRun] = {}
     for i, net in enumerate(nets, 1):
-        cfg, run_dir = ctx.config(net), ctx.run_dir(net)
+        cfg, run = ctx.config(net), RunDir(ctx.run_dir(net))
         head = f"[{i}/{len(nets)}] {net.label}"
-        if _finished(run_dir, cfg):
-            out[net] = _load(net, run_dir)
+        if _finished(run, cfg):
+            out[net] = _load(net, run)
             ctx.say(f"{head}: already trained, test error {100 * out[net].test_error:.2f}%")
             continue
-        resuming = (run_dir / "checkpoints").exists()
+        resuming = run.checkpoints.exists()
         ctx.say(f"{head}: {'resuming' if resuming else 'training'} "
-                f"({cfg.schedule.iterations} iterations) in {run_dir}")
+                f"({cfg.schedule.iterations} iterations) in {run.path}")
         t0 = time.perf_counter()
-        train(cfg, run_dir, resume=True, progress=ctx.progress)
-        out[net] = _load(net, run_dir)
+        train(cfg, run.path, resume=True, progress=ctx.progress)
+        out[net] = _load(net, run)
         ctx.say(f"{head}: test error {100 * out[net].test_error:.2f}% "
                 f"({(time.perf_counter() - t0) / 60:.1f} min)")
     return out
 
 
-def analysis_tensors(ctx: Context, net: Net) -> tuple[torch.Tensor, torch.Tensor]:
+def analysis_tensors(ctx: Context, net: CifarNet) -> tuple[torch.Tensor, torch.Tensor]:
     """The scale's analysis images of the test split, normalised as the sub-run trained."""
     cfg = ctx.config(net)
     data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, cfg.seed,

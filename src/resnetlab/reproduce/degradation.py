@@ -11,18 +11,19 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from ..train.report import markdown_table
-from .common import Context, Net, SubRun, ensure_trained, pct, write_report
+from ..tables import format_table
+from ..train.recipes import CifarNet
+from .common import Context, SubRun, ensure_trained, pct, write_report
 
 # Paper Table 6, CIFAR-10 test error (%) of the residual nets; Fig. 6 gives the plain nets
 # only as curves (plain-110 above 60%), so no plain numbers are quoted.
 PAPER_RESNET_ERROR = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
 
 
-def nets_for(depths: tuple[int, ...]) -> list[Net]:
+def nets_for(depths: tuple[int, ...]) -> list[CifarNet]:
     """Shallowest and deepest first, so a partial run already answers the question."""
     order = [depths[0], depths[-1], *depths[1:-1]] if len(depths) > 1 else list(depths)
-    return [Net(d, plain=p) for d in order for p in (False, True)]
+    return [CifarNet(d, plain=p) for d in order for p in (False, True)]
 
 
 def final_train_error(run: SubRun, last: int = 5) -> float:
@@ -38,13 +39,13 @@ def curves(run: SubRun) -> tuple[list[int], list[float], list[int], list[float]]
             [r["iteration"] for r in test], [100 * r["test_error"] for r in test])
 
 
-def plot(runs: dict[Net, SubRun], depths: tuple[int, ...], path: Any, dataset: str) -> None:
+def plot(runs: dict[CifarNet, SubRun], depths: tuple[int, ...], path: Any, dataset: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     colors = plt.get_cmap("viridis")([i / max(len(depths) - 1, 1) * 0.85
                                       for i in range(len(depths))])
     for ax, plain in zip(axes, (True, False), strict=True):
         for depth, color in zip(depths, colors, strict=True):
-            run = runs[Net(depth, plain=plain)]
+            run = runs[CifarNet(depth, plain=plain)]
             ti, te, vi, ve = curves(run)
             ax.plot(ti, te, "--", color=color, lw=0.8, alpha=0.8)
             ax.plot(vi, ve, "-o", color=color, lw=2.2, ms=3,
@@ -95,15 +96,16 @@ def run(ctx: Context) -> dict[str, Any]:
     folder = ctx.report_dir("degradation")
     rows: dict[int, dict[str, float]] = {}
     for d in depths:
-        plain, res = runs[Net(d, plain=True)], runs[Net(d)]
+        plain, res = runs[CifarNet(d, plain=True)], runs[CifarNet(d)]
         rows[d] = {"plain_train": final_train_error(plain), "plain_test": plain.test_error,
                    "resnet_train": final_train_error(res), "resnet_test": res.test_error}
     plot(runs, depths, folder / "degradation.png", ctx.scale.dataset)
-    table = markdown_table(
+    table = format_table(
         ["layers", "plain train", "plain test", "ResNet train", "ResNet test",
          "paper ResNet test (CIFAR-10)"],
         [[d, pct(r["plain_train"]), pct(r["plain_test"]), pct(r["resnet_train"]),
-          pct(r["resnet_test"]), PAPER_RESNET_ERROR.get(d, "—")] for d, r in rows.items()])
+          pct(r["resnet_test"]), PAPER_RESNET_ERROR.get(d, "—")] for d, r in rows.items()],
+        markdown=True)
     body = ["![plain (left) and residual (right) nets: training and test error against "
             "iterations](degradation.png)", "",
             "Final errors (%). Training error: mean of the last five logged windows of the "

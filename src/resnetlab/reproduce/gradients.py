@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from ..data import build_data
-from ..factory import create_model
+from ..models.factory import create_model
+from ..tables import format_table
 from ..train.loop import make_optimizer, train_step
-from ..train.report import markdown_table
-from .common import Context, Net, write_report
+from ..train.recipes import CifarNet
+from .common import Context, write_report
 
 
 def conv_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
@@ -34,7 +35,7 @@ def conv_grad_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[
     return norms
 
 
-def measure(ctx: Context, net: Net) -> dict[str, list[float]]:
+def measure(ctx: Context, net: CifarNet) -> dict[str, list[float]]:
     cfg = ctx.config(net)
     torch.manual_seed(cfg.seed)
     data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
@@ -64,7 +65,7 @@ def spread(norms: list[float]) -> float:
 
 def run(ctx: Context) -> dict[str, Any]:
     d, steps = ctx.scale.gradient_depth, ctx.scale.gradient_steps
-    nets = [Net(d, plain=True), Net(d)]
+    nets = [CifarNet(d, plain=True), CifarNet(d)]
     res = {}
     for n in nets:
         ctx.say(f"gradients of {n.label}: at initialisation and after {steps} steps")
@@ -97,8 +98,8 @@ def run(ctx: Context) -> dict[str, Any]:
                      + ("flatter with shortcuts, as the +1 argument predicts." if flatter else
                         "**not** flatter with shortcuts here."))
     body = ["![gradient norm per conv layer, plain dashed](gradients.png)", "",
-            markdown_table(["net", "when", "first layer", "last layer", "first / last",
-                      "spread (log10 max/min)"], rows), "",
+            format_table(["net", "when", "first layer", "last layer", "first / last",
+                      "spread (log10 max/min)"], rows, markdown=True), "",
             "Seed 002: a residual block's derivative is 1 + F'(x), so the gradient of the "
             "loss reaches early layers through the identity terms; a plain net multiplies "
             "the layer Jacobians, which can vanish or explode with depth (BN keeps the "

@@ -19,10 +19,10 @@ from torch import nn
 
 from ..models.blocks import BasicBlock
 from ..models.resnet import ResNet
-from ..train.report import markdown_table
+from ..tables import format_table
+from ..train.recipes import CifarNet
 from .common import (
     Context,
-    Net,
     analysis_tensors,
     ensure_trained,
     error_rate,
@@ -176,7 +176,7 @@ def verdict(r: dict[str, Any], p: dict[str, Any]) -> list[str]:
 
 def run(ctx: Context) -> dict[str, Any]:
     d = ctx.scale.lesion_depth
-    res_net, plain_net = Net(d), Net(d, plain=True)
+    res_net, plain_net = CifarNet(d), CifarNet(d, plain=True)
     runs = ensure_trained(ctx, [res_net, plain_net])
     x, y = analysis_tensors(ctx, res_net)
     ctx.say(f"lesion study on {len(y):,} test images")
@@ -195,10 +195,11 @@ def run(ctx: Context) -> dict[str, Any]:
             "", f"{len(y):,} test images. Error with nothing deleted: {r['label']} "
             f"{pct(r['baseline'])}%, {p['label']} {pct(p['baseline'])}%. A plain block whose "
             "shapes change cannot be deleted (—).", "",
-            markdown_table(["#", "block", "downsampling", f"{r['label']} error (%)",
-                      f"{p['label']} error (%)"], rows), "",
-            markdown_table(["k deleted", "mean error (%)", "draws"],
-                     [[k, pct(sum(v) / len(v)), len(v)] for k, v in r["k"].items()]), "",
+            format_table(["#", "block", "downsampling", f"{r['label']} error (%)",
+                          f"{p['label']} error (%)"], rows, markdown=True), "",
+            format_table(["k deleted", "mean error (%)", "draws"],
+                         [[k, pct(sum(v) / len(v)), len(v)] for k, v in r["k"].items()],
+                         markdown=True), "",
             "Veit et al. (CIFAR-10, ResNet-110 and VGG-style plain nets): deleting one residual "
             "block barely changes the error, except the downsampling blocks; deleting a layer "
             "of a plain net sends it to chance; error grows smoothly with the number deleted.",

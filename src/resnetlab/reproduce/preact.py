@@ -10,8 +10,9 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from ..train.report import markdown_table
-from .common import Context, Net, ensure_trained, pct, write_report
+from ..tables import format_table
+from ..train.recipes import CifarNet
+from .common import Context, ensure_trained, pct, write_report
 from .degradation import curves
 
 # Identity Mappings, CIFAR-10 test error (%), the figures SPEC.md quotes.
@@ -20,7 +21,7 @@ PAPER = "ResNet-164 v1 5.93%, v2 5.46%; ResNet-1001 v2 4.62%"
 
 def run(ctx: Context) -> dict[str, Any]:
     depths = ctx.scale.pair_depths
-    nets = [Net(d, preact=p) for d in depths for p in (False, True)]
+    nets = [CifarNet(d, preact=p) for d in depths for p in (False, True)]
     runs = ensure_trained(ctx, nets)
     folder = ctx.report_dir("preact")
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -35,13 +36,14 @@ def run(ctx: Context) -> dict[str, Any]:
     fig.tight_layout()
     fig.savefig(folder / "preact.png", dpi=120)
     plt.close(fig)
-    errs = {d: (runs[Net(d)].test_error, runs[Net(d, preact=True)].test_error) for d in depths}
+    errs = {d: (runs[CifarNet(d)].test_error, runs[CifarNet(d, preact=True)].test_error)
+            for d in depths}
     lines = [f"- {d} layers: v1 {pct(v1)}%, v2 {pct(v2)}%: "
              + ("v2 is better, as in Identity Mappings." if v2 < v1 else
                 "v2 is **not** better at this scale.") for d, (v1, v2) in errs.items()]
     body = ["![test error of v1 (dashed) and v2 (solid) nets](preact.png)", "",
-            markdown_table(["layers", "v1 test error (%)", "v2 (pre-activation) test error (%)"],
-                     [[d, pct(a), pct(b)] for d, (a, b) in errs.items()]), "",
+            format_table(["layers", "v1 test error (%)", "v2 (pre-activation) test error (%)"],
+                     [[d, pct(a), pct(b)] for d, (a, b) in errs.items()], markdown=True), "",
             f"Identity Mappings (CIFAR-10): {PAPER}.", "", "## What came out", "", *lines]
     results = {str(d): {"v1": a, "v2": b} for d, (a, b) in errs.items()}
     write_report(folder, "Pre-activation (v2) against v1", body, results, ctx.scale)

@@ -16,8 +16,9 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from ..train.report import markdown_table
-from .common import Context, Net, analysis_tensors, ensure_trained, write_report
+from ..tables import format_table
+from ..train.recipes import CifarNet
+from .common import Context, analysis_tensors, ensure_trained, write_report
 
 
 def response_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
@@ -72,7 +73,7 @@ def plot(stds: dict[str, list[float]], path: Any) -> None:
 
 def run(ctx: Context) -> dict[str, Any]:
     depths = ctx.scale.response_depths
-    nets = [Net(d, plain=p) for d in depths for p in (True, False)]
+    nets = [CifarNet(d, plain=p) for d in depths for p in (True, False)]
     runs = ensure_trained(ctx, nets)
     x, _ = analysis_tensors(ctx, nets[0])
     stds = {n.label: response_stds(runs[n].model(), x) for n in nets}
@@ -97,7 +98,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "plain](responses.png)", "",
             f"Responses of the trained nets on the first {len(x):,} test images. Layers: the "
             "stem's 3x3 and both 3x3s of every block, after BN, before ReLU/addition.", "",
-            markdown_table(["net", "layers", "mean std", "min", "max"], rows), "",
+            format_table(["net", "layers", "mean std", "min", "max"], rows, markdown=True), "",
             "The paper (Fig. 7, CIFAR-10): ResNets' responses are generally smaller than "
             "their plain counterparts', and the deeper ResNet has the smaller responses.", "",
             "## What came out", "", *lines]

@@ -11,9 +11,10 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from ..complexity import count_params
-from ..train.report import markdown_table
-from .common import Context, Net, ensure_trained, pct, write_report
+from ..models.complexity import count_params
+from ..tables import format_table
+from ..train.recipes import CifarNet
+from .common import Context, ensure_trained, pct, write_report
 from .degradation import curves
 
 # Paper Table 3, ImageNet ResNet-34, 10-crop top-1 / top-5 error (%).
@@ -40,7 +41,7 @@ def plot(runs: dict[str, Any], params: dict[str, int], path: Any) -> None:
 
 def run(ctx: Context) -> dict[str, Any]:
     d = ctx.scale.shortcut_depth
-    nets = {o: Net(d, shortcut=o) for o in OPTIONS}
+    nets = {o: CifarNet(d, shortcut=o) for o in OPTIONS}
     done = ensure_trained(ctx, list(nets.values()))
     runs = {o: done[n] for o, n in nets.items()}
     params = {o: count_params(runs[o].model()) for o in OPTIONS}
@@ -51,8 +52,8 @@ def run(ctx: Context) -> dict[str, Any]:
     order = sorted(OPTIONS, key=lambda o: errs[o])
     spread = max(errs.values()) - min(errs.values())
     body = ["![test error of options A, B, C](shortcuts.png)", "",
-            markdown_table([f"option (resnet{d})", "parameters", "test error (%)",
-                      "paper ResNet-34 top-1", "paper top-5"], rows), "",
+            format_table([f"option (resnet{d})", "parameters", "test error (%)",
+                      "paper ResNet-34 top-1", "paper top-5"], rows, markdown=True), "",
             "The paper: B is slightly better than A (A's zero-padded channels learn no "
             "residual), C marginally better than B (its extra parameters), and the "
             "differences are small: projections are not essential to the degradation fix.", "",

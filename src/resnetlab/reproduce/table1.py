@@ -6,9 +6,9 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from ..complexity import meta_model, model_summary, stage_table
+from ..models.complexity import meta_model, model_summary, stage_table
 from ..models.registry import PAPER_MACS
-from ..train.report import markdown_table
+from ..tables import format_table
 from .common import Context, write_report
 
 # Paper Table 6, parameters of the CIFAR-10 nets (millions, as printed).
@@ -40,17 +40,19 @@ def run(ctx: Context) -> dict[str, Any]:
             for n, s in imagenet.items()]
     crows = [[n, f"{s['params']:,}", PAPER_CIFAR_PARAMS[n], f"{s['macs'] / 1e6:.1f}"]
              for n, s in cifar.items()]
-    out_sizes = markdown_table(["stage", *names], [
+    out_sizes = format_table(["stage", *names], [
         [stages[names[0]][i][0], *(f"{stages[n][i][1]} ({stages[n][i][2]} blocks)"
                                    if stages[n][i][2] else stages[n][i][1] for n in names)]
-        for i in range(len(stages[names[0]]))])
+        for i in range(len(stages[names[0]]))], markdown=True)
     body = ["![multiply-adds, ours against the paper](table1.png)", "",
             "Multiply-adds are torch.utils.flop_counter's FLOPs halved (the paper's unit).", "",
-            markdown_table(["model", "parameters", "mult-adds (G)", "paper (G)"], rows), "",
+            format_table(["model", "parameters", "mult-adds (G)", "paper (G)"], rows,
+                         markdown=True), "",
             "Output of each stage at 224x224 (channels x height x width, blocks):", "",
             out_sizes, "",
-            markdown_table(["CIFAR model", "parameters", "paper Table 6 (M)",
-                            "mult-adds at 32 (M)"], crows), "", "## What came out", "",
+            format_table(["CIFAR model", "parameters", "paper Table 6 (M)",
+                          "mult-adds at 32 (M)"], crows, markdown=True), "",
+            "## What came out", "",
             f"- Every ImageNet net's multiply-adds are within {100 * worst:.1f}% of the paper's "
             "(which prints two significant digits)."]
     results = {"imagenet": imagenet, "cifar": cifar}

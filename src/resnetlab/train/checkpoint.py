@@ -1,11 +1,11 @@
 """Checkpoints that a kill cannot destroy.
 
-Each checkpoint is a new directory `checkpoints/ckpt-<iteration>/` holding the weights
-(`model.safetensors` + `config.json`, the format of `save_weights`) and `trainer_state.pt`
-(optimizer, schedule, position, RNG; tensors and plain values only, read back with
-`torch.load(weights_only=True)`). Only once every file is on disk does the small pointer
-file `checkpoints/latest` switch to it (temporary file, fsync, rename), so whatever moment
-a process dies, `latest` names a complete checkpoint. Older ones are then removed.
+Each checkpoint is a new directory (RunDir.checkpoint) holding the weights (the format of
+`save_weights`) and the trainer state (optimizer, schedule, position, RNG; tensors and
+plain values only, read back with `torch.load(weights_only=True)`). Only once every file is
+on disk does the small pointer file (RunDir.pointer) switch to it (temporary file, fsync,
+rename), so whatever moment a process dies, the pointer names a complete checkpoint. Older
+ones are then removed.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from ..errors import ResNetLabError
-from ..factory import load_weights, save_weights, write_atomic
+from ..files import write_atomic
+from ..models.factory import load_weights, save_weights
+from .rundir import STATE_FILE, RunDir
 
 log = logging.getLogger(__name__)
-STATE_FILE = "trainer_state.pt"
-POINTER = "latest"
 
 
 class CheckpointError(ResNetLabError):
@@ -39,12 +39,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: Path, model: nn.Module, state: dict[str, Any],
+def save_checkpoint(run: RunDir, model: nn.Module, state: dict[str, Any],
                     class_names: list[str] | None, data_config: dict[str, Any],
                     keep: int = 1) -> Path:
     """Write a complete checkpoint, then point `latest` at it, then prune older ones."""
+    root = run.checkpoints
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"ckpt-{int(state['iteration']):08d}"
+    target = run.checkpoint(int(state["iteration"]))
     try:
         if target.exists():
             shutil.rmtree(target)
@@ -56,26 +57,18 @@ def save_checkpoint(root: Path, model: nn.Module, state: dict[str, Any],
         write_atomic(tmp / STATE_FILE, lambda p: torch.save(state, p))
         _fsync_dir(tmp)
         os.replace(tmp, target)
-        write_atomic(root / POINTER, lambda p: Path(p).write_text(target.name + "\n"))
+        write_atomic(run.pointer, lambda p: Path(p).write_text(target.name + "\n"))
         _fsync_dir(root)
     except OSError as e:
         raise CheckpointError(f"cannot write a checkpoint in {root}: {e.strerror or e}; "
                               "the previous checkpoint is kept") from None
-    for old in sorted(root.glob("ckpt-*"))[:-keep]:
+    for old in run.checkpoint_dirs()[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):  # what a save killed midway left behind
         shutil.rmtree(stale, ignore_errors=True)
-    for stale in root.glob(f".{POINTER}.*.tmp"):
+    for stale in root.glob(f".{run.pointer.name}.*.tmp"):
         stale.unlink(missing_ok=True)
     return target
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    pointer = root / POINTER
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / STATE_FILE).is_file() else None
 
 
 def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:

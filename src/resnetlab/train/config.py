@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,29 +20,13 @@ from typing import Any
 import torch
 import yaml
 
-from ..data import DATASETS
+from ..data import DATASETS, DataConfig
 from ..errors import ConfigError
 from ..models.registry import ARCH_KEYS, build_model, get_spec
 from ..precision import TRAIN_PRECISIONS
+from .recipes import PRESETS
 
 SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
-
-
-@dataclass
-class DataConfig:
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    val_split: int = 5000  # examples held out of the training set for choices
-    normalize: str = "channel"  # "channel" mean/std, or "pixel": the paper's per-pixel mean
-    pad: int = 4  # random crop of the image zero-padded by this much (0: no crop)
-    flip: bool = True
-    verify: bool = True  # MD5-check the official files
-    limit_train: int = 0  # use only the first N training examples (0: all); for smoke runs
-    limit_test: int = 0
-    image_size: int = 224  # folder data sets
-    workers: int = 2  # folder data sets: DataLoader workers
-    lighting: float = 0.1  # folder data sets: AlexNet PCA colour augmentation std
-    max_bad_fraction: float = 0.01  # folder data sets: stop if more unreadable files than this
 
 
 @dataclass
@@ -101,55 +86,6 @@ class TrainConfig:
     device: str = "auto"  # "auto" (this rank's GPU if any, else CPU), "cpu", "cuda"
     sync_bn: bool = False  # data-parallel runs: BatchNorm statistics over the global batch
     dist_timeout_s: int = 300  # how long ranks wait for a dead peer before the job fails
-
-
-def _cifar_preset(depth: int, plain: bool) -> dict[str, Any]:
-    # Paper sec. 4.2: SGD, momentum 0.9, wd 1e-4, batch 128, lr 0.1 /10 at 32k and 48k,
-    # stop at 64k, 45k/5k split, per-pixel mean, pad 4 + crop + flip.
-    sched: dict[str, Any] = {"kind": "multistep", "iterations": 64000,
-                             "milestones": [32000, 48000]}
-    if depth >= 110:  # "0.01 to warm up until the training error is below 80%"
-        sched.update(warmup_lr=0.01, warmup_until_error=0.8)
-    return {"data": {"dataset": "cifar10", "val_split": 5000, "normalize": "pixel"},
-            "model": {"name": f"{'plain' if plain else 'resnet'}{depth}"},
-            "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
-            "schedule": sched, "batch_size": 128, "eval_every": 1000}
-
-
-def _imagenet_preset(depth: int) -> dict[str, Any]:
-    # Paper sec. 3.4: batch 256, lr 0.1 /10 on plateaus (here: every 150k), 60e4 iterations.
-    return {"data": {"dataset": "folder", "val_split": 0, "image_size": 224},
-            "model": {"name": f"resnet{depth}"}, "batch_size": 256, "eval_batch_size": 250,
-            "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
-            "schedule": {"kind": "multistep", "iterations": 600000,
-                         "milestones": [150000, 300000, 450000]},
-            "eval_every": 5000, "test_curve": False}
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The README's main job: a CIFAR-style ResNet sized for a 2-core CPU.
-    # Chosen on the validation split for a ~10-minute CPU budget: ResNet-14 with a 1-pixel
-    # crop reached 6.8% val error in 2,000 iterations, ResNet-20 7.0-7.7% in 1,500-1,700
-    # (same time); 2,200 iterations leave a margin over the 92% the demo promises.
-    "fashion-mnist": {
-        "data": {"dataset": "fashion-mnist", "val_split": 5000, "pad": 1},
-        "model": {"name": "resnet14"},
-        "optim": {"lr": 0.2, "nesterov": True, "weight_decay": 5e-4, "label_smoothing": 0.1},
-        "schedule": {"kind": "onecycle", "iterations": 2200, "warmup_iters": 250,
-                     "milestones": []},
-        "eval_every": 550,
-    },
-    "smoke": {
-        "data": {"dataset": "fashion-mnist", "val_split": 128, "limit_train": 640,
-                 "limit_test": 256},
-        "model": {"name": "resnet8", "options": {}},
-        "batch_size": 32, "eval_batch_size": 256, "log_every": 5, "eval_every": 10,
-        "schedule": {"kind": "cosine", "iterations": 20, "milestones": []},
-    },
-    **{f"cifar10-resnet{d}": _cifar_preset(d, False) for d in (20, 32, 44, 56, 110, 1202)},
-    **{f"cifar10-plain{d}": _cifar_preset(d, True) for d in (20, 32, 44, 56, 110)},
-    **{f"imagenet-resnet{d}": _imagenet_preset(d) for d in (18, 34, 50, 101, 152)},
-}
 
 
 # ----------------------------------------------------------------------- the override path
@@ -221,7 +157,7 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
-def parse_set(items: list[str]) -> dict[str, Any]:
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
     """`["optim.lr=0.05", "model.options={shortcut: B}"]` -> a nested mapping (YAML values)."""
     out: dict[str, Any] = {}
     for item in items:
@@ -294,14 +230,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
 
 def resolve(preset: str | None, config_file: str | None = None,
-            sets: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the preset, then the YAML file, then the --set pairs."""
+            sets: Sequence[str] | None = None,
+            settings: Sequence[Mapping[str, Any]] = ()) -> TrainConfig:
+    """Defaults, then the preset, then `settings` (nested mappings such as a recipe's), then
+    the YAML file, then the --set pairs; one check for all."""
     cfg = TrainConfig()
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}{_closest(preset, list(PRESETS))}; "
                               f"choose one of {', '.join(PRESETS)}")
         cfg = _merge(cfg, {**PRESETS[preset], "preset": preset})
+    for layer in settings:
+        cfg = _merge(cfg, dict(layer))
     if config_file:
         cfg = _merge(cfg, load_yaml(config_file))
     if sets:

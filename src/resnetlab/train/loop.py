@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -26,17 +25,19 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from ..allocator import keep_freed_memory
 from ..data import DataBundle, build_data
 from ..errors import ConfigError, ResNetLabError
-from ..evaluate import EvalResult, evaluate
-from ..factory import create_model, save_weights
+from ..evaluation.evaluate import EvalResult, evaluate
+from ..kernels.fuse import fuse_bn_act
 from ..models import ResNet
+from ..models.factory import create_model, save_weights
 from ..precision import Choice, train_precision
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .allocator import keep_freed_memory
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, saved_config, to_yaml
 from .distributed import SINGLE_PROCESS, DistInfo, convert_sync_bn, init_from_env, shutdown
 from .report import MetricsLog, plot_confusion, plot_curves
+from .rundir import RunDir
 from .schedule import LRSchedule
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
         decay = [p for p in model.parameters() if p.ndim > 1]
         no_decay = [p for p in model.parameters() if p.ndim <= 1]
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # lr: the value of a constant-lr step (reproduce/gradients.py, the benchmarks); `train`
+    # sets every step's lr from the schedule instead.
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                            weight_decay=o.weight_decay)
 
@@ -93,21 +96,19 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, crit: nn.Module,
     return loss, wrong
 
 
-def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
-    saved = run_dir / "config.yaml"
-    started = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
-    if not (saved.exists() and started):
+def _check_run_dir(run: RunDir, cfg: TrainConfig, resume: bool) -> None:
+    if not run.started():
         return
     if not resume:
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume auto to continue it "
+        raise ConfigError(f"{run.path} already holds a run; pass --resume auto to continue it "
                           "or choose another --out")
-    old, new = saved_config(saved) or {}, asdict(cfg)
+    old, new = saved_config(run.config) or {}, asdict(cfg)
     if old.get("precision") == "auto":  # saved before `precision`: _precision resolved it
         old["precision"] = new["precision"]
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
-        raise ConfigError(f"{run_dir} was started with another config (differs in "
-                          f"{', '.join(diff)}); resume it with --config {saved}")
+        raise ConfigError(f"{run.path} was started with another config (differs in "
+                          f"{', '.join(diff)}); resume it with --config {run.config}")
 
 
 class _Window:
@@ -143,24 +144,29 @@ def _eval_splits(model: nn.Module, data: DataBundle, n_classes: int, with_test: 
 
 
 def _prepare_model(cfg: TrainConfig, n_classes: int, in_chans: int, device: torch.device,
-                   dist: DistInfo) -> tuple[nn.Module, ResNet]:
-    """(the model to step, the plain model inside it for saving and evaluating)."""
+                   dist: DistInfo, fuse: bool) -> tuple[nn.Module, ResNet]:
+    """(the model to step, the plain model whose parameters it steps, for saving and
+    evaluating). `fuse`: step a rewrite of it on the fused BN-ReLU kernels (kernels/fuse.py)."""
     core = create_model(cfg.model.name, num_classes=n_classes, in_chans=in_chans,
                         **cfg.model.options).to(device)
     if cfg.channels_last:
         core = core.to(memory_format=torch.channels_last)
-    if not dist.enabled:
-        return core, core
-    if cfg.sync_bn:
+    if dist.enabled and cfg.sync_bn:
         convert_sync_bn(core, device)
+    stepped: nn.Module = core
+    if fuse:
+        stepped = fuse_bn_act(core) or core
+        log.info("fused BN-ReLU kernels: %s", "on" if stepped is not core else "off")
+    if not dist.enabled:
+        return stepped, core
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(core, device_ids=ids), core
+    return nn.parallel.DistributedDataParallel(stepped, device_ids=ids), core
 
 
-def _precision(cfg: TrainConfig, device: torch.device, run_dir: Path, resume: bool) -> Choice:
+def _precision(cfg: TrainConfig, device: torch.device, run: RunDir, resume: bool) -> Choice:
     """`auto` resolved for this device; a resumed run keeps the precision it was started
     with (runs saved before `precision` existed trained in fp32 on the CPU, bf16 on CUDA)."""
-    saved = saved_config(run_dir / "config.yaml") if resume else None
+    saved = saved_config(run.config) if resume else None
     if cfg.precision == "auto" and saved is not None:
         kept = saved["precision"]
         if kept == "auto":
@@ -184,7 +190,7 @@ def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
     return cast(nn.Module, torch.compile(model))  # an OptimizedModule
 
 
-def train(cfg: TrainConfig, run_dir: Path, resume: bool = False,
+def train(cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = False,
           progress: bool | None = None) -> RunResult:
     """Train `cfg` into `run_dir`; with `resume`, continue from its latest checkpoint.
 
@@ -192,23 +198,23 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False,
     """
     dist = init_from_env(cfg.dist_timeout_s)
     try:
-        return _train(cfg, run_dir, resume, progress, dist)
+        return _train(cfg, RunDir(run_dir), resume, progress, dist)
     finally:
         shutdown(dist)
 
 
-def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
+def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool | None,
            dist: DistInfo) -> RunResult:
     device = dist.device(cfg.device)
-    choice = _precision(cfg, device, run_dir, resume)
+    choice = _precision(cfg, device, run, resume)
     cfg = dataclasses.replace(cfg, precision=choice.precision)  # config.yaml holds the choice
     log.info("precision: %s (%s)", choice.precision, choice.reason)
-    _check_run_dir(run_dir, cfg, resume)
+    _check_run_dir(run, cfg, resume)
     dist.barrier()  # every rank has looked before rank 0 writes anything
     if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(f"# precision: {choice.precision} "
-                                             f"({choice.reason})\n" + to_yaml(cfg))
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.config.write_text(f"# precision: {choice.precision} ({choice.reason})\n"
+                              + to_yaml(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == "cpu":
@@ -217,25 +223,24 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
     data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
                       cfg.channels_last, rank=dist.rank, world=dist.world)
     n_classes = len(data.classes)
-    model, core = _prepare_model(cfg, n_classes, data.in_chans, device, dist)
     compiled = on_device(cfg.compile, device)
-    if cfg.fused_bn and device.type == "cpu" and not compiled and cfg.precision == "fp32":
-        log.info("fused BN-ReLU kernels: %s", "on" if core.fuse_bn_act() else "off")
+    fuse = cfg.fused_bn and device.type == "cpu" and not compiled and cfg.precision == "fp32"
+    model, core = _prepare_model(cfg, n_classes, data.in_chans, device, dist, fuse)
     model = maybe_compile(model, compiled)
     data_cfg = {"input_size": data.input_size, "mean": data.mean, "std": data.std}
     ema = AveragedModel(core, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
                         use_buffers=True) if cfg.ema_decay else None
     scored = ema.module if ema is not None else core  # what evaluations and final/ hold
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(core, cfg)  # the parameters every wrapper of it steps
     sched = LRSchedule(cfg.schedule, cfg.optim.lr)
     recent: deque[float] = deque(maxlen=10)  # batch errors seen by the conditional warm-up
     steps = len(data.train)
     if steps == 0:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set")
     total, it = cfg.schedule.iterations, 0
-    ckpt_dir, metrics = run_dir / "checkpoints", MetricsLog(run_dir)
+    metrics = MetricsLog(run)
 
-    found = latest_checkpoint(ckpt_dir) if resume else None
+    found = run.latest_checkpoint() if resume else None
     if found is not None:
         state = load_checkpoint(found, core)
         opt.load_state_dict(state["optimizer"])
@@ -245,7 +250,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"])
         it = int(state["iteration"])
-        log.info("resuming %s from iteration %d", run_dir, it)
+        log.info("resuming %s from iteration %d", run.path, it)
     if dist.main:
         metrics.truncate_after(it)
 
@@ -256,7 +261,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
                      "optimizer": opt.state_dict(), "schedule": sched.state_dict(),
                      "recent_errors": list(recent), "rng": torch.get_rng_state(),
                      **({"ema": ema.state_dict()} if ema is not None else {})}
-            save_checkpoint(ckpt_dir, core, state, data.classes, data_cfg)
+            save_checkpoint(run, core, state, data.classes, data_cfg)
         dist.barrier()
 
     eval_every = cfg.eval_every or steps
@@ -300,7 +305,7 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
                 is_eval = it % eval_every == 0 or it == total
                 if it % cfg.log_every == 0 or is_eval:
                     last = _log_train(metrics if dist.main else None, window, it, steps, lr,
-                                      ckpt_dir)
+                                      run)
                     bar.set_postfix(loss=f"{last['loss']:.3f}",
                                     err=f"{100 * last['train_error']:.1f}%",
                                     lr=f"{lr:.3g}", ips=f"{last['images_per_s']:.0f}")
@@ -331,16 +336,16 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool | None,
         raise
     finally:
         bar.close()
-    return finish(scored, data, run_dir, metrics, cfg, it, time.perf_counter() - t_start,
+    return finish(scored, data, run, metrics, cfg, it, time.perf_counter() - t_start,
                   final_test if it == total else None, dist, choice.reason)
 
 
 def _log_train(metrics: MetricsLog | None, window: _Window, it: int, steps: int, lr: float,
-               ckpt_dir: Path) -> dict[str, Any]:
+               run: RunDir) -> dict[str, Any]:
     loss, err, speed = window.read()
     if not math.isfinite(loss):
         raise NonFiniteLossError(f"the loss became {loss} before iteration {it}; the last good "
-                                 f"checkpoint is kept in {ckpt_dir} (lower optim.lr, or set "
+                                 f"checkpoint is kept in {run.checkpoints} (lower optim.lr, or set "
                                  "nonfinite=skip)")
     rec = {"kind": "train", "iteration": it, "epoch": it / steps, "loss": loss,
            "train_error": err, "lr": lr, "images_per_s": speed}
@@ -349,25 +354,24 @@ def _log_train(metrics: MetricsLog | None, window: _Window, it: int, steps: int,
     return rec
 
 
-def finish(model: nn.Module, data: DataBundle, run_dir: Path, metrics: MetricsLog,
+def finish(model: nn.Module, data: DataBundle, run: RunDir, metrics: MetricsLog,
            cfg: TrainConfig, iterations: int, seconds: float,
            test: EvalResult | None = None, dist: DistInfo = SINGLE_PROCESS,
            precision_reason: str = "") -> RunResult:
     """Final weights, the test evaluation (unless the last step already made it), figures."""
     if test is None:
         test = evaluate(model, data.test.batches(0), len(data.classes), reduce=dist.sum)
-    weights, curves = run_dir / "final", run_dir / "curves.png"
+    result = RunResult(run.path, run.final, run.curves, test, iterations, seconds)
     if not dist.main:
-        return RunResult(run_dir, weights, curves, test, iterations, seconds)
-    save_weights(model, weights, class_names=data.classes, input_size=data.input_size,
+        return result
+    save_weights(model, run.final, class_names=data.classes, input_size=data.input_size,
                  mean=data.mean, std=data.std)
-    report = test.report(data.classes, split="test", tta="center", precision=cfg.precision,
-                         precision_reason=precision_reason)
-    (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_confusion(test.confusion, data.classes, run_dir / "confusion.png",
+    test.save(run.eval_report, data.classes, split="test", tta="center",
+              precision=cfg.precision, precision_reason=precision_reason)
+    plot_confusion(test.confusion, data.classes, run.confusion,
                    f"{cfg.model.name}: test error {100 * test.top1_error:.2f}%")
-    plot_curves(metrics.records(), curves, f"{cfg.model.name} on {cfg.data.dataset}")
-    return RunResult(run_dir, weights, curves, test, iterations, seconds)
+    plot_curves(metrics.records(), run.curves, f"{cfg.model.name} on {cfg.data.dataset}")
+    return result
 
 
 __all__ = ["NonFiniteLossError", "RunResult", "make_optimizer", "train", "train_step"]

@@ -1,4 +1,4 @@
-"""What a run leaves behind for people: metrics.jsonl, summary.csv and paper-style figures."""
+"""What a run leaves behind for people: metric records, a CSV summary, paper-style figures."""
 
 from __future__ import annotations
 
@@ -13,23 +13,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from .rundir import RunDir
+
 SUMMARY_FIELDS = ["iteration", "epoch", "train_loss", "train_error", "val_error", "test_error",
                   "lr", "images_per_s", "elapsed_s"]
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured Markdown table (reports and benchmark results)."""
-    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 class MetricsLog:
     """Appends one JSON object per line; on resume, lines past the checkpoint are dropped."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        self.csv_path = run_dir / "summary.csv"
+    def __init__(self, run: RunDir) -> None:
+        self.path, self.csv_path = run.metrics, run.summary
 
     def truncate_after(self, iteration: int) -> None:
         """Forget records of iterations a resumed run will redo."""

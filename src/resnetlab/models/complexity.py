@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .models.registry import ARCH_KEYS, get_spec
-from .models.resnet import ResNet
+from .registry import ARCH_KEYS, get_spec
+from .resnet import ResNet
 
 
 @dataclass(frozen=True)

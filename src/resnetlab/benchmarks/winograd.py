@@ -1,4 +1,4 @@
-"""`python bench/winograd_ceiling.py`: how fast could resnet50 at batch 1 get with Winograd?
+"""`resnetlab bench winograd`: how fast could resnet50 at batch 1 get with Winograd?
 
 The issue asks for 2x torch eager at batch 1; ONNX Runtime and OpenVINO reach about 1.5x and
 already run near the sgemm rate, so only fewer multiplications could go further. Winograd
@@ -14,6 +14,7 @@ docs/performance.md.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import tempfile
@@ -27,9 +28,9 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from resnetlab.benchmarks.common import machine, sgemm_gflops
-from resnetlab.benchmarks.infer import standalone_ort
-from resnetlab.deploy.export import INPUT, write_onnx
+from ..deploy.runtimes import INPUT, ort_session, write_onnx
+from .common import machine, sgemm_gflops
+from .infer import standalone_ort
 
 # F(4x4, 3x3) from Lavin & Gray (2016): output = A^T [(G w G^T) * (B^T d B)] A per 6x6 tile.
 BT = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
@@ -86,16 +87,11 @@ def time_ort(path: Path, x: torch.Tensor, runs: int) -> tuple[float, dict[Key, l
     """Median seconds per batch, and the median seconds of every node, Conv nodes keyed by
     their shape and all other nodes by zeros. Both sessions are gone when this returns: idle
     ONNX Runtime threads spin for a while and would slow down what is timed next."""
-    import onnxruntime as ort  # here, so that tests can import the Winograd functions alone
-
     standalone = standalone_ort(path)  # as `resnetlab bench infer` times it
     seconds = median_seconds(partial(standalone, x.numpy()), runs)
     del standalone
     feed = {INPUT: x.numpy()}
-    opts = ort.SessionOptions()
-    opts.enable_profiling = True
-    opts.profile_file_prefix = str(path.with_suffix(""))
-    profiled = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    profiled = ort_session(path, profile=path.with_suffix(""))
     for _ in range(runs):
         profiled.run(None, feed)
     events = json.loads(Path(profiled.end_profiling()).read_text())
@@ -118,7 +114,9 @@ def time_ort(path: Path, x: torch.Tensor, runs: int) -> tuple[float, dict[Key, l
     return seconds, by_key
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="resnetlab bench winograd",
+                            description=__doc__.splitlines()[0]).parse_args(argv)
     torch.manual_seed(0)
     peak = sgemm_gflops()
     model = torchvision.models.resnet50().eval()
@@ -154,7 +152,4 @@ def main() -> None:
     print(f"torchvision eager {1 / eager_s:.1f} images/s; ONNX Runtime {1 / ort_s:.1f} "
           f"({eager_s / ort_s:.2f}x eager; 3x3 stride-1 convolutions {share:.0%} of its time); "
           f"Winograd ceiling {1 / ceiling_s:.1f} ({eager_s / ceiling_s:.2f}x eager)")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .reproduce import EXPERIMENTS, SCALES, run_experiment
+from ..reproduce import EXPERIMENTS, SCALES, run_experiment
 
 
 def add_reproduce_parser(sub: argparse._SubParsersAction,

@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
-import torch
-
-from .data import DataBundle, build_data
-from .deploy.agreement import MIN_AGREEMENT, Agreement
-from .deploy.backends import BACKENDS, Backend, ImageSource, check_precision, load_backend
-from .errors import ConfigError
-from .evaluate import TTA_MODES, evaluate, recompute_bn
-from .factory import CONFIG_FILE, ModelConfig, load_model
-from .models.resnet import ResNet
-from .precision import INFER_PRECISIONS
-from .predict import Prediction, Predictor, weights_dir
-from .train.config import PRESETS, TrainConfig, resolve, to_yaml
-from .train.loop import train
-from .train.report import plot_confusion
+from ..deploy.agreement import MIN_AGREEMENT
+from ..deploy.backends import BACKENDS
+from ..deploy.predict import Prediction, Predictor
+from ..evaluation.evaluate import TTA_MODES
+from ..evaluation.run import evaluate_run, test_images
+from ..precision import INFER_PRECISIONS
+from ..train.config import PRESETS, resolve, to_yaml
+from ..train.loop import train
 
 BACKEND_HELP = ("inference runtime; auto: the fastest installed (openvino, onnxruntime, then "
                 "torch); the first use of a graph runtime exports the weights once")
@@ -128,95 +120,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def eval_data_config(args: argparse.Namespace, given: Path) -> TrainConfig:
-    """--data if given, else the config of the run directory the weights sit in."""
-    if args.data:
-        cfg = resolve(None, sets=[f"data.dataset={args.data}"])
-    else:
-        found = [p / "config.yaml" for p in (given, given.parent, given.parent.parent)
-                 if (p / "config.yaml").is_file()]
-        if not found:
-            raise ConfigError(f"{given} is not inside a run directory: say which data set "
-                              "with --data (fashion-mnist, mnist, cifar10, cifar100, folder)")
-        cfg = resolve(None, str(found[0]))
-    if args.data_dir:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=args.data_dir))
-    return cfg
-
-
-def _test_images(data: DataBundle) -> ImageSource:
-    """The run's test images, the set reduced precisions are checked on."""
-    return lambda: (x for x, _ in data.test.batches(0))
-
-
-def run_check_source(weights: Path, mc: ModelConfig) -> ImageSource | None:
-    """The test images of the run the weights sit in, read only if a check needs them."""
-    try:
-        cfg = eval_data_config(argparse.Namespace(data=None, data_dir=None), weights)
-    except ConfigError:
-        return None
-
-    def images() -> Iterable[torch.Tensor]:
-        data = build_data(cfg.data, cfg.batch_size, 500, cfg.seed, stats=(mc.mean, mc.std))
-        return _test_images(data)()
-
-    return images
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    wdir = weights_dir(args.weights)
-    cfg = eval_data_config(args, Path(args.weights))
-    mc = ModelConfig.from_json(wdir / CONFIG_FILE)
-    data = build_data(cfg.data, cfg.batch_size, args.batch_size, cfg.seed,
-                      stats=(mc.mean, mc.std), strict=args.strict)
-    check = _test_images(data)
-    model: ResNet | Backend
-    checked: Agreement | None = None
-    if args.recompute_bn:  # new BN statistics live in the PyTorch model, not in a graph
-        if args.backend not in ("auto", "torch") or args.precision not in ("auto", "fp32"):
-            raise ConfigError("--recompute-bn needs --backend torch (or auto) in fp32")
-        model = load_model(wdir)
-        recompute_bn(model, data.train.batches(0))
-        backend, precision = "torch", "fp32"
-    else:
-        model = load_backend(wdir, args.backend, precision=args.precision, check=check,
-                             min_agreement=args.min_agreement)
-        backend, precision = model.name, model.precision
-        if precision != "fp32":  # the trade made, on the very images scored here
-            checked = check_precision(wdir, backend, precision, check(), args.min_agreement,
-                                      reuse=True)
-    split = data.test if args.split == "test" else data.val
-    if split is None:
-        raise ConfigError("this run has no validation split (data.val_split=0)")
-    t0 = time.perf_counter()
-    res = evaluate(model, split.batches(0), mc.num_classes, args.tta)
-    seconds = time.perf_counter() - t0
-    names = mc.class_names or data.classes
-    print(f"{mc.architecture} on the {args.split} split ({res.count:,} images, tta={args.tta}, "
-          f"backend {backend} {precision}{', BN recomputed' if args.recompute_bn else ''}): "
-          f"{seconds:.1f} s, {res.count / seconds:,.0f} images/s")
+    ev = evaluate_run(args.weights, args.split, args.tta, args.backend, args.precision,
+                      args.min_agreement, args.recompute_bn, args.batch_size, args.strict,
+                      args.data, args.data_dir, args.out)
+    res = ev.result
+    print(f"{ev.config.architecture} on the {args.split} split ({res.count:,} images, "
+          f"tta={args.tta}, backend {ev.backend} {ev.precision}"
+          f"{', BN recomputed' if args.recompute_bn else ''}): {ev.seconds:.1f} s, "
+          f"{res.count / ev.seconds:,.0f} images/s")
     print(f"top-1 error {100 * res.top1_error:.2f}%   top-5 error {100 * res.top5_error:.2f}%"
           f"   accuracy {100 * (1 - res.top1_error):.2f}%")
-    if checked is not None:
-        print(checked.line() + ("" if checked.passed else "; auto will not use it"))
-    width = max(len(n) for n in names)
-    for name, acc in zip(names, res.per_class_accuracy, strict=True):
+    if ev.agreement is not None:
+        print(ev.agreement.line() + ("" if ev.agreement.passed else "; auto will not use it"))
+    width = max(len(n) for n in ev.classes)
+    for name, acc in zip(ev.classes, res.per_class_accuracy, strict=True):
         print(f"  {name:<{width}}  {100 * acc:6.2f}%")
-    out = Path(args.out) if args.out else wdir / f"eval-{args.split}-{args.tta}.json"
-    report = res.report(names, weights=str(wdir), split=args.split, tta=args.tta,
-                        recompute_bn=args.recompute_bn, backend=backend, precision=precision,
-                        agreement_with_fp32=None if checked is None else checked.agreement,
-                        seconds=round(seconds, 2))
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    png = plot_confusion(res.confusion, names, out.with_suffix(".png"),
-                         f"{mc.architecture}, {args.split}: {100 * res.top1_error:.2f}% error")
-    print(f"results: {out}\nconfusion matrix: {png}")
+    print(f"results: {ev.report}\nconfusion matrix: {ev.confusion}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    mc = ModelConfig.from_json(weights_dir(args.weights) / CONFIG_FILE)
-    check = run_check_source(Path(args.weights), mc) if args.precision == "auto" else None
+    check = test_images(args.weights) if args.precision == "auto" else None
     predictor = Predictor(args.weights, args.backend, args.precision, check,
                           args.min_agreement)
     failed = 0

@@ -9,8 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,54 +18,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import ConfigError, WeightsError
-from .models.registry import build_model, get_spec
-from .models.resnet import ResNet
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-FORMAT_VERSION = 1
-
-
-@dataclass
-class ModelConfig:
-    """What `config.json` holds next to the weights."""
-
-    architecture: str
-    num_classes: int
-    in_chans: int
-    input_size: int
-    mean: list[float]
-    std: list[float]
-    overrides: dict[str, Any] = field(default_factory=dict)
-    class_names: list[str] | None = None
-    format_version: int = FORMAT_VERSION
-
-    @classmethod
-    def from_json(cls, path: Path) -> ModelConfig:
-        try:
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict):
-                raise TypeError("not a JSON object")
-            return cls(**data)
-        except FileNotFoundError:
-            raise WeightsError(f"{path} is missing: not a resnetlab weights directory") from None
-        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
-            raise WeightsError(f"{path} is not a valid resnetlab config: {e}") from None
-
-
-def write_atomic(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same directory, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+from ..errors import ConfigError, WeightsError
+from ..files import write_atomic
+from .config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
+from .registry import build_model, get_spec
+from .resnet import ResNet
 
 
 def _merge(saved: Any, given: Any, what: str) -> Any:

@@ -10,12 +10,13 @@ from collections.abc import Callable, Sequence
 
 from tqdm import tqdm
 
-from .cli_deploy import add_deploy_parser
-from .cli_reproduce import add_reproduce_parser
-from .cli_run import add_train_parser
-from .complexity import meta_model, model_summary, stage_table
-from .errors import ResNetLabError
-from .models.registry import PAPER_MACS, get_spec, list_models
+from ..errors import ResNetLabError
+from ..models.complexity import meta_model, model_summary, stage_table
+from ..models.registry import PAPER_MACS, get_spec, list_models
+from ..tables import format_table
+from .deploy import add_deploy_parser
+from .reproduce import add_reproduce_parser
+from .run import add_train_parser
 
 
 def _human(n: float) -> str:
@@ -23,20 +24,6 @@ def _human(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return str(int(n))
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Plain-text table: text columns left-aligned, numbers right-aligned."""
-    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    numeric = [all(isinstance(r[i], int | float) for r in rows) for i in range(len(headers))]
-    lines = []
-    for r in cells:
-        parts = [c.rjust(w) if num else c.ljust(w)
-                 for c, w, num in zip(r, widths, numeric, strict=True)]
-        lines.append("  ".join(parts).rstrip())
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 MACS_NOTE = ("mult-adds = multiply-accumulates of convolutions and the fc layer, the unit the "
@@ -62,7 +49,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_machine() -> int:
-    from .precision import machine_report
+    from ..benchmarks.common import machine_report
 
     r = machine_report()
     print(f"CPU: {r['cpu']} ({r['kind']}), {r['cores']} cores, {r['torch_threads']} torch "

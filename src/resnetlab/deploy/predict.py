@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from .data.memory import Normalize
-from .deploy.agreement import MIN_AGREEMENT
-from .deploy.backends import ImageSource, load_backend
-from .images import ImageError, load_image
+from ..data.images import ImageError, load_image
+from ..data.memory import Normalize
+from ..train.rundir import weights_dir
+from .agreement import MIN_AGREEMENT
+from .backends import ImageSource, load_backend
 
 
 @dataclass
@@ -21,19 +21,6 @@ class Prediction:
     labels: list[str]
     probs: list[float]
     indices: list[int]
-
-
-def weights_dir(path: str | os.PathLike[str]) -> Path:
-    """A weights directory, or the `final/` weights (else latest checkpoint) of a run."""
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    if (p / "final" / "config.json").is_file():
-        return p / "final"
-    pointer = p / "checkpoints" / "latest"
-    if pointer.is_file():
-        return p / "checkpoints" / pointer.read_text().strip()
-    return p  # load_model reports what is missing
 
 
 class Predictor:

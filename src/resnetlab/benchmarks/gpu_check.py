@@ -1,4 +1,4 @@
-"""The GPU check, for a lent GPU machine with a few minutes to spare (bench/gpu_check.sh).
+"""The GPU check, for a lent GPU machine with a few minutes to spare (tools/gpu_check.sh).
 
 Four parts, each timed, written to one JSON file:
 1. the demo preset on the device with precision=auto and compile=true (accuracy, minutes);
@@ -26,10 +26,11 @@ from typing import Any
 import torch
 import torchvision
 
-from resnetlab import create_model
-from resnetlab.benchmarks.common import machine
-from resnetlab.cli import main as cli
-from resnetlab.train.loop import maybe_compile
+from ..cli import main as cli
+from ..models.factory import create_model
+from ..train.loop import maybe_compile
+from ..train.rundir import RunDir
+from .common import machine
 
 
 def _train(out: Path, preset: str, device: str, data_dir: str | None, sets: list[str]
@@ -40,7 +41,7 @@ def _train(out: Path, preset: str, device: str, data_dir: str | None, sets: list
         argv += ["--data-dir", data_dir]
     t0 = time.perf_counter()
     code = cli(argv)
-    report = json.loads((out / "eval.json").read_text()) if code == 0 else {}
+    report = json.loads(RunDir(out).eval_report.read_text()) if code == 0 else {}
     return {"exit": code, "wall_s": round(time.perf_counter() - t0, 1),
             "test_accuracy": None if not report else 1 - report["top1_error"],
             "precision": report.get("precision")}
@@ -48,7 +49,7 @@ def _train(out: Path, preset: str, device: str, data_dir: str | None, sets: list
 
 def _step_rate(model: torch.nn.Module, batch: int, size: int, device: torch.device,
                steps: int, compiled: bool) -> float:
-    model = maybe_compile(model.to(device, memory_format=torch.channels_last), compiled)
+    model = maybe_compile(model.to(device).to(memory_format=torch.channels_last), compiled)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(
         memory_format=torch.channels_last)
@@ -124,7 +125,8 @@ def run(device: str, quick: bool, data_dir: str | None, out: Path, verify: bool 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="resnetlab bench gpu-check",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="toy sizes (the test suite's run)")
     p.add_argument("--data-dir", default=os.environ.get("FASHION_DIR"),
@@ -139,6 +141,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'ok' if ok else 'FAILED'}: {args.json}")
     return 0 if ok else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

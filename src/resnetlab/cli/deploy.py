@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .benchmarks import BENCHMARKS, run_benchmark
-from .cli_run import eval_data_config
-from .data import build_data
-from .deploy.export import FORMATS, export
-from .deploy.quantize import quantize_int8
-from .factory import ModelConfig
-from .predict import weights_dir
+from ..benchmarks import BENCHMARKS, run_benchmark
+from ..deploy.export import export
+from ..deploy.quantize import quantize_run
+from ..deploy.runtimes import FORMATS
+from ..train.rundir import weights_dir
 
 
 def add_deploy_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -52,12 +49,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _int8(args: argparse.Namespace) -> int:
-    wdir = weights_dir(args.weights)
-    mc = ModelConfig.from_json(wdir / "config.json")
-    cfg = eval_data_config(args, Path(args.weights))
-    data = build_data(cfg.data, 128, 128, cfg.seed, stats=(mc.mean, mc.std))
-    path, agree = quantize_int8(wdir, (x for x, _ in data.train_eval.batches(0)),
-                                args.calibration_images, args.min_agreement)
+    path, agree = quantize_run(args.weights, args.calibration_images, args.min_agreement,
+                               args.data, args.data_dir)
     print(f"onnx-int8: {path}")
     print(f"calibrated on {args.calibration_images} training images; top-1 agrees with fp32 on "
           f"{100 * agree:.1f}% of them. Accuracy: resnetlab eval {args.weights} "

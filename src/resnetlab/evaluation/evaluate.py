@@ -9,13 +9,17 @@ ratios of the native size for small images) and with flips; the softmax is avera
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
+
+from ..files import write_atomic
 
 TTA_MODES = ("center", "10crop", "multiscale")
 PAPER_SCALES = (224, 256, 384, 480, 640)
@@ -73,10 +77,16 @@ class EvalResult:
                 "loss": self.loss, "count": self.count}
 
     def report(self, classes: list[str], **context: object) -> dict[str, object]:
-        """What eval.json files hold: `context`, the summary, per-class accuracy, confusion."""
+        """What eval reports hold: `context`, the summary, per-class accuracy, confusion."""
         return {**context, **self.summary(),
                 "per_class_accuracy": dict(zip(classes, self.per_class_accuracy, strict=True)),
                 "confusion": self.confusion}
+
+    def save(self, path: Path, classes: list[str], **context: object) -> Path:
+        """Write `report(classes, **context)` as JSON to `path`, atomically."""
+        text = json.dumps(self.report(classes, **context), indent=2) + "\n"
+        write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+        return path
 
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ResNetLabError
+from ..errors import ResNetLabError
 
 # 64 megapixels: far above any photo we classify, far below what exhausts memory.
 MAX_PIXELS = 64_000_000

@@ -1,0 +1,24 @@
+"""The data section of a training config: which data set, its split and augmentation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    val_split: int = 5000  # examples held out of the training set for choices
+    normalize: str = "channel"  # "channel" mean/std, or "pixel": the paper's per-pixel mean
+    pad: int = 4  # random crop of the image zero-padded by this much (0: no crop)
+    flip: bool = True
+    verify: bool = True  # MD5-check the official files
+    limit_train: int = 0  # use only the first N training examples (0: all); for smoke runs
+    limit_test: int = 0
+    image_size: int = 224  # folder data sets
+    workers: int = 2  # folder data sets: DataLoader workers
+    lighting: float = 0.1  # folder data sets: AlexNet PCA colour augmentation std
+    max_bad_fraction: float = 0.01  # folder data sets: stop if more unreadable files than this

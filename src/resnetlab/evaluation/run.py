@@ -1,0 +1,131 @@
+"""`resnetlab eval` as a library call: a run or weights directory scored on its own data.
+
+The data set, split and normalisation come from the run the weights belong to (its
+config.yaml) unless a data set is named; the model runs on any backend and precision
+(deploy/backends.py), a reduced precision only after its agreement check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data import DataBundle, build_data
+from ..deploy.agreement import MIN_AGREEMENT, Agreement
+from ..deploy.backends import ImageSource, check_precision, load_backend
+from ..errors import ConfigError
+from ..models.config import CONFIG_FILE, ModelConfig
+from ..models.factory import load_model
+from ..train.config import TrainConfig, resolve
+from ..train.report import plot_confusion
+from ..train.rundir import RunDir, eval_report_path, weights_dir
+from .evaluate import EvalResult, evaluate, recompute_bn
+
+
+def run_config(weights: str | os.PathLike[str], dataset: str | None = None,
+               data_dir: str | None = None) -> TrainConfig:
+    """The config of the run the weights belong to, or one for `dataset` if given."""
+    if dataset:
+        cfg = resolve(None, sets=[f"data.dataset={dataset}"])
+    else:
+        run = RunDir.around(weights)
+        if run is None:
+            raise ConfigError(f"{weights} is not inside a run directory: say which data set "
+                              "with --data (fashion-mnist, mnist, cifar10, cifar100, folder)")
+        cfg = resolve(None, str(run.config))
+    if data_dir:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir))
+    return cfg
+
+
+def run_data(weights: str | os.PathLike[str], batch_size: int = 500,
+             dataset: str | None = None, data_dir: str | None = None,
+             strict: bool = False) -> DataBundle:
+    """The run's data, normalised with the statistics saved beside the weights."""
+    cfg = run_config(weights, dataset, data_dir)
+    mc = ModelConfig.from_json(weights_dir(weights) / CONFIG_FILE)
+    return build_data(cfg.data, cfg.batch_size, batch_size, cfg.seed,
+                      stats=(mc.mean, mc.std), strict=strict)
+
+
+def test_images(weights: str | os.PathLike[str]) -> ImageSource | None:
+    """The test images of the run the weights belong to (the set reduced precisions are
+    checked on), read only when called; None outside a run."""
+    try:
+        run_config(weights)
+    except ConfigError:
+        return None
+
+    def images() -> Iterable[torch.Tensor]:
+        return (x for x, _ in run_data(weights).test.batches(0))
+
+    return images
+
+
+@dataclass
+class RunEval:
+    """What `evaluate_run` measured and where it wrote it."""
+
+    result: EvalResult
+    config: ModelConfig
+    classes: list[str]
+    backend: str
+    precision: str
+    agreement: Agreement | None  # the reduced precision's check on these very images
+    seconds: float
+    report: Path
+    confusion: Path
+
+
+def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str = "center",
+                 backend: str = "auto", precision: str = "auto",
+                 min_agreement: float = MIN_AGREEMENT, recompute: bool = False,
+                 batch_size: int = 500, strict: bool = False, dataset: str | None = None,
+                 data_dir: str | None = None, out: str | os.PathLike[str] | None = None
+                 ) -> RunEval:
+    """Score the weights of a run (or a weights directory) on `split` with test-time views
+    `tta`; `recompute`: re-estimate BN statistics on training images first (PyTorch, fp32).
+    Writes the report (default: beside the weights) and its confusion matrix."""
+    wdir = weights_dir(weights)
+    mc = ModelConfig.from_json(wdir / CONFIG_FILE)
+    data = run_data(weights, batch_size, dataset, data_dir, strict)
+    split_data = data.test if split == "test" else data.val
+    if split_data is None:
+        raise ConfigError("this run has no validation split (data.val_split=0)")
+    checked: Agreement | None = None
+    model: nn.Module
+    if recompute:  # new BN statistics live in the PyTorch model, not in a graph
+        if backend not in ("auto", "torch") or precision not in ("auto", "fp32"):
+            raise ConfigError("--recompute-bn needs --backend torch (or auto) in fp32")
+        model = load_model(wdir)
+        recompute_bn(model, data.train.batches(0))
+        backend, precision = "torch", "fp32"
+    else:
+        def check() -> Iterable[torch.Tensor]:
+            return (x for x, _ in data.test.batches(0))
+
+        loaded = load_backend(wdir, backend, precision=precision, check=check,
+                              min_agreement=min_agreement)
+        model, backend, precision = loaded, loaded.name, loaded.precision
+        if precision != "fp32":  # the trade made, on the very images scored here
+            checked = check_precision(wdir, backend, precision, check(), min_agreement,
+                                      reuse=True)
+    t0 = time.perf_counter()
+    res = evaluate(model, split_data.batches(0), mc.num_classes, tta)
+    seconds = time.perf_counter() - t0
+    names = mc.class_names or data.classes
+    path = Path(out) if out else eval_report_path(wdir, split, tta)
+    res.save(path, names, weights=str(wdir), split=split, tta=tta, recompute_bn=recompute,
+             backend=backend, precision=precision,
+             agreement_with_fp32=None if checked is None else checked.agreement,
+             seconds=round(seconds, 2))
+    png = plot_confusion(res.confusion, names, path.with_suffix(".png"),
+                         f"{mc.architecture}, {split}: {100 * res.top1_error:.2f}% error")
+    return RunEval(res, mc, names, backend, precision, checked, seconds, path, png)

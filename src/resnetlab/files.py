@@ -1,0 +1,28 @@
+"""Where resnetlab keeps what it downloads or builds, and how it writes files that must
+survive a kill: $RESNETLAB_CACHE, else ~/.cache/resnetlab; write_atomic."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RESNETLAB_CACHE", Path.home() / ".cache" / "resnetlab"))
+
+
+def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
+    """Write through a temporary file in the same directory, fsync, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

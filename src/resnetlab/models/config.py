@@ -1,0 +1,41 @@
+"""What `config.json` holds next to a model's weights: enough to rebuild it and feed it images."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import WeightsError
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    """What `config.json` holds next to the weights."""
+
+    architecture: str
+    num_classes: int
+    in_chans: int
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] | None = None
+    format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def from_json(cls, path: Path) -> ModelConfig:
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
+            return cls(**data)
+        except FileNotFoundError:
+            raise WeightsError(f"{path} is missing: not a resnetlab weights directory") from None
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{path} is not a valid resnetlab config: {e}") from None

@@ -1,0 +1,127 @@
+"""The run directory: every file a training run leaves, by name, in this one place.
+
+    RUN/
+      config.yaml               the resolved TrainConfig; `--config` reads it back
+      metrics.jsonl             one line per logged step and per evaluation (report.py)
+      summary.csv               one row per evaluation
+      checkpoints/latest        names the newest complete checkpoint (checkpoint.py)
+      checkpoints/ckpt-<it>/    its weights (model.safetensors + config.json), trainer_state.pt
+      final/                    the weights to ship, as `save_weights` writes them
+      final/export/             graphs of those weights and their precision checks (deploy/)
+      final/eval-<split>-<tta>.json   reports of `resnetlab eval`
+      eval.json                 the final test report; confusion.png, curves.png its figures
+
+A weights directory outside any run (`save_weights`) has the same `export/` and eval reports.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..models.config import CONFIG_FILE
+
+STATE_FILE = "trainer_state.pt"  # inside each checkpoint, beside its weights
+_EXPORT = "export"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of the training run in `path` (which need not exist yet)."""
+
+    path: Path
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.csv"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def pointer(self) -> Path:
+        """The small file naming the newest complete checkpoint."""
+        return self.checkpoints / "latest"
+
+    @property
+    def final(self) -> Path:
+        return self.path / "final"
+
+    @property
+    def eval_report(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def curves(self) -> Path:
+        return self.path / "curves.png"
+
+    @property
+    def confusion(self) -> Path:
+        return self.path / "confusion.png"
+
+    def checkpoint(self, iteration: int) -> Path:
+        return self.checkpoints / f"ckpt-{iteration:08d}"
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """Every checkpoint directory, oldest first."""
+        return sorted(self.checkpoints.glob("ckpt-*"))
+
+    def latest_checkpoint(self) -> Path | None:
+        """The checkpoint `latest` names, if that checkpoint is complete."""
+        if not self.pointer.is_file():
+            return None
+        path = self.checkpoints / self.pointer.read_text().strip()
+        return path if (path / STATE_FILE).is_file() else None
+
+    def started(self) -> bool:
+        """A config and anything a training step leaves: resuming it is then a choice."""
+        return self.config.exists() and (self.metrics.exists() or self.checkpoints.exists())
+
+    def finished(self) -> bool:
+        return self.eval_report.is_file() and (self.final / CONFIG_FILE).is_file()
+
+    def weights(self) -> Path | None:
+        """final/ if written, else the latest checkpoint's weights; None if neither."""
+        if (self.final / CONFIG_FILE).is_file():
+            return self.final
+        return self.latest_checkpoint()
+
+    @classmethod
+    def around(cls, weights: str | os.PathLike[str]) -> RunDir | None:
+        """The run a path belongs to: the run itself, its final/ or one of its checkpoints."""
+        p = Path(weights)
+        for candidate in (p, p.parent, p.parent.parent):
+            if cls(candidate).config.is_file():
+                return cls(candidate)
+        return None
+
+
+def weights_dir(path: str | os.PathLike[str]) -> Path:
+    """A weights directory as given, or the weights of the run directory given."""
+    p = Path(path)
+    if (p / CONFIG_FILE).is_file():
+        return p
+    return RunDir(p).weights() or p  # load_model then reports what is missing
+
+
+def export_dir(weights: str | os.PathLike[str]) -> Path:
+    """Where the graphs exported from a weights directory go."""
+    return Path(weights) / _EXPORT
+
+
+def eval_report_path(weights: str | os.PathLike[str], split: str, tta: str) -> Path:
+    """Where `resnetlab eval` reports on a weights directory by default."""
+    return Path(weights) / f"eval-{split}-{tta}.json"
