@@ -50,7 +50,8 @@ test-all: lint
 # named below; one torch thread per mutant, as two run at once. It ends with the table of
 # docs/testing.md, equivalent mutants excused by tools/mutation_equivalents.txt;
 # `.venv/bin/mutmut show NAME` prints one mutant's diff.
-MUTANTS := 'resnetlab.evaluate.*' 'resnetlab.train.schedule.*' 'resnetlab.train.checkpoint.*' \
+MUTANTS := 'resnetlab.evaluation.evaluate.*' 'resnetlab.train.schedule.*' 'resnetlab.train.checkpoint.*' \
+	'resnetlab.train.rundir.*' \
 	'resnetlab.data.x_holdout*' 'resnetlab.data.x_build_data*' 'resnetlab.data.x__build_folder*' \
 	'resnetlab.data.memory.xǁNormalizeǁ*' 'resnetlab.models.layers.x__subsample*' \
 	'resnetlab.models.layers.xǁZeroPadShortcutǁ*' 'resnetlab.models.layers.xǁProjectionǁ*' \

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.runtimes
 
 export_module = importlib.import_module("resnetlab.deploy.export")  # not the function
 backends = importlib.import_module("resnetlab.deploy.backends")
+runtimes = importlib.import_module("resnetlab.deploy.runtimes")
 
 FOLD_MODELS = ["resnet18", "resnet50", "resnet50b", "resnet50c", "resnet50d", "plain18",
                "resnet20", "plain20", "preact_resnet18", "preact_resnet110"]
@@ -317,3 +318,37 @@ def test_auto_precision_uses_only_what_passed_its_check(tmp_path: Path,
     # A precision the runtime lacks is one clear error.
     with pytest.raises(resnetlab.ConfigError, match="onnxruntime does not run bf16"):
         load_backend(wdir, "onnxruntime", precision="bf16")
+
+
+def test_a_runtime_is_added_by_one_registry_entry(weights: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A new runtime (here ONNX Runtime with its graph optimisations off, put first in
+    `auto`) is its open function (6 lines) and one registry entry (3 lines): export, the CLI
+    choices, auto's order and the backends read the registry; nothing else is told."""
+    def basic(path: Path, precision: str, threads: int):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return lambda x: s.run(None, {runtimes.INPUT: x})[0]
+
+    monkeypatch.setitem(runtimes.RUNTIMES, "ort-basic", runtimes.Runtime(
+        "ort-basic", ("onnx", "onnxscript", "onnxruntime"), ("fp32",), format="onnx-basic",
+        files=("basic.onnx",), write=lambda m, x, d: runtimes.write_onnx(m, x, d / "basic.onnx"),
+        open=basic, auto_rank=-1, version_of="onnxruntime"))
+    wdir = tmp_path / "weights"
+    resnetlab.save_weights(resnetlab.load_model(weights), wdir)
+    assert main(["export", str(wdir), "--format", "onnx-basic"]) == 0
+    assert (wdir / "export" / "basic.onnx").is_file()
+    be = load_backend(wdir, "auto")
+    assert be.name == "ort-basic" and be.precision == "fp32"
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert (be(x) - resnetlab.load_model(wdir).eval()(x)).abs().max() < 1e-4
+    img = tmp_path / "x.png"
+    Image.fromarray(np.full((28, 28), 128, np.uint8)).save(img)
+    capsys.readouterr()
+    assert main(["predict", str(wdir), str(img), "--backend", "ort-basic"]) == 0
+    assert str(img) in capsys.readouterr().out

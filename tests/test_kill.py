@@ -90,19 +90,19 @@ def test_resume_with_another_batch_stream_differs(tmp_path: Path, fashion_dir: P
                                  "schedule.iterations=12"])
     reference = train(cfg, tmp_path / "reference", progress=False)
     out = tmp_path / "cut"
-    import resnetlab.train.loop as loop
+    from resnetlab.train.schedule import LRSchedule
 
-    original = loop.LRSchedule.__call__
+    original = LRSchedule.__call__
 
-    def stop_at_7(self: loop.LRSchedule, it: int) -> float:
+    def stop_at_7(self: LRSchedule, it: int) -> float:
         if it == 7:
             raise KeyboardInterrupt
         return original(self, it)
 
-    monkeypatch.setattr(loop.LRSchedule, "__call__", stop_at_7)
+    monkeypatch.setattr(LRSchedule, "__call__", stop_at_7)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, out, progress=False)
-    monkeypatch.setattr(loop.LRSchedule, "__call__", original)
+    monkeypatch.setattr(LRSchedule, "__call__", original)
     import resnetlab.data.memory as memory
 
     shifted = memory.batch_generator
@@ -146,26 +146,32 @@ def test_saves_killed_at_random_moments_always_leave_a_complete_checkpoint(
     root = run.checkpoints
     rng = random.Random(0)
     last = 0
-    for _ in range(8):
+    savers: list[subprocess.Popen] = []
+    try:
+        for _ in range(8):
+            proc = subprocess.Popen([sys.executable, str(script), str(run.path), str(last)])
+            savers.append(proc)
+            while _saved_iteration(run) <= last:
+                assert proc.poll() is None
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.3))
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            ckpt = run.latest_checkpoint()
+            model = resnetlab.create_model("resnet8")
+            state = load_checkpoint(ckpt, model)  # loads: complete, not torn
+            assert all(torch.all(p == state["iteration"]) for p in model.parameters())
+            assert state["iteration"] > last
+            last = state["iteration"]
+        # The next successful save cleans what killed saves left behind.
+        leftovers = {p.name for p in root.iterdir() if p.name.startswith(".")}
         proc = subprocess.Popen([sys.executable, str(script), str(run.path), str(last)])
-        while _saved_iteration(run) <= last:
-            assert proc.poll() is None
+        savers.append(proc)
+        while _saved_iteration(run) <= last + 1:
             time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.3))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        ckpt = run.latest_checkpoint()
-        model = resnetlab.create_model("resnet8")
-        state = load_checkpoint(ckpt, model)  # loads: complete, not torn
-        assert all(torch.all(p == state["iteration"]) for p in model.parameters())
-        assert state["iteration"] > last
-        last = state["iteration"]
-    # The next successful save cleans what killed saves left behind.
-    leftovers = {p.name for p in root.iterdir() if p.name.startswith(".")}
-    proc = subprocess.Popen([sys.executable, str(script), str(run.path), str(last)])
-    while _saved_iteration(run) <= last + 1:
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
+    finally:  # a saver saves forever: none may outlive the test, pass or fail
+        for proc in savers:
+            proc.kill()
+            proc.wait()
     assert not leftovers & {p.name for p in root.iterdir()}
     assert len([p for p in root.iterdir() if p.name.startswith("ckpt-")]) <= 2

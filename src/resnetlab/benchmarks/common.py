@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..deploy.runtimes import SERVED
+from ..deploy.runtimes import served
 from ..precision import infer_candidates, this_cpu, train_precision
 
 
@@ -39,7 +39,7 @@ def machine_report(measure: bool = True) -> dict[str, object]:
     out: dict[str, object] = {
         **machine(), "native_bf16": cpu.native_bf16, "native_int8": cpu.native_int8,
         "train_auto": train_precision("auto", torch.device("cpu"), cpu).precision,
-        "infer_auto": {r.name: infer_candidates(r.precisions, cpu)[0] for r in SERVED},
+        "infer_auto": {r.name: infer_candidates(r.precisions, cpu)[0] for r in served()},
     }
     if measure:
         out["sgemm_gflops"] = round(gemm_gflops(torch.float32), 1)

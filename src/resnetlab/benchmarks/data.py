@@ -29,6 +29,7 @@ from ..models.registry import IMAGENET_MEAN, IMAGENET_STD
 from ..tables import format_table
 from ..train.allocator import keep_freed_memory
 from .common import machine, save
+from .inputs import PILDataset, synthetic_arrays
 from .train import resnetlab_step
 
 
@@ -54,13 +55,11 @@ def reference_loader(chans: int, size: int, batch: int, workers: int) -> Iterato
     from torch.utils.data import DataLoader
     from torchvision.transforms import v2
 
-    from .train import _PILDataset, _synthetic
-
-    images, labels = _synthetic(batch * 40, chans, size)
+    images, labels = synthetic_arrays(batch * 40, chans, size)
     tf = v2.Compose([v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip(), v2.ToImage(),
                      v2.ToDtype(torch.float32, scale=True),
                      v2.Normalize([0.5] * chans, [0.25] * chans)])
-    loader = DataLoader(_PILDataset(images, labels, tf), batch_size=batch, shuffle=True,
+    loader = DataLoader(PILDataset(images, labels, tf), batch_size=batch, shuffle=True,
                         drop_last=True, num_workers=workers, persistent_workers=workers > 0)
     return itertools.chain.from_iterable(loader for _ in itertools.count())
 

@@ -28,8 +28,8 @@ import torchvision
 
 from ..cli import main as cli
 from ..models.factory import create_model
-from ..train.loop import maybe_compile
 from ..train.rundir import RunDir
+from ..train.setup import maybe_compile
 from .common import machine
 
 

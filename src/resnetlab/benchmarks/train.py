@@ -20,12 +20,10 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from ..data.memory import BatchAugment, InMemoryLoader, Normalize
@@ -39,6 +37,7 @@ from ..train.allocator import keep_freed_memory
 from ..train.config import TrainConfig
 from ..train.loop import make_optimizer, train_step
 from .common import alternate, machine, ratio, save, sgemm_gflops
+from .inputs import PILDataset, synthetic_arrays
 
 log = logging.getLogger(__name__)
 
@@ -86,27 +85,6 @@ class ReferenceResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-class _PILDataset(Dataset):
-    """Images handed out one at a time as PIL images, as torchvision's data sets do."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Any) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        img = self.images[i]
-        pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-        return self.transform(pil), int(self.labels[i])
-
-
-def _synthetic(n: int, chans: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
-    return (rng.integers(0, 256, (n, size, size, chans), dtype=np.uint8),
-            rng.integers(0, 10, n).astype(np.int64))
-
-
 def _cycle(make: Callable[[int], Any]) -> Iterator[Any]:
     for epoch in itertools.count():
         yield from make(epoch)
@@ -114,11 +92,11 @@ def _cycle(make: Callable[[int], Any]) -> Iterator[Any]:
 
 def reference_step(depth: int, chans: int, size: int, batch: int, workers: int,
                    n: int) -> Callable[[], int]:
-    images, labels = _synthetic(n, chans, size)
+    images, labels = synthetic_arrays(n, chans, size)
     mean, std = [0.5] * chans, [0.25] * chans
     tf = v2.Compose([v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip(), v2.ToImage(),
                      v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
-    loader = DataLoader(_PILDataset(images, labels, tf), batch_size=batch, shuffle=True,
+    loader = DataLoader(PILDataset(images, labels, tf), batch_size=batch, shuffle=True,
                         drop_last=True, num_workers=workers, persistent_workers=workers > 0)
     it = _cycle(lambda _: loader)
     model = ReferenceResNet(depth, chans)
@@ -138,7 +116,7 @@ def reference_step(depth: int, chans: int, size: int, batch: int, workers: int,
 
 def resnetlab_step(name: str, chans: int, size: int, batch: int, n: int,
                    compiled: bool, precision: str = "fp32") -> Callable[[], int]:
-    images, labels = _synthetic(n, chans, size)
+    images, labels = synthetic_arrays(n, chans, size)
     data = ArrayDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
                         torch.from_numpy(labels), [str(i) for i in range(10)])
     loader = InMemoryLoader(data, batch, Normalize.fit(data.images, "channel"),

@@ -7,7 +7,7 @@ import argparse
 from ..benchmarks import BENCHMARKS, run_benchmark
 from ..deploy.export import export
 from ..deploy.quantize import quantize_run
-from ..deploy.runtimes import FORMATS
+from ..deploy.runtimes import formats
 from ..train.rundir import weights_dir
 
 
@@ -18,7 +18,7 @@ def add_deploy_parser(sub: argparse._SubParsersAction, common: argparse.Argument
                        "batch, and check the graph against PyTorch (max |logit diff| < "
                        "--tolerance, same top-1) before reporting success.")
     x.add_argument("weights", help="run directory or weights directory")
-    x.add_argument("--format", choices=[*FORMATS, "onnx-int8"], default="onnx",
+    x.add_argument("--format", choices=[*formats(), "onnx-int8"], default="onnx",
                    help="onnx-int8: post-training int8 (ONNX Runtime), calibrated on training "
                    "images of the run's data set")
     x.add_argument("--out", help="folder for the graph (default <weights>/export)")

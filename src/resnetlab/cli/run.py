@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 from ..deploy.agreement import MIN_AGREEMENT
-from ..deploy.backends import BACKENDS
+from ..deploy.backends import backend_names
 from ..deploy.predict import Prediction, Predictor
 from ..evaluation.evaluate import TTA_MODES
 from ..evaluation.run import evaluate_run, test_images
 from ..precision import INFER_PRECISIONS
-from ..train.config import PRESETS, resolve, to_yaml
+from ..train.config import PRESETS, override, resolve, to_yaml
 from ..train.loop import train
 
 BACKEND_HELP = ("inference runtime; auto: the fastest installed (openvino, onnxruntime, then "
@@ -65,7 +65,7 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     e.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image file (folder data sets)")
     e.add_argument("--out", help="JSON file for the results (default: next to the weights)")
-    e.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    e.add_argument("--backend", choices=backend_names(), default="auto", help=BACKEND_HELP)
     add_precision_args(e)
     e.set_defaults(func=cmd_eval)
 
@@ -74,7 +74,7 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, BMP, ...)")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true", help="one JSON object per image")
-    p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
+    p.add_argument("--backend", choices=backend_names(), default="auto", help=BACKEND_HELP)
     add_precision_args(p)
     p.set_defaults(func=cmd_predict)
 
@@ -94,8 +94,9 @@ def _torchrun(args: argparse.Namespace, out: Path) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     preset = args.preset or (None if args.config else "fashion-mnist")
-    sets = list(args.sets) + ([f"data.data_dir={args.data_dir}"] if args.data_dir else [])
-    cfg = resolve(preset, args.config, sets)
+    cfg = resolve(preset, args.config, args.sets)
+    if args.data_dir:
+        cfg = override(cfg, {"data": {"data_dir": args.data_dir}})
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0

@@ -1,9 +1,9 @@
 """Deployment: the runtimes registry, BN folding, export, inference backends, prediction."""
 
-from .backends import BACKENDS, Backend, load_backend
+from .backends import Backend, backend_names, load_backend
 from .export import export
 from .fold import fold_batchnorm
-from .runtimes import FORMATS, RUNTIMES, ExportError, Runtime
+from .runtimes import RUNTIMES, ExportError, Runtime, formats, served
 
-__all__ = ["BACKENDS", "FORMATS", "RUNTIMES", "Backend", "ExportError", "Runtime", "export",
-           "fold_batchnorm", "load_backend"]
+__all__ = ["RUNTIMES", "Backend", "ExportError", "Runtime", "backend_names", "export",
+           "fold_batchnorm", "formats", "load_backend", "served"]

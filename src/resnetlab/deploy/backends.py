@@ -31,14 +31,17 @@ from ..train.rundir import export_dir
 from . import agreement
 from .agreement import MIN_AGREEMENT, Agreement, lookup
 from .export import export
-from .runtimes import INT8_FILE, RUNTIMES, SERVED, ExportError, Runtime, TorchRunner
+from .runtimes import INT8_FILE, RUNTIMES, ExportError, Runtime, TorchRunner, served
 
 log = logging.getLogger(__name__)
-
-# "onnxruntime-int8": the older spelling of onnxruntime at int8.
-BACKENDS = ("auto", *(r.name for r in SERVED), "onnxruntime-int8")
 STAMP = "source.sha256"
 ImageSource = Callable[[], Iterable[torch.Tensor]]  # batches of preprocessed test images
+
+
+def backend_names() -> list[str]:
+    """What `--backend` accepts: auto, each served runtime, and "onnxruntime-int8", the older
+    spelling of onnxruntime at int8."""
+    return ["auto", *(r.name for r in served()), "onnxruntime-int8"]
 
 
 class Backend(nn.Module):
@@ -182,12 +185,13 @@ def _precisions(wdir: Path, runtime: Runtime, requested: str, check: ImageSource
 def load_backend(weights: str | os.PathLike[str], backend: str = "auto", threads: int = 0,
                  precision: str = "fp32", check: ImageSource | None = None,
                  min_agreement: float = MIN_AGREEMENT) -> Backend:
-    """The model in the weights directory `weights`, on `backend` (see BACKENDS) at
+    """The model in the weights directory `weights`, on `backend` (backend_names()) at
     `precision` (fp32, bf16, int8, or auto: the fastest this CPU runs natively whose
     top-1 agreement with fp32 passes `min_agreement`; `check` gives the images to check
     it on when no check is recorded yet)."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend not in backend_names():
+        raise ConfigError(f"backend must be one of {', '.join(backend_names())}, "
+                          f"got {backend!r}")
     if precision not in INFER_PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(INFER_PRECISIONS)}, "
                           f"got {precision!r}")
@@ -195,7 +199,7 @@ def load_backend(weights: str | os.PathLike[str], backend: str = "auto", threads
         backend, precision = "onnxruntime", "int8"
     wdir = Path(weights)
     ModelConfig.from_json(wdir / CONFIG_FILE)  # not weights: say so before exporting
-    runtimes = [r for r in SERVED if r.available()] if backend == "auto" \
+    runtimes = [r for r in served() if r.available()] if backend == "auto" \
         else [RUNTIMES[backend]]
     if not runtimes[0].available():
         raise ConfigError(f"backend {backend} is not installed: pip install 'resnetlab[deploy]'")
@@ -203,7 +207,7 @@ def load_backend(weights: str | os.PathLike[str], backend: str = "auto", threads
         fit = [r for r in runtimes if precision in r.precisions]
         if not fit:
             raise ConfigError(f"{backend} does not run {precision}; " + "; ".join(
-                f"{r.name} runs {', '.join(r.precisions)}" for r in SERVED))
+                f"{r.name} runs {', '.join(r.precisions)}" for r in served()))
         runtimes = fit
     for runtime in runtimes:
         try:

@@ -24,7 +24,7 @@ class Prediction:
 
 
 class Predictor:
-    """Top-k classes of image files; `backend` is one of deploy.backends.BACKENDS."""
+    """Top-k classes of image files; `backend`: one of deploy.backends.backend_names()."""
 
     def __init__(self, weights: str | os.PathLike[str], backend: str = "torch",
                  precision: str = "fp32", check: ImageSource | None = None,

@@ -199,13 +199,21 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("torchscript", (), ("fp32",), format="torchscript",
             files=("model.torchscript",), write=_write_torchscript, open=_open_torchscript),
 )}
-FORMATS = tuple(r.format for r in RUNTIMES.values() if r.format)
-SERVED = tuple(sorted((r for r in RUNTIMES.values() if r.auto_rank is not None),
-                      key=lambda r: r.auto_rank or 0))
+
+
+def formats() -> list[str]:
+    """The export formats, as `resnetlab export --format` names them."""
+    return [r.format for r in RUNTIMES.values() if r.format]
+
+
+def served() -> list[Runtime]:
+    """The runtimes a backend can run on, in `auto`'s order (fastest first)."""
+    return sorted((r for r in RUNTIMES.values() if r.auto_rank is not None),
+                  key=lambda r: r.auto_rank or 0)
 
 
 def by_format(fmt: str) -> Runtime:
     found = [r for r in RUNTIMES.values() if r.format == fmt]
     if not found:
-        raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise ExportError(f"format must be one of {', '.join(formats())}, got {fmt!r}")
     return found[0]

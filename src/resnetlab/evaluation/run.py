@@ -7,7 +7,6 @@ config.yaml) unless a data set is named; the model runs on any backend and preci
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Iterable
@@ -23,7 +22,7 @@ from ..deploy.backends import ImageSource, check_precision, load_backend
 from ..errors import ConfigError
 from ..models.config import CONFIG_FILE, ModelConfig
 from ..models.factory import load_model
-from ..train.config import TrainConfig, resolve
+from ..train.config import TrainConfig, override, resolve
 from ..train.report import plot_confusion
 from ..train.rundir import RunDir, eval_report_path, weights_dir
 from .evaluate import EvalResult, evaluate, recompute_bn
@@ -33,16 +32,14 @@ def run_config(weights: str | os.PathLike[str], dataset: str | None = None,
                data_dir: str | None = None) -> TrainConfig:
     """The config of the run the weights belong to, or one for `dataset` if given."""
     if dataset:
-        cfg = resolve(None, sets=[f"data.dataset={dataset}"])
+        cfg = resolve(None, settings=[{"data": {"dataset": dataset}}])
     else:
         run = RunDir.around(weights)
         if run is None:
             raise ConfigError(f"{weights} is not inside a run directory: say which data set "
                               "with --data (fashion-mnist, mnist, cifar10, cifar100, folder)")
         cfg = resolve(None, str(run.config))
-    if data_dir:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir))
-    return cfg
+    return override(cfg, {"data": {"data_dir": data_dir}}) if data_dir else cfg
 
 
 def run_data(weights: str | os.PathLike[str], batch_size: int = 500,

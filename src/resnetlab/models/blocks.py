@@ -51,14 +51,8 @@ class BasicBlock(_PostActBase):
 
     expansion = 1
 
-    def __init__(
-        self,
-        in_ch: int,
-        width: int,
-        stride: int = 1,
-        shortcut: nn.Module | None = None,
-        stride_in_3x3: bool = True,
-    ) -> None:
+    def __init__(self, in_ch: int, width: int, stride: int = 1,
+                 shortcut: nn.Module | None = None, stride_in_3x3: bool = True) -> None:
         super().__init__()
         self.conv1 = conv3x3(in_ch, width, stride)
         self.bn1 = nn.BatchNorm2d(width)
@@ -87,14 +81,8 @@ class Bottleneck(_PostActBase):
 
     expansion = 4
 
-    def __init__(
-        self,
-        in_ch: int,
-        width: int,
-        stride: int = 1,
-        shortcut: nn.Module | None = None,
-        stride_in_3x3: bool = False,
-    ) -> None:
+    def __init__(self, in_ch: int, width: int, stride: int = 1,
+                 shortcut: nn.Module | None = None, stride_in_3x3: bool = False) -> None:
         super().__init__()
         s1, s3 = (1, stride) if stride_in_3x3 else (stride, 1)
         self.conv1 = conv1x1(in_ch, width, s1)
@@ -135,14 +123,8 @@ class PreActBasicBlock(_PreActBase):
 
     expansion = 1
 
-    def __init__(
-        self,
-        in_ch: int,
-        width: int,
-        stride: int = 1,
-        shortcut: nn.Module | None = None,
-        stride_in_3x3: bool = True,
-    ) -> None:
+    def __init__(self, in_ch: int, width: int, stride: int = 1,
+                 shortcut: nn.Module | None = None, stride_in_3x3: bool = True) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_ch)
         self.conv1 = conv3x3(in_ch, width, stride)
@@ -164,14 +146,8 @@ class PreActBottleneck(_PreActBase):
 
     expansion = 4
 
-    def __init__(
-        self,
-        in_ch: int,
-        width: int,
-        stride: int = 1,
-        shortcut: nn.Module | None = None,
-        stride_in_3x3: bool = True,
-    ) -> None:
+    def __init__(self, in_ch: int, width: int, stride: int = 1,
+                 shortcut: nn.Module | None = None, stride_in_3x3: bool = True) -> None:
         super().__init__()
         s1, s3 = (1, stride) if stride_in_3x3 else (stride, 1)
         self.bn1 = nn.BatchNorm2d(in_ch)

@@ -11,21 +11,25 @@ import re
 
 import torch
 
-# (torchvision pattern, resnetlab replacement); each map is a bijection on ResNet keys.
-_TV_TO_OURS = [
-    (r"^conv1\.", "stem.conv."),
-    (r"^bn1\.", "stem.bn."),
-    (r"^(layer\d+\.\d+)\.downsample\.0\.", r"\1.shortcut.conv."),
-    (r"^(layer\d+\.\d+)\.downsample\.1\.", r"\1.shortcut.bn."),
-    (r"^fc\.", "head.fc."),
+# (torchvision key prefix, resnetlab key prefix); "BLOCK" stands for a block's own prefix
+# (layer<i>.<j>). Each direction of the map is a bijection on ResNet keys.
+_PREFIXES = [
+    ("conv1.", "stem.conv."),
+    ("bn1.", "stem.bn."),
+    ("BLOCK.downsample.0.", "BLOCK.shortcut.conv."),
+    ("BLOCK.downsample.1.", "BLOCK.shortcut.bn."),
+    ("fc.", "head.fc."),
 ]
-_OURS_TO_TV = [
-    (r"^stem\.conv\.", "conv1."),
-    (r"^stem\.bn\.", "bn1."),
-    (r"^(layer\d+\.\d+)\.shortcut\.conv\.", r"\1.downsample.0."),
-    (r"^(layer\d+\.\d+)\.shortcut\.bn\.", r"\1.downsample.1."),
-    (r"^head\.fc\.", "fc."),
-]
+
+
+def _rule(source: str, target: str) -> tuple[str, str]:
+    """A regex rule rewriting the prefix `source` as `target`."""
+    pattern = "^" + re.escape(source).replace("BLOCK", r"(layer\d+\.\d+)")
+    return pattern, target.replace("BLOCK", r"\1")
+
+
+_TV_TO_OURS = [_rule(tv, ours) for tv, ours in _PREFIXES]
+_OURS_TO_TV = [_rule(ours, tv) for tv, ours in _PREFIXES]
 
 TORCHVISION_PAIRS = {
     "resnet18": "resnet18", "resnet34": "resnet34", "resnet50": "resnet50b",

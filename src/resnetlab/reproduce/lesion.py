@@ -1,4 +1,5 @@
-"""Veit et al. (NeurIPS 2016, seed 004): residual nets behave like ensembles of paths.
+"""Veit, Wilber, Belongie, Residual Networks Behave Like Ensembles of Relatively Shallow
+Networks (NeurIPS 2016): deleting blocks at test time.
 
 Deleting one residual block at test time leaves the block's shortcut in its place (for a
 v1 block the input is already non-negative, so the final ReLU changes nothing), and barely

@@ -15,7 +15,8 @@ from ..train.recipes import CifarNet
 from .common import Context, ensure_trained, pct, write_report
 from .degradation import curves
 
-# Identity Mappings, CIFAR-10 test error (%), the figures SPEC.md quotes.
+# He et al., Identity Mappings in Deep Residual Networks (ECCV 2016), Tables 2-3: CIFAR-10
+# test error (%).
 PAPER = "ResNet-164 v1 5.93%, v2 5.46%; ResNet-1001 v2 4.62%"
 
 

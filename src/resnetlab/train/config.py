@@ -249,6 +249,11 @@ def resolve(preset: str | None, config_file: str | None = None,
     return validate(cfg)
 
 
+def override(cfg: TrainConfig, settings: Mapping[str, Any]) -> TrainConfig:
+    """`cfg` with a nested mapping of settings applied on top, checked as `resolve` checks."""
+    return validate(_merge(cfg, dict(settings)))
+
+
 def saved_config(path: str | Path) -> dict[str, Any] | None:
     """A run's saved config.yaml read through today's schema (keys added since then take
     their defaults, so older runs still resume), as a plain mapping; None if it no longer

@@ -26,51 +26,33 @@ STATE_FILE = "trainer_state.pt"  # inside each checkpoint, beside its weights
 _EXPORT = "export"
 
 
+class _In:
+    """A path below the run directory: `RunDir(p).config` is `p / "config.yaml"`."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    def __get__(self, run: RunDir, owner: type | None = None) -> Path:
+        return run.path.joinpath(*self.parts)
+
+
 @dataclass(frozen=True)
 class RunDir:
     """The files of the training run in `path` (which need not exist yet)."""
 
     path: Path
+    config = _In("config.yaml")
+    metrics = _In("metrics.jsonl")
+    summary = _In("summary.csv")
+    checkpoints = _In("checkpoints")
+    pointer = _In("checkpoints", "latest")  # names the newest complete checkpoint
+    final = _In("final")
+    eval_report = _In("eval.json")
+    curves = _In("curves.png")
+    confusion = _In("confusion.png")
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         object.__setattr__(self, "path", Path(path))
-
-    @property
-    def config(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    @property
-    def summary(self) -> Path:
-        return self.path / "summary.csv"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
-    @property
-    def pointer(self) -> Path:
-        """The small file naming the newest complete checkpoint."""
-        return self.checkpoints / "latest"
-
-    @property
-    def final(self) -> Path:
-        return self.path / "final"
-
-    @property
-    def eval_report(self) -> Path:
-        return self.path / "eval.json"
-
-    @property
-    def curves(self) -> Path:
-        return self.path / "curves.png"
-
-    @property
-    def confusion(self) -> Path:
-        return self.path / "confusion.png"
 
     def checkpoint(self, iteration: int) -> Path:
         return self.checkpoints / f"ckpt-{iteration:08d}"

@@ -1,0 +1,202 @@
+"""What a run holds before its first step, and what a checkpoint saves of it.
+
+`start` resolves the device and precision, checks and writes the run directory's config,
+builds the data, the model (and the wrappers that step it: fused kernels, DDP, compile),
+the optimizer and the schedule, and restores them from the latest checkpoint when resuming.
+Its order matters: the seed is set before the data and the model draw random numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from ..data import DataBundle, build_data
+from ..errors import ConfigError
+from ..kernels.fuse import fuse_bn_act
+from ..models import ResNet
+from ..models.factory import create_model
+from ..precision import Choice, train_precision
+from .allocator import keep_freed_memory
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig, saved_config, to_yaml
+from .distributed import DistInfo, convert_sync_bn
+from .rundir import RunDir
+from .schedule import LRSchedule
+
+log = logging.getLogger(__name__)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    o = cfg.optim
+    if o.decay_bn_and_bias:
+        groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
+    else:  # weight decay only on conv and fc weights (Bag of Tricks sec. 3.1)
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # lr: the value of a constant-lr step (reproduce/gradients.py, the benchmarks); `train`
+    # sets every step's lr from the schedule instead.
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                           weight_decay=o.weight_decay)
+
+
+def on_device(setting: bool | None, device: torch.device) -> bool:
+    """An on/off setting whose default (None) is: on for CUDA devices, off on the CPU."""
+    return device.type == "cuda" if setting is None else setting
+
+
+def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
+    """torch.compile, falling back to eager for whatever graph the compiler cannot handle."""
+    if not enabled:
+        return model
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # a failed compile runs that frame eagerly
+    return cast(nn.Module, torch.compile(model))  # an OptimizedModule
+
+
+def _precision(cfg: TrainConfig, device: torch.device, run: RunDir, resume: bool) -> Choice:
+    """`auto` resolved for this device; a resumed run keeps the precision it was started
+    with (runs saved before `precision` existed trained in fp32 on the CPU, bf16 on CUDA)."""
+    saved = saved_config(run.config) if resume else None
+    if cfg.precision == "auto" and saved is not None:
+        kept = saved["precision"]
+        if kept == "auto":
+            kept = "bf16" if device.type == "cuda" else "fp32"
+        return Choice(kept, "auto: kept from the run being resumed")
+    return train_precision(cfg.precision, device)
+
+
+def _check_run_dir(run: RunDir, cfg: TrainConfig, resume: bool) -> None:
+    if not run.started():
+        return
+    if not resume:
+        raise ConfigError(f"{run.path} already holds a run; pass --resume auto to continue it "
+                          "or choose another --out")
+    old, new = saved_config(run.config) or {}, asdict(cfg)
+    if old.get("precision") == "auto":  # saved before `precision`: _precision resolved it
+        old["precision"] = new["precision"]
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        raise ConfigError(f"{run.path} was started with another config (differs in "
+                          f"{', '.join(diff)}); resume it with --config {run.config}")
+
+
+def _prepare_model(cfg: TrainConfig, n_classes: int, in_chans: int, device: torch.device,
+                   dist: DistInfo, fuse: bool) -> tuple[nn.Module, ResNet]:
+    """(the model to step, the plain model whose parameters it steps, for saving and
+    evaluating). `fuse`: step a rewrite of it on the fused BN-ReLU kernels (kernels/fuse.py)."""
+    core = create_model(cfg.model.name, num_classes=n_classes, in_chans=in_chans,
+                        **cfg.model.options).to(device)
+    if cfg.channels_last:
+        core = core.to(memory_format=torch.channels_last)
+    if dist.enabled and cfg.sync_bn:
+        convert_sync_bn(core, device)
+    stepped: nn.Module = core
+    if fuse:
+        stepped = fuse_bn_act(core) or core
+        log.info("fused BN-ReLU kernels: %s", "on" if stepped is not core else "off")
+    if not dist.enabled:
+        return stepped, core
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(stepped, device_ids=ids), core
+
+
+@dataclass
+class TrainState:
+    """A run in progress: its config, data, model and what steps it, at iteration `it`."""
+
+    cfg: TrainConfig
+    run: RunDir
+    dist: DistInfo
+    device: torch.device
+    precision_reason: str
+    data: DataBundle
+    model: nn.Module  # what the step calls: `core`, or a wrapper sharing its parameters
+    core: ResNet
+    ema: AveragedModel | None
+    opt: torch.optim.SGD
+    sched: LRSchedule
+    it: int = 0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=10))  # warm-up errors
+
+    @property
+    def scored(self) -> nn.Module:
+        """What evaluations and final/ hold: the moving average if kept, else the model."""
+        return self.ema.module if self.ema is not None else self.core
+
+    @property
+    def steps(self) -> int:
+        """Batches per epoch."""
+        return len(self.data.train)
+
+    def save(self) -> None:
+        """A checkpoint of this moment (rank 0 writes; every rank waits for it)."""
+        if self.dist.main:
+            epoch, batch = divmod(self.it, self.steps)
+            state = {"iteration": self.it, "epoch": epoch, "batch_in_epoch": batch,
+                     "optimizer": self.opt.state_dict(), "schedule": self.sched.state_dict(),
+                     "recent_errors": list(self.recent), "rng": torch.get_rng_state(),
+                     **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
+            data = {"input_size": self.data.input_size, "mean": self.data.mean,
+                    "std": self.data.std}
+            save_checkpoint(self.run, self.core, state, self.data.classes, data)
+        self.dist.barrier()
+
+    def restore(self) -> None:
+        """Continue from the run's latest checkpoint, if it has one."""
+        found = self.run.latest_checkpoint()
+        if found is None:
+            return
+        state = load_checkpoint(found, self.core)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["schedule"])
+        self.recent.extend(state["recent_errors"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"])
+        self.it = int(state["iteration"])
+        log.info("resuming %s from iteration %d", self.run.path, self.it)
+
+
+def start(cfg: TrainConfig, run: RunDir, resume: bool, dist: DistInfo) -> TrainState:
+    """Everything the first (or, resuming, the next) step needs; writes config.yaml."""
+    device = dist.device(cfg.device)
+    choice = _precision(cfg, device, run, resume)
+    cfg = dataclasses.replace(cfg, precision=choice.precision)  # config.yaml holds the choice
+    log.info("precision: %s (%s)", choice.precision, choice.reason)
+    _check_run_dir(run, cfg, resume)
+    dist.barrier()  # every rank has looked before rank 0 writes anything
+    if dist.main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.config.write_text(f"# precision: {choice.precision} ({choice.reason})\n"
+                              + to_yaml(cfg))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":
+        keep_freed_memory()  # measured 3-15% faster steps (allocator.py)
+    torch.manual_seed(cfg.seed)
+    data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
+                      cfg.channels_last, rank=dist.rank, world=dist.world)
+    compiled = on_device(cfg.compile, device)
+    fuse = cfg.fused_bn and device.type == "cpu" and not compiled and cfg.precision == "fp32"
+    model, core = _prepare_model(cfg, len(data.classes), data.in_chans, device, dist, fuse)
+    model = maybe_compile(model, compiled)
+    ema = AveragedModel(core, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                        use_buffers=True) if cfg.ema_decay else None
+    opt = make_optimizer(core, cfg)  # the parameters every wrapper of it steps
+    state = TrainState(cfg, run, dist, device, choice.reason, data, model, core, ema, opt,
+                       LRSchedule(cfg.schedule, cfg.optim.lr))
+    if state.steps == 0:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set")
+    if resume:
+        state.restore()
+    return state
