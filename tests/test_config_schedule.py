@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from resnetlab.errors import ConfigError
+from resnetlab.models.factory import create_model
 from resnetlab.reproduce.common import get_scale
 from resnetlab.train.config import PRESETS, ScheduleConfig, parse_set, resolve, to_yaml
 from resnetlab.train.recipes import CifarNet, cifar_recipe
@@ -21,8 +22,7 @@ def test_paper_cifar_recipe() -> None:
     assert (s.warmup_lr, s.warmup_until_error) == (0.01, 0.8)
     assert cfg.data.val_split == 5000 and cfg.data.normalize == "pixel" and cfg.data.pad == 4
     assert resolve("cifar10-resnet56").schedule.warmup_until_error == 0
-    plain = resolve("cifar10-plain20").model
-    assert (plain.name, plain.options) == ("resnet20", {"plain": True})
+    assert resolve("cifar10-plain20").model.name == "plain20"
 
 
 @pytest.mark.parametrize("depth", [20, 56, 110, 1202])
@@ -36,8 +36,11 @@ def test_one_cifar_recipe_for_presets_and_reproduce_and_twins(depth: int) -> Non
             continue  # no plain-1202 preset
         preset = resolve(f"cifar10-{net.label}")
         sub_run = scale.train_config(net)
-        assert (preset.model, preset.optim) == (sub_run.model, sub_run.optim)
-        assert preset.schedule == sub_run.schedule
+        assert preset.optim == sub_run.optim and preset.schedule == sub_run.schedule
+        # The same network: a preset names a plain twin as the registry does (plain<depth>).
+        a, b = (create_model(c.model.name, **c.model.options) for c in (preset, sub_run))
+        assert a.state_dict().keys() == b.state_dict().keys()
+        assert all(isinstance(m, type(n)) for m, n in zip(a.modules(), b.modules(), strict=True))
         assert (preset.data.normalize, preset.data.pad, preset.data.flip) == ("pixel", 4, True)
         assert (sub_run.data.normalize, sub_run.data.pad, sub_run.data.flip) == ("pixel", 4, True)
         warm = (preset.schedule.warmup_lr, preset.schedule.warmup_until_error)
@@ -45,7 +48,7 @@ def test_one_cifar_recipe_for_presets_and_reproduce_and_twins(depth: int) -> Non
     twins = [resolve(f"cifar10-{n}{depth}") for n in ("resnet", "plain") if depth != 1202]
     if twins:
         assert twins[0].schedule == twins[1].schedule and twins[0].optim == twins[1].optim
-        assert twins[1].model.options == {"plain": True} and twins[0].model.options == {}
+        assert (twins[0].model.name, twins[1].model.name) == (f"resnet{depth}", f"plain{depth}")
 
 
 def test_recipe_settings_are_mappings_checked_like_any_other() -> None:

@@ -1,10 +1,10 @@
 """The mutation score per module from `mutmut results --all true` (make mutation's output).
 
-Usage: .venv/bin/mutmut results --all true | python bench/mutation_table.py [EQUIVALENTS]
+Usage: .venv/bin/mutmut results --all true | python tools/mutation_table.py [EQUIVALENTS]
 
 Prints a Markdown table per module: killed (timeouts included), equivalent, not killed,
 not checked, and the score of the checked mutants that are not equivalent; then the
-survivors by name. EQUIVALENTS (default: bench/mutation_equivalents.txt beside this file)
+survivors by name. EQUIVALENTS (default: tools/mutation_equivalents.txt beside this file)
 lists, one per line, a mutant that no input can tell from the code and why; a listed
 mutant that was killed, or that mutmut no longer writes, is reported as stale.
 """

@@ -41,7 +41,8 @@ ImageSource = Callable[[], Iterable[torch.Tensor]]  # batches of preprocessed te
 def backend_names() -> list[str]:
     """What `--backend` accepts: auto, each served runtime, and "onnxruntime-int8", the older
     spelling of onnxruntime at int8."""
-    return ["auto", *(r.name for r in served()), "onnxruntime-int8"]
+    return ["auto", *(r.name for r in RUNTIMES.values() if r.auto_rank is not None),
+            "onnxruntime-int8"]
 
 
 class Backend(nn.Module):

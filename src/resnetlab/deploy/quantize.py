@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..evaluation.run import run_data
-from ..train.rundir import weights_dir
+from ..train.rundir import run_data, weights_dir
 from .backends import export_folder, exported
 from .export import run_exported
 from .runtimes import INPUT, INT8_FILE, RUNTIMES, ExportError

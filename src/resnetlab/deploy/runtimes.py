@@ -63,7 +63,7 @@ class Runtime:
     def require(self) -> None:
         missing = [m for m in self.needs if importlib.util.find_spec(m) is None]
         if missing:
-            raise ExportError(f"{self.format or self.name} needs {', '.join(missing)}: "
+            raise ExportError(f"{self.format or self.name} export needs {', '.join(missing)}: "
                               "pip install 'resnetlab[deploy]'")
 
     def settings(self) -> str:
@@ -165,10 +165,15 @@ def _open_openvino(path: Path, precision: str, threads: int) -> Runner:
 
 
 def _open_torchscript(path: Path, precision: str, threads: int) -> Runner:
+    def run(x: np.ndarray) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript
+            return module(torch.from_numpy(x)).detach().numpy()
+
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
         module = torch.jit.load(str(path))
-    return lambda x: module(torch.from_numpy(x)).detach().numpy()
+    return run
 
 
 class TorchRunner(nn.Module):
@@ -187,14 +192,14 @@ class TorchRunner(nn.Module):
 
 
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
-    Runtime("openvino", ("onnx", "onnxscript", "openvino"), ("fp32", "bf16", "int8"),
-            format="openvino", files=("model.xml", "model.bin"), write=_write_openvino,
-            open=_open_openvino, auto_rank=0, version_of="openvino"),
+    Runtime("torch", (), ("fp32", "bf16"), auto_rank=2),
     Runtime("onnxruntime", ("onnx", "onnxscript", "onnxruntime"), ("fp32", "int8"),
             format="onnx", files=("model.onnx",), write=lambda m, x, d: write_onnx(
                 m, x, d / "model.onnx"), open=_open_ort, auto_rank=1,
             version_of="onnxruntime"),
-    Runtime("torch", (), ("fp32", "bf16"), auto_rank=2),
+    Runtime("openvino", ("onnx", "onnxscript", "openvino"), ("fp32", "bf16", "int8"),
+            format="openvino", files=("model.xml", "model.bin"), write=_write_openvino,
+            open=_open_openvino, auto_rank=0, version_of="openvino"),
     # Export only (a format people ask for; torch 2.14 deprecates it): no backend.
     Runtime("torchscript", (), ("fp32",), format="torchscript",
             files=("model.torchscript",), write=_write_torchscript, open=_open_torchscript),

@@ -16,40 +16,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data import DataBundle, build_data
 from ..deploy.agreement import MIN_AGREEMENT, Agreement
 from ..deploy.backends import ImageSource, check_precision, load_backend
 from ..errors import ConfigError
 from ..models.config import CONFIG_FILE, ModelConfig
 from ..models.factory import load_model
-from ..train.config import TrainConfig, override, resolve
 from ..train.report import plot_confusion
-from ..train.rundir import RunDir, eval_report_path, weights_dir
+from ..train.rundir import eval_report_path, run_config, run_data, weights_dir
 from .evaluate import EvalResult, evaluate, recompute_bn
-
-
-def run_config(weights: str | os.PathLike[str], dataset: str | None = None,
-               data_dir: str | None = None) -> TrainConfig:
-    """The config of the run the weights belong to, or one for `dataset` if given."""
-    if dataset:
-        cfg = resolve(None, settings=[{"data": {"dataset": dataset}}])
-    else:
-        run = RunDir.around(weights)
-        if run is None:
-            raise ConfigError(f"{weights} is not inside a run directory: say which data set "
-                              "with --data (fashion-mnist, mnist, cifar10, cifar100, folder)")
-        cfg = resolve(None, str(run.config))
-    return override(cfg, {"data": {"data_dir": data_dir}}) if data_dir else cfg
-
-
-def run_data(weights: str | os.PathLike[str], batch_size: int = 500,
-             dataset: str | None = None, data_dir: str | None = None,
-             strict: bool = False) -> DataBundle:
-    """The run's data, normalised with the statistics saved beside the weights."""
-    cfg = run_config(weights, dataset, data_dir)
-    mc = ModelConfig.from_json(weights_dir(weights) / CONFIG_FILE)
-    return build_data(cfg.data, cfg.batch_size, batch_size, cfg.seed,
-                      stats=(mc.mean, mc.std), strict=strict)
 
 
 def test_images(weights: str | os.PathLike[str]) -> ImageSource | None:
@@ -90,9 +64,9 @@ def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str 
     """Score the weights of a run (or a weights directory) on `split` with test-time views
     `tta`; `recompute`: re-estimate BN statistics on training images first (PyTorch, fp32).
     Writes the report (default: beside the weights) and its confusion matrix."""
+    data = run_data(weights, batch_size, dataset, data_dir, strict)
     wdir = weights_dir(weights)
     mc = ModelConfig.from_json(wdir / CONFIG_FILE)
-    data = run_data(weights, batch_size, dataset, data_dir, strict)
     split_data = data.test if split == "test" else data.val
     if split_data is None:
         raise ConfigError("this run has no validation split (data.val_split=0)")

@@ -5,7 +5,7 @@ about a seventh of the time, all bound by memory traffic, and PyTorch runs them 
 ops that read or write each activation about 13 times per BN-ReLU pair (forward and
 backward). `bn_act` does a training-mode BN, the optional addition and the ReLU in about 8
 (bn_act.c); docs/performance.md has what that gives. The C file is compiled once per
-machine with the system's C compiler into kernels/ of the cache folder (resnetlab.paths)
+machine with the system's C compiler into kernels/ of the cache folder (resnetlab.files)
 and linked to the OpenMP runtime PyTorch already loaded, so both share one thread pool.
 Without a compiler, `available()` is False and callers use PyTorch's ops (same results to
 float rounding).

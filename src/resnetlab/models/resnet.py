@@ -49,7 +49,7 @@ class ResNet(nn.Module):
         zero_init_last: start each residual branch at zero (its last BN gamma, or last conv).
     """
 
-    # Set by resnetlab.factory on the models it makes: name, classes, input size, statistics.
+    # Set by models/factory.py on the models it makes: name, classes, input size, statistics.
     model_config: ModelConfig
 
     def __init__(

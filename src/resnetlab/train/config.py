@@ -1,7 +1,8 @@
-"""Typed training configuration, the shipped presets, and the one override path.
+"""Typed training configuration and the one override path.
 
-A run's configuration is: the dataclass defaults, then a preset, then a YAML file
-(`--config`), then `--set key=value` pairs; each layer goes through the same checks, and
+A run's configuration is: the dataclass defaults, then a preset (recipes.py), then settings
+mappings (a recipe's), then a YAML file (`--config`), then `--set key=value` pairs; each
+layer goes through the same checks, and
 the resolved result is saved as `config.yaml` in the run directory (which `--config` reads
 back). Every wrong key, type or value is a one-line ConfigError naming the valid choices.
 """

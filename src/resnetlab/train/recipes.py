@@ -99,6 +99,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The paper's nets (8 and 14 are our small quick-run nets, not the paper's).
     **{f"cifar10-resnet{d}": cifar_recipe(CifarNet(d)) for d in CIFAR_DEPTHS if d >= 20},
-    **{f"cifar10-plain{d}": cifar_recipe(CifarNet(d, plain=True)) for d in CIFAR_PLAIN_DEPTHS},
+    # The registry's own name for a plain twin, as the presets always said: the same net.
+    **{f"cifar10-plain{d}": {**cifar_recipe(CifarNet(d, plain=True)),
+                             "model": {"name": f"plain{d}", "options": {}}}
+       for d in CIFAR_PLAIN_DEPTHS},
     **{f"imagenet-resnet{d}": imagenet_recipe(d) for d in IMAGENET_DEPTHS},
 }

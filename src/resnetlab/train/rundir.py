@@ -12,6 +12,7 @@
       eval.json                 the final test report; confusion.png, curves.png its figures
 
 A weights directory outside any run (`save_weights`) has the same `export/` and eval reports.
+`run_config` and `run_data` give the config and the data a run's weights were trained on.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..models.config import CONFIG_FILE
+from ..data import DataBundle, build_data
+from ..errors import ConfigError
+from ..models.config import CONFIG_FILE, ModelConfig
+from .config import TrainConfig, override, resolve
 
 STATE_FILE = "trainer_state.pt"  # inside each checkpoint, beside its weights
 _EXPORT = "export"
@@ -107,3 +111,27 @@ def export_dir(weights: str | os.PathLike[str]) -> Path:
 def eval_report_path(weights: str | os.PathLike[str], split: str, tta: str) -> Path:
     """Where `resnetlab eval` reports on a weights directory by default."""
     return Path(weights) / f"eval-{split}-{tta}.json"
+
+
+def run_config(weights: str | os.PathLike[str], dataset: str | None = None,
+               data_dir: str | None = None) -> TrainConfig:
+    """The config of the run the weights belong to, or one for `dataset` if given."""
+    if dataset:
+        cfg = resolve(None, settings=[{"data": {"dataset": dataset}}])
+    else:
+        run = RunDir.around(weights)
+        if run is None:
+            raise ConfigError(f"{weights} is not inside a run directory: say which data set "
+                              "with --data (fashion-mnist, mnist, cifar10, cifar100, folder)")
+        cfg = resolve(None, str(run.config))
+    return override(cfg, {"data": {"data_dir": data_dir}}) if data_dir else cfg
+
+
+def run_data(weights: str | os.PathLike[str], batch_size: int = 500,
+             dataset: str | None = None, data_dir: str | None = None,
+             strict: bool = False) -> DataBundle:
+    """The run's data, normalised with the statistics saved beside the weights."""
+    cfg = run_config(weights, dataset, data_dir)
+    mc = ModelConfig.from_json(weights_dir(weights) / CONFIG_FILE)
+    return build_data(cfg.data, cfg.batch_size, batch_size, cfg.seed,
+                      stats=(mc.mean, mc.std), strict=strict)
