@@ -1,13 +1,28 @@
-"""RunDir: the one owner of a run directory's file names, and how paths resolve to runs."""
+"""RunDir: the one owner of a run directory's file names, how paths resolve to runs, and
+the config and data a run's weights were trained on."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import resnetlab
+from resnetlab.data.images import ImageError
+from resnetlab.data.sources import DataError
+from resnetlab.errors import ConfigError
+from resnetlab.evaluation.evaluate import EvalResult
 from resnetlab.train.checkpoint import save_checkpoint
-from resnetlab.train.rundir import RunDir, eval_report_path, export_dir, weights_dir
+from resnetlab.train.config import resolve, to_yaml
+from resnetlab.train.rundir import (
+    RunDir,
+    eval_report_path,
+    export_dir,
+    run_config,
+    run_data,
+    weights_dir,
+)
 
 
 def test_the_layout_is_the_documented_one(tmp_path: Path) -> None:
@@ -74,3 +89,70 @@ def test_a_path_inside_a_run_finds_the_run(tmp_path: Path) -> None:
     for inside in (run.path, run.final, ckpt):
         assert RunDir.around(inside) == run
     assert RunDir.around(tmp_path / "elsewhere") is None
+
+
+def _weights(path: Path) -> Path:
+    model = resnetlab.create_model("resnet8", in_chans=1, num_classes=10)
+    return resnetlab.save_weights(model, path, mean=[0.25], std=[0.5])
+
+
+def test_run_config_is_the_runs_own_or_the_named_data_set(tmp_path: Path,
+                                                          fashion_dir: Path) -> None:
+    alone = _weights(tmp_path / "alone")
+    with pytest.raises(ConfigError, match=r"alone is not inside a run directory: say which data "
+                       r"set with --data \(fashion-mnist, mnist, cifar10, cifar100, folder\)$"):
+        run_config(alone)
+    named = run_config(alone, "mnist")
+    assert (named.data.dataset, named.data.data_dir, named.preset) == ("mnist", None, "custom")
+    both = run_config(alone, "fashion-mnist", str(fashion_dir))
+    assert (both.data.dataset, both.data.data_dir) == ("fashion-mnist", str(fashion_dir))
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.config.write_text(to_yaml(resolve("smoke", sets=["data.verify=false"])))
+    _weights(run.final)
+    own = run_config(run.final)
+    assert (own.preset, own.data.val_split, own.data.data_dir) == ("smoke", 128, None)
+    moved = run_config(run.final, data_dir=str(fashion_dir))
+    assert (moved.preset, moved.data.data_dir) == ("smoke", str(fashion_dir))
+
+
+def test_run_data_uses_the_weights_statistics_and_the_given_settings(
+        tmp_path: Path, fashion_dir: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.config.write_text(to_yaml(resolve("smoke", sets=["data.verify=false"])))
+    _weights(run.final)
+    data = run_data(run.final, data_dir=str(fashion_dir))
+    assert (data.mean, data.std) == ([0.25], [0.5])  # saved beside the weights, not refitted
+    assert [len(y) for _, y in data.train_eval.batches(0)] == [500, 12]  # default batch 500
+    assert [len(y) for _, y in run_data(run.final, 128, data_dir=str(fashion_dir))
+            .test.batches(0)] == [128, 128]
+    # Outside a run the named data set is read from the named folder (and, as any named
+    # data set, MD5-checked: the synthetic files here fail that check).
+    with pytest.raises(DataError, match=f"{fashion_dir}/train-images.* fails its MD5 check"):
+        run_data(_weights(tmp_path / "alone"), 64, "fashion-mnist", str(fashion_dir))
+    folder = tmp_path / "images"
+    for split in ("train", "val"):
+        for cls, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+            (folder / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (30, 30), colour).save(folder / split / cls / f"{i}.png")
+    (folder / "val" / "dog" / "zz-broken.png").write_text("not an image")
+    pictures = RunDir(tmp_path / "pictures")
+    pictures.path.mkdir()
+    pictures.config.write_text(to_yaml(resolve(None, sets=[
+        "data.dataset=folder", f"data.data_dir={folder}", "data.val_split=0",
+        "data.image_size=24", "data.workers=0", "data.max_bad_fraction=0.5",
+        "model.name=resnet18"])))
+    resnetlab.save_weights(resnetlab.create_model("resnet18", num_classes=2), pictures.final)
+    assert sum(len(y) for _, y in run_data(pictures.final, 4).test.batches(0)) == 6
+    with pytest.raises(ImageError, match=r"zz-broken\.png"):
+        list(run_data(pictures.final, 4, strict=True).test.batches(0))
+
+
+def test_an_eval_report_is_indented_json_written_whole(tmp_path: Path) -> None:
+    res = EvalResult(0.25, 0.0, 0.5, 4, [0.5, 1.0], [[1, 1], [0, 2]])
+    path = res.save(tmp_path / "eval.json", ["cat", "dog"], split="test")
+    report = res.report(["cat", "dog"], split="test")
+    assert path.read_text() == json.dumps(report, indent=2) + "\n"
+    assert json.loads(path.read_text())["per_class_accuracy"] == {"cat": 0.5, "dog": 1.0}
