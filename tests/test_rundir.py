@@ -2,6 +2,10 @@
 the config and data a run's weights were trained on."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,19 +67,51 @@ def test_started_finished_and_the_weights_a_run_offers(tmp_path: Path) -> None:
     assert run.finished()
 
 
-@pytest.mark.parametrize("pointer", [None, "ckpt-00000099\n", "ckpt-00000003\n"])
-def test_latest_names_only_a_complete_checkpoint(tmp_path: Path, pointer: str | None) -> None:
+@pytest.mark.parametrize("pointer", [None, "ckpt-00000099\n", "ckpt-00000003\n", "ckpt-1",
+                                     "../../etc\n", b"\xff\xfe"])
+def test_latest_is_the_pointer_else_the_newest_complete_checkpoint(
+        tmp_path: Path, pointer: str | bytes | None) -> None:
+    """A missing, dangling or garbled pointer never hides existing work (issue 16: a
+    resume once restarted from scratch over it and deleted it)."""
     run = RunDir(tmp_path)
-    save_checkpoint(run, resnetlab.create_model("resnet8"), {"iteration": 3}, None, {})
+    model = resnetlab.create_model("resnet8")
+    for i in (3, 5):
+        save_checkpoint(run, model, {"iteration": i}, None, {}, keep=2)
     if pointer is None:
         run.pointer.unlink()
+    elif isinstance(pointer, bytes):
+        run.pointer.write_bytes(pointer)
     else:
         run.pointer.write_text(pointer)
-    found = run.latest_checkpoint()
-    assert found == (run.checkpoint(3) if pointer == "ckpt-00000003\n" else None)
-    if found is not None:
-        (found / "trainer_state.pt").unlink()
-        assert run.latest_checkpoint() is None
+    expected = run.checkpoint(3) if pointer == "ckpt-00000003\n" else run.checkpoint(5)
+    assert run.latest_checkpoint() == expected
+    (expected / "trainer_state.pt").unlink()  # incomplete: the next complete one
+    assert run.latest_checkpoint() == run.checkpoint(3 if expected == run.checkpoint(5) else 5)
+    for d in run.checkpoint_dirs():
+        (d / "trainer_state.pt").unlink(missing_ok=True)
+    assert run.latest_checkpoint() is None
+
+
+def test_the_lock_refuses_a_second_holder_and_dies_with_its_holder(tmp_path: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    with run.lock(), pytest.raises(ConfigError, match=rf"run is in use by pid {os.getpid()} on "
+                       rf"{socket.gethostname()} since .*; wait for it to end or choose "
+                       "another --out$"), run.lock():
+        pass
+    assert run.lock_file.read_text() == ""  # released, and the holder's line cleared
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from resnetlab.train.rundir import RunDir\n"
+         "with RunDir(sys.argv[1]).lock():\n    print('held', flush=True); time.sleep(60)",
+         str(run.path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(ConfigError, match=f"in use by pid {holder.pid} "), run.lock():
+            pass
+    finally:
+        holder.kill()  # SIGKILL: no clean-up of its own
+        holder.wait()
+    with run.lock():  # the kernel released it: no stale lock
+        pass
 
 
 def test_a_path_inside_a_run_finds_the_run(tmp_path: Path) -> None:

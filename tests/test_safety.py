@@ -177,11 +177,14 @@ def test_saves_keep_the_newest_and_clear_only_their_own_leftovers(tmp_path: Path
     save_checkpoint(run, model, {"iteration": 3, "again": True}, None, {}, keep=2)
     assert load_checkpoint(run.latest_checkpoint() or root, model)["again"] is True
     (root / "ckpt-00000003" / "trainer_state.pt").unlink()  # a pointer to an incomplete one
-    assert run.latest_checkpoint() is None
+    assert run.latest_checkpoint() == root / "ckpt-00000002"  # the newest complete one
     (root / "latest").unlink()
-    assert run.latest_checkpoint() is None
+    assert run.latest_checkpoint() == root / "ckpt-00000002"
     save_checkpoint(run, model, {"iteration": 4}, None, {})  # by default only the newest
     assert sorted(p.name for p in root.glob("ckpt-*")) == ["ckpt-00000004"]
+    # Resumed from an older checkpoint, a run never removes a newer one: not superseded.
+    save_checkpoint(run, model, {"iteration": 2}, None, {})
+    assert sorted(p.name for p in root.glob("ckpt-*")) == ["ckpt-00000002", "ckpt-00000004"]
 
 
 def test_a_checkpoint_records_the_run_and_survives_leftovers_of_its_own_name(

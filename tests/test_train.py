@@ -10,6 +10,7 @@ from torch import nn
 
 import resnetlab
 from resnetlab.cli import main
+from resnetlab.errors import ConfigError
 from resnetlab.train.checkpoint import load_checkpoint
 from resnetlab.train.config import resolve
 from resnetlab.train.loop import NonFiniteLossError, make_optimizer, train
@@ -273,3 +274,63 @@ def test_no_decay_on_bn_and_biases_when_asked() -> None:
         factor = 1 - 0.1 * 0.5 if p.ndim > 1 else 1.0
         torch.testing.assert_close(p.detach(), before[n] * factor, msg=n)
     assert any(p.ndim == 1 for p in model.parameters())  # there were BN/bias parameters
+
+
+@pytest.mark.parametrize("pointer", ["missing", "dangling"])
+def test_resume_without_a_valid_pointer_continues_and_deletes_nothing(
+        tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        pointer: str) -> None:
+    """Issue 16, item 1: with `latest` removed or naming no checkpoint, `--resume auto`
+    started over and deleted the good checkpoints and the old metrics. Now it resumes
+    from the newest complete checkpoint, as if the pointer were there."""
+    cfg = _smoke(fashion_dir, "schedule.iterations=16", "eval_every=8", "checkpoint_every=4")
+    full = train(cfg, tmp_path / "full", progress=False)
+    interrupt_at(monkeypatch, 14)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    run = RunDir(tmp_path / "cut")
+    assert [d.name for d in run.checkpoint_dirs()] == ["ckpt-00000014"]
+    if pointer == "missing":
+        run.pointer.unlink()
+    else:
+        run.pointer.write_text("ckpt-00000099\n")
+    logged = MetricsLog(run).records()
+    resumed = train(cfg, run.path, resume=True, progress=False)
+    # Resumed, not restarted: the lines logged before the checkpoint at 14 are kept as
+    # they were (their timings included; a restart rewrote them), and training went on.
+    records = MetricsLog(run).records()
+    assert records[:len(logged)] == logged and logged[-1]["iteration"] == 10
+    assert [r["iteration"] for r in records] == \
+        [r["iteration"] for r in MetricsLog(RunDir(tmp_path / "full")).records()]
+    a = resnetlab.load_model(full.weights).state_dict()
+    b = resnetlab.load_model(resumed.weights).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_when_no_checkpoint_is_complete(tmp_path: Path,
+                                                        fashion_dir: Path) -> None:
+    cfg = _smoke(fashion_dir, "schedule.iterations=8", "eval_every=4")
+    train(cfg, tmp_path / "run", progress=False)
+    run = RunDir(tmp_path / "run")
+    (run.latest_checkpoint() / "trainer_state.pt").unlink()
+    before = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="holds checkpoints but none is complete; nothing "
+                       "was changed"):
+        train(cfg, run.path, resume=True, progress=False)
+    after = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    assert {p: v for p, v in after.items() if p != run.lock_file} == \
+        {p: v for p, v in before.items() if p != run.lock_file}
+
+
+def test_a_run_directory_in_use_is_refused_naming_its_holder(tmp_path: Path,
+                                                              fashion_dir: Path) -> None:
+    """Issue 16, item 2: two trainers in one directory interleaved their metrics and
+    overwrote each other's weights."""
+    cfg = _smoke(fashion_dir, "schedule.iterations=4")
+    run = RunDir(tmp_path / "run")
+    with run.lock():
+        with pytest.raises(ConfigError, match=r"run is in use by pid \d+ on "):
+            train(cfg, run.path, progress=False)
+        assert not run.config.exists() and not run.metrics.exists()
+    assert train(cfg, run.path, progress=False).iterations == 4

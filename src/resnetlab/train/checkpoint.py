@@ -42,7 +42,8 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(run: RunDir, model: nn.Module, state: dict[str, Any],
                     class_names: list[str] | None, data_config: dict[str, Any],
                     keep: int = 1) -> Path:
-    """Write a complete checkpoint, then point `latest` at it, then prune older ones."""
+    """Write a complete checkpoint, then point `latest` at it, then prune older ones (`keep`
+    counts this one)."""
     root = run.checkpoints
     root.mkdir(parents=True, exist_ok=True)
     target = run.checkpoint(int(state["iteration"]))
@@ -62,7 +63,10 @@ def save_checkpoint(run: RunDir, model: nn.Module, state: dict[str, Any],
     except OSError as e:
         raise CheckpointError(f"cannot write a checkpoint in {root}: {e.strerror or e}; "
                               "the previous checkpoint is kept") from None
-    for old in run.checkpoint_dirs()[:-keep]:
+    # Only checkpoints older than this one are superseded; a newer one (this run resumed
+    # from an older checkpoint) is someone's work, and stays.
+    older = [d for d in run.checkpoint_dirs() if d.name < target.name]
+    for old in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):  # what a save killed midway left behind
         shutil.rmtree(stale, ignore_errors=True)

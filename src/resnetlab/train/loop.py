@@ -110,11 +110,14 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = Fals
           progress: bool | None = None) -> RunResult:
     """Train `cfg` into `run_dir`; with `resume`, continue from its latest checkpoint.
 
-    Under torchrun each rank calls this; rank 0 alone writes files.
+    Under torchrun each rank calls this; rank 0 alone writes files, and holds the run
+    directory's lock meanwhile: a second process training into it is refused.
     """
     dist = init_from_env(cfg.dist_timeout_s)
+    run = RunDir(run_dir)
     try:
-        return _train(cfg, RunDir(run_dir), resume, progress, dist)
+        with run.lock() if dist.main else contextlib.nullcontext():
+            return _train(cfg, run, resume, progress, dist)
     finally:
         shutdown(dist)
 

@@ -10,6 +10,7 @@
       final/export/             graphs of those weights and their precision checks (deploy/)
       final/eval-<split>-<tta>.json   reports of `resnetlab eval`
       eval.json                 the final test report; confusion.png, curves.png its figures
+      .lock                     who is training in it now (RunDir.lock)
 
 A weights directory outside any run (`save_weights`) has the same `export/` and eval reports.
 `run_config` and `run_data` give the config and the data a run's weights were trained on.
@@ -17,7 +18,13 @@ A weights directory outside any run (`save_weights`) has the same `export/` and 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
+import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +35,12 @@ from .config import TrainConfig, override, resolve
 
 STATE_FILE = "trainer_state.pt"  # inside each checkpoint, beside its weights
 _EXPORT = "export"
+_HELD: dict[Path, str] = {}  # lock files this process holds -> who holds them
+
+
+def _in_use(path: Path, holder: str) -> ConfigError:
+    return ConfigError(f"{path} is in use by {holder}; wait for it to end or choose "
+                       "another --out")
 
 
 class _In:
@@ -54,6 +67,7 @@ class RunDir:
     eval_report = _In("eval.json")
     curves = _In("curves.png")
     confusion = _In("confusion.png")
+    lock_file = _In(".lock")  # who holds the run (see lock())
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         object.__setattr__(self, "path", Path(path))
@@ -66,11 +80,53 @@ class RunDir:
         return sorted(self.checkpoints.glob("ckpt-*"))
 
     def latest_checkpoint(self) -> Path | None:
-        """The checkpoint `latest` names, if that checkpoint is complete."""
-        if not self.pointer.is_file():
-            return None
-        path = self.checkpoints / self.pointer.read_text().strip()
-        return path if (path / STATE_FILE).is_file() else None
+        """The checkpoint `latest` names if it is complete; when the pointer is missing,
+        unreadable or names no complete checkpoint (a user's rm, a copy that left it out),
+        the newest complete checkpoint there is: existing work is never taken for none."""
+        try:
+            named = self.checkpoints / self.pointer.read_text().strip()
+            if named.parent == self.checkpoints and (named / STATE_FILE).is_file():
+                return named
+        except (OSError, UnicodeDecodeError):
+            pass
+        complete = [d for d in self.checkpoint_dirs() if (d / STATE_FILE).is_file()]
+        return complete[-1] if complete else None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run for one process: another is refused, naming the holder.
+
+        A POSIX record lock (lockf) on RUN/.lock: the kernel drops it when its holder dies,
+        so a killed run leaves no stale lock, and forked children (DataLoader workers, which
+        outlive a SIGKILLed trainer by seconds) do not inherit it, as they would an flock.
+        Such locks do not exclude the process that holds them, so this process's own holds
+        are kept in _HELD; and closing any descriptor of the file would drop the lock, so
+        nothing else here opens it while it is held.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        key = self.lock_file.resolve()
+        if key in _HELD:
+            raise _in_use(self.path, _HELD[key])
+        with open(self.lock_file, "a+") as f:
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                f.seek(0)
+                raise _in_use(self.path, f.read().strip() or "another process") from None
+            holder = (f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+            f.seek(0)
+            f.truncate()
+            f.write(holder + "\n")
+            f.flush()
+            _HELD[key] = holder
+            try:
+                yield
+            finally:
+                del _HELD[key]
+                f.truncate(0)
 
     def started(self) -> bool:
         """A config and anything a training step leaves: resuming it is then a choice."""

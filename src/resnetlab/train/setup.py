@@ -174,6 +174,9 @@ def start(cfg: TrainConfig, run: RunDir, resume: bool, dist: DistInfo) -> TrainS
     cfg = dataclasses.replace(cfg, precision=choice.precision)  # config.yaml holds the choice
     log.info("precision: %s (%s)", choice.precision, choice.reason)
     _check_run_dir(run, cfg, resume)
+    if resume and run.checkpoint_dirs() and run.latest_checkpoint() is None:
+        raise ConfigError(f"{run.checkpoints} holds checkpoints but none is complete; nothing "
+                          "was changed: move them away to start over, or choose another --out")
     dist.barrier()  # every rank has looked before rank 0 writes anything
     if dist.main:
         run.path.mkdir(parents=True, exist_ok=True)
