@@ -1,5 +1,6 @@
 """Presets, the override path and its errors, and learning-rate schedules."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,23 @@ def test_every_schedule_kind_by_hand() -> None:
     const = sched(kind="constant", warmup_iters=10)
     assert [const(i) for i in (0, 5, 10, 10**6)] == pytest.approx([0.0, 0.1, 0.2, 0.2])
     assert sched(kind="constant").warmup.done  # no conditional warm-up asked for
+
+
+def test_numbers_in_scientific_notation_are_numbers(tmp_path: Path) -> None:
+    """Issue 16, item 4: YAML 1.1 reads `1e-3` and `1e3` as strings, and they were refused
+    ("optim.lr must be float, got '1e-3'"); what Python's int()/float() read is accepted,
+    on the command line and in a YAML file alike."""
+    cfg = resolve("smoke", sets=["optim.lr=1e-3", "schedule.iterations=1e3",
+                                 "optim.weight_decay=5E-4", "batch_size=1_024"])
+    assert (cfg.optim.lr, cfg.schedule.iterations, cfg.optim.weight_decay, cfg.batch_size) \
+        == (0.001, 1000, 0.0005, 1024)
+    assert isinstance(cfg.schedule.iterations, int)
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 2e-2\nschedule:\n  iterations: 2e2\n")
+    from_file = resolve("smoke", str(path))
+    assert (from_file.optim.lr, from_file.schedule.iterations) == (0.02, 200)
+    for bad, message in [("schedule.iterations=1.5e0", "schedule.iterations must be int, "
+                          "got 1.5"), ("optim.lr=1e-3x", "optim.lr must be float, got '1e-3x'"),
+                         ("schedule.iterations=1e400", "schedule.iterations must be int")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            resolve("smoke", sets=[bad])

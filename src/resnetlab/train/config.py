@@ -113,13 +113,27 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path} must be a mapping, got {value!r}")
         return dict(value)
+    if tp in (int, float) and isinstance(value, str):
+        value = _number(value)  # YAML 1.1 reads 1e-3 and 1e3 as strings
     if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # 1e3 iterations
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp in (bool, str) and isinstance(value, tp):
         return value
     raise ConfigError(f"{path} must be {tp.__name__}, got {value!r}")
+
+
+def _number(text: str) -> int | float | str:
+    """A number as Python's int() or float() reads it (1e-3, 2E4, 1_000), else the text."""
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
 
 
 # `bf16: true|false|null` (before `precision`) still reads: runs saved with it resume.
