@@ -49,8 +49,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _int8(args: argparse.Namespace) -> int:
-    path, agree = quantize_run(args.weights, args.calibration_images, args.min_agreement,
-                               args.data, args.data_dir)
+    path, agree = quantize_run(args.weights, images=args.calibration_images,
+                               min_agreement=args.min_agreement, dataset=args.data,
+                               data_dir=args.data_dir)
     print(f"onnx-int8: {path}")
     print(f"calibrated on {args.calibration_images} training images; top-1 agrees with fp32 on "
           f"{100 * agree:.1f}% of them. Accuracy: resnetlab eval {args.weights} "

@@ -45,7 +45,8 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     t.add_argument("--data-dir", help="shortcut for --set data.data_dir=DIR")
     t.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
     t.add_argument("--resume", choices=["auto", "no"], default="no",
-                   help="auto: continue from the run directory's last checkpoint, if any")
+                   help="auto: continue from the run directory's newest complete checkpoint, "
+                   "if any")
     t.add_argument("--print-config", action="store_true", help="print the resolved config")
     t.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes on this machine (runs torchrun for you)")
@@ -122,9 +123,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    ev = evaluate_run(args.weights, args.split, args.tta, args.backend, args.precision,
-                      args.min_agreement, args.recompute_bn, args.batch_size, args.strict,
-                      args.data, args.data_dir, args.out)
+    ev = evaluate_run(args.weights, split=args.split, tta=args.tta, backend=args.backend,
+                      precision=args.precision, min_agreement=args.min_agreement,
+                      recompute=args.recompute_bn, batch_size=args.batch_size,
+                      strict=args.strict, dataset=args.data, data_dir=args.data_dir,
+                      out=args.out)
     res = ev.result
     print(f"{ev.config.architecture} on the {args.split} split ({res.count:,} images, "
           f"tta={args.tta}, backend {ev.backend} {ev.precision}"
