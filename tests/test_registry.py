@@ -1,5 +1,7 @@
 """Every registry entry builds, runs forward and backward, and has the right output shape."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -72,6 +74,25 @@ def test_cifar_any_6n_plus_2_depth() -> None:
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(resnetlab.ConfigError, match="9n\\+2"):
         resnetlab.cifar_resnet(22, bottleneck=True)
+
+
+def test_cifar_resnet_of_any_depth_saves_and_loads(tmp_path: Path) -> None:
+    """Issue 16, item 12: the README's `cifar_resnet(74)` then `save_weights` failed."""
+    model = resnetlab.cifar_resnet(74, plain=True, num_classes=3, in_chans=1, shortcut="B")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    resnetlab.save_weights(model, tmp_path / "w", class_names=["a", "b", "c"])
+    back = resnetlab.load_model(tmp_path / "w")
+    assert back.model_config.architecture == "cifar_plain74"
+    assert [len(s) for s in back.stages] == [12, 12, 12]
+    x = torch.randn(2, 1, 28, 28)
+    model.eval(), back.eval()
+    out = model(x)
+    assert out.isfinite().all() and torch.equal(out, back(x))
+    # the same name builds it directly, e.g. as a training config's model.name
+    assert resnetlab.count_params(resnetlab.create_model("cifar_preact_resnet47_bottleneck")) \
+        == resnetlab.count_params(resnetlab.cifar_resnet(47, preact=True, bottleneck=True))
 
 
 def test_in_chans_and_num_classes() -> None:

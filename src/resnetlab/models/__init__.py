@@ -1,8 +1,9 @@
 """The ResNet family: building pieces, the parameterised network and the named-model table."""
 
 from .blocks import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck
+from .factory import cifar_resnet
 from .layers import Projection, ZeroPadShortcut
-from .registry import MODELS, ModelSpec, cifar_resnet, get_spec, list_models
+from .registry import MODELS, ModelSpec, get_spec, list_models
 from .resnet import ResNet
 
 __all__ = [

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import ConfigError, WeightsError
 from ..files import write_atomic
 from .config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
-from .registry import build_model, get_spec
+from .registry import build_model, cifar_name, get_spec
 from .resnet import ResNet
 
 
@@ -68,6 +68,15 @@ def create_model(
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+def cifar_resnet(depth: int, plain: bool = False, preact: bool = False,
+                 bottleneck: bool = False, num_classes: int = 10, in_chans: int = 3,
+                 **overrides: Any) -> ResNet:
+    """Any CIFAR-style depth: 6n+2 (basic blocks) or 9n+2 (`bottleneck=True`), built as
+    `create_model("cifar_resnet<depth>")` so that `save_weights` and `load_model` work."""
+    return create_model(cifar_name(depth, plain, preact, bottleneck), num_classes=num_classes,
+                        in_chans=in_chans, **overrides)
 
 
 def load_model(weights: str | os.PathLike[str]) -> ResNet:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,15 +122,40 @@ def list_models(pattern: str = "*") -> list[str]:
     return [n for n in MODELS if fnmatch.fnmatch(n, pattern)]
 
 
+# Any CIFAR depth by name (`cifar_resnet74`, `cifar_plain74`,
+# `cifar_preact_resnet47_bottleneck`): what `cifar_resnet` builds, so the name in its
+# config.json rebuilds it. A prefix because ResNet-50 and ResNet-152 are also 6n+2.
+_CIFAR_NAME = re.compile(r"cifar_(resnet|plain|preact_resnet)(\d+)(_bottleneck)?")
+
+
+def cifar_name(depth: int, plain: bool = False, preact: bool = False,
+               bottleneck: bool = False) -> str:
+    kind = "plain" if plain else "preact_resnet" if preact else "resnet"
+    return f"cifar_{kind}{depth}{'_bottleneck' if bottleneck else ''}"
+
+
+def _cifar_spec(name: str) -> ModelSpec | None:
+    m = _CIFAR_NAME.fullmatch(name)
+    if m is None:
+        return None
+    kind, depth, bottleneck = m.group(1), int(m.group(2)), bool(m.group(3))
+    arch = {**cifar_arch(depth, bottleneck), "plain": kind == "plain",
+            "preact": kind == "preact_resnet"}
+    return ModelSpec(name, "cifar", depth, arch, 10, 32, CIFAR_MEAN, CIFAR_STD)
+
+
 def get_spec(name: str) -> ModelSpec:
-    """The registry row of `name`; a wrong name gets the closest names in the error."""
-    try:
+    """The registry row of `name` (or of a `cifar_*` name of any depth); a wrong name gets
+    the closest names in the error."""
+    if name in MODELS:
         return MODELS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(MODELS), n=4, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else \
-            "; `resnetlab models` lists them all"
-        raise UnknownModelError(f"unknown model {name!r}{hint}") from None
+    spec = _cifar_spec(name)
+    if spec is not None:
+        return spec
+    close = difflib.get_close_matches(name, list(MODELS), n=4, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else \
+        "; `resnetlab models` lists them all (and cifar_resnetN builds any 6n+2 depth)"
+    raise UnknownModelError(f"unknown model {name!r}{hint}")
 
 
 def build_model(spec: ModelSpec, num_classes: int, in_chans: int,
@@ -143,11 +169,3 @@ def build_model(spec: ModelSpec, num_classes: int, in_chans: int,
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{spec.name}: {e}") from None
     return model
-
-
-def cifar_resnet(depth: int, plain: bool = False, preact: bool = False,
-                 bottleneck: bool = False, num_classes: int = 10, in_chans: int = 3,
-                 **overrides: Any) -> ResNet:
-    """Any CIFAR-style depth: 6n+2 (basic blocks) or 9n+2 (`bottleneck=True`)."""
-    arch = {**cifar_arch(depth, bottleneck), "plain": plain, "preact": preact, **overrides}
-    return ResNet(**arch, num_classes=num_classes, in_chans=in_chans)
