@@ -6,14 +6,30 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup data demo test test-slow test-all lint mutation
+.PHONY: setup upgrade data demo test test-slow test-all lint mutation
 
-$(STAMP): pyproject.toml
+# constraints.txt pins every package to the versions the suite last passed with (issue 16,
+# item 10): a fresh clone next month installs what was tested, not whatever is newest.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev,deploy]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,deploy]'
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Newer versions, tested: a separate environment with the newest of every package
+# pyproject.toml allows, the whole default suite on it, and only if that passes, its
+# versions written to constraints.txt (then commit it; `make setup` installs them into .venv).
+UPGRADE := .venv-upgrade
+upgrade:
+	$(PYTHON) -m venv $(UPGRADE)
+	$(UPGRADE)/bin/pip install --quiet --upgrade -e '.[dev,deploy]'
+	touch $(UPGRADE)/.installed-stamp
+	$(MAKE) test VENV=$(UPGRADE) \
+	  PYTEST_ADDOPTS="--deselect tests/test_setup.py::test_the_environment_is_the_pinned_one"
+	$(UPGRADE)/bin/python tools/pin.py > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	@git diff --stat constraints.txt 2>/dev/null || true
 
 # Fashion-MNIST from Debian's package where apt is available; otherwise resnetlab looks in
 # ~/.cache/resnetlab/ and, when online, downloads the official files (MD5-checked).

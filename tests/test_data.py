@@ -197,7 +197,9 @@ def test_holdout_is_disjoint_and_fixed() -> None:
     assert [t.tolist() for t in holdout(10, 3)] == [[0, 2, 4, 5, 6, 8, 9], [1, 3, 7]]
     assert holdout(10, 0)[0].tolist() == list(range(10)) and len(holdout(10, 0)[1]) == 0
     for bad in (-1, 10):
-        with pytest.raises(ConfigError, match=rf"^val_split must be in \[0, 10\), got {bad}$"):
+        # names the setting (issue 16, item 5: the folder preset's users met a bare name)
+        with pytest.raises(ConfigError, match=rf"^data\.val_split must be in \[0, 10\) for a "
+                           rf"training set of 10 examples, got {bad}; set it with --set "):
             holdout(10, bad)
 
 

@@ -132,6 +132,39 @@ def test_ten_crop_averages_the_ten_crops_of_the_upscaled_image() -> None:
     torch.testing.assert_close(ten_crop_probs(Probe(), x), want)
 
 
+@pytest.mark.parametrize("per_pixel", [False, True])
+def test_ten_crop_of_small_images_takes_the_crops_training_took(per_pixel: bool) -> None:
+    """Issue 16, item 8: 28-32 px images trained on crops of the zero-padded image are
+    10-cropped the same way (the upscaling crop cost the demo 5 points). Built by hand: pad
+    the raw pixels with zeros, cut the corners and the centre, then normalise each crop as
+    the training loader does (per pixel: by its place in the crop)."""
+    from resnetlab.data.memory import Normalize
+    from resnetlab.evaluation.evaluate import PadCrop
+
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (3, 2, 8, 8), generator=g).to(torch.uint8)
+    mean = torch.rand(2, 8, 8, generator=g).tolist() if per_pixel else [0.3, 0.6]
+    norm = Normalize(mean, [0.2, 0.4])
+    padded = nn.functional.pad(raw, [2] * 4)  # uint8 zeros, as BatchAugment pads
+    crops = [padded[..., :8, :8], padded[..., :8, 4:], padded[..., 4:, :8],
+             padded[..., 4:, 4:], padded[..., 2:10, 2:10]]
+    views = [norm(c) for c in crops] + [norm(c.flip(-1)) for c in crops]
+    torch.testing.assert_close(views[4], norm(raw))  # the centre is the image itself
+    want = torch.stack([Probe8()(v).softmax(1) for v in views]).mean(0)
+    got = ten_crop_probs(Probe8(), norm(raw), PadCrop(2, norm.mean, norm.std))
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(ten_crop_probs(Probe8(), norm(raw)), want)
+
+
+class Probe8(nn.Module):
+    """Logits from the corner pixels, the mean and a ramp-weighted sum of an 8x8 image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ramp = torch.arange(64.0).view(8, 8) / 64
+        return torch.stack([x[:, 0, 0, 0], x[:, 1, -1, -1], x.mean((1, 2, 3)),
+                            (x[:, 0] * ramp).sum((1, 2)) / 8], 1)
+
+
 def test_multiscale_averages_every_scale_and_its_flip() -> None:
     x = _image()
     views = []

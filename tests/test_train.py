@@ -1,6 +1,7 @@
 """The training loop: learning, run directory contents, exact resume, failures."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -308,11 +309,15 @@ def test_resume_without_a_valid_pointer_continues_and_deletes_nothing(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_when_no_checkpoint_is_complete(tmp_path: Path,
-                                                        fashion_dir: Path) -> None:
+def test_resume_refuses_when_no_checkpoint_is_complete(
+        tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _smoke(fashion_dir, "schedule.iterations=8", "eval_every=4")
-    train(cfg, tmp_path / "run", progress=False)
+    interrupt_at(monkeypatch, 6)  # unfinished (a finished run is re-reported from final/)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", progress=False)
+    monkeypatch.undo()
     run = RunDir(tmp_path / "run")
+    assert [d.name for d in run.checkpoint_dirs()] == ["ckpt-00000006"]
     (run.latest_checkpoint() / "trainer_state.pt").unlink()
     before = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
     with pytest.raises(ConfigError, match="holds checkpoints but none is complete; nothing "
@@ -334,3 +339,79 @@ def test_a_run_directory_in_use_is_refused_naming_its_holder(tmp_path: Path,
             train(cfg, run.path, progress=False)
         assert not run.config.exists() and not run.metrics.exists()
     assert train(cfg, run.path, progress=False).iterations == 4
+
+
+def test_a_finished_run_without_checkpoints_is_re_reported_not_retrained(
+        tmp_path: Path, smoke_args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 16, items 1 and 5: with the checkpoints deleted (final/ intact) `--resume auto`
+    trained again; a re-report said 'trained 20 iterations in 0.0 min'."""
+    out = tmp_path / "run"
+    assert main(["train", *smoke_args, "--out", str(out)]) == 0
+    first = capsys.readouterr().out
+    run = RunDir(out)
+    for d in run.checkpoint_dirs():
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+    run.pointer.unlink()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert main(["train", "--out", str(out), "--resume", "auto"]) == 0
+    again = capsys.readouterr().out
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # nothing trained, nothing rewritten
+    seconds = json.loads(run.eval_report.read_text())["train_seconds"]
+    assert 0 < seconds < 600
+    took = f"trained 20 iterations in {seconds:.0f} s"
+    assert took in first and took in again
+    assert f"{out} had finished; nothing trained" in again
+    assert [ln for ln in again.splitlines() if ln.startswith("test accuracy")] == \
+        [ln for ln in first.splitlines() if ln.startswith("test accuracy")]
+
+
+def test_resume_without_settings_uses_the_runs_own_config(
+        tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 16, item 6: `train --out RUN --resume auto` asked for the original flags."""
+    sets = ["--set", "schedule.iterations=16", "--set", "eval_every=8", "--set", "optim.lr=0.05"]
+    args = ["train", "--preset", "smoke", "--data-dir", str(fashion_dir), "--set",
+            "data.verify=false", *sets]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    interrupt_at(monkeypatch, 12)
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 130
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "cut"), "--resume", "auto",
+                 "--set", "optim.lr=0.07"]) == 2
+    assert "was started with another config (optim.lr 0.05 -> 0.07); to resume it, give no " \
+        "--preset, --config or --set" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "cut"), "--resume", "auto"]) == 0
+    assert "with its own config.yaml" in capsys.readouterr().out
+    a = resnetlab.load_model(tmp_path / "full" / "final").state_dict()
+    b = resnetlab.load_model(tmp_path / "cut" / "final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("bar", [False, True])
+def test_progress_without_a_terminal_is_a_line_now_and_then(
+        tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str], bar: bool) -> None:
+    """Issue 16, item 7: piped to a file, training said nothing between evaluations."""
+    import resnetlab.train.loop as loop
+
+    monkeypatch.setattr(loop, "PROGRESS_S", 0.0)  # every log step, to see them all here
+    cfg = _smoke(fashion_dir, "schedule.iterations=16", "eval_every=16", "log_every=4")
+    with caplog.at_level("INFO", logger="resnetlab"):
+        train(cfg, tmp_path / "run", progress=bar)
+    lines = [m for r in caplog.records if (m := r.getMessage()).endswith(" left")]
+    if bar:  # the bar says it all on a terminal
+        assert lines == [] and "16/16" in capsys.readouterr().err
+        return
+    assert [ln.split(" (")[0] for ln in lines] == [f"iteration {i}/16" for i in (4, 8, 12, 16)]
+    assert lines[0].startswith("iteration 4/16 (25%): loss ")
+    assert all(re.search(r"train error [\d.]+%, \d+ images/s, about \d+ s left$", ln)
+               for ln in lines)
+    # timed over steps 2-11 (the first pays for warm-up), said once (issue 16, item 9)
+    expected = [r.getMessage() for r in caplog.records if "expected" in r.getMessage()]
+    assert len(expected) == 1 and re.fullmatch(
+        r"expected: about \d+ s for the 5 iterations left \(\d+ images/s\), plus evaluations",
+        expected[0]), expected

@@ -43,11 +43,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("resnetlab").setLevel(logging.INFO if main_rank else logging.WARNING)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # a closed pipe is met here, not at exit beyond this handler
+        return code
+    except BrokenPipeError:
+        # `resnetlab eval RUN | head -2`: the reader has what it wanted. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again, and end as a
+        # pipe's writer does (128 + SIGPIPE), without a word.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except ResNetLabError as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path we were given that cannot be read or written
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e} (--debug shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; a training run keeps a checkpoint: rerun the same command with "

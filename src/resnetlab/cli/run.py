@@ -18,6 +18,7 @@ from ..evaluation.run import evaluate_run, test_images
 from ..precision import INFER_PRECISIONS
 from ..train.config import PRESETS, override, resolve, to_yaml
 from ..train.loop import train
+from ..train.rundir import RunDir
 
 BACKEND_HELP = ("inference runtime; auto: the fastest installed (openvino, onnxruntime, then "
                 "torch); the first use of a graph runtime exports the weights once")
@@ -93,9 +94,24 @@ def _torchrun(args: argparse.Namespace, out: Path) -> int:
     return subprocess.run(argv).returncode
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def _own_config(args: argparse.Namespace) -> str | None:
+    """`--out RUN --resume auto` without --preset or --config: the run's own config.yaml
+    (which --set may change, and the run's check then names what changed)."""
+    if args.resume == "auto" and args.out and not (args.preset or args.config):
+        saved = RunDir(args.out).config
+        return str(saved) if saved.exists() else None
+    return None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    preset = args.preset or (None if args.config else "fashion-mnist")
-    cfg = resolve(preset, args.config, args.sets)
+    own = _own_config(args)
+    config = own or args.config
+    preset = args.preset or (None if config else "fashion-mnist")
+    cfg = resolve(preset, config, args.sets)
     if args.data_dir:
         cfg = override(cfg, {"data": {"data_dir": args.data_dir}})
     if args.print_config:
@@ -108,14 +124,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank:
         print(f"training {cfg.model.name} ({cfg.preset} preset, {cfg.schedule.iterations} "
-              f"iterations) into {out}", flush=True)
+              f"iterations) into {out}{' with its own config.yaml' if own else ''}", flush=True)
     res = train(cfg, out, resume=args.resume == "auto")
     if not main_rank:
         return 0
     acc = 100 * (1 - res.test.top1_error)
+    if res.already_finished:
+        print(f"{out} had finished; nothing trained, its results:")
     print(f"test accuracy {acc:.2f}% (top-1 error {100 * res.test.top1_error:.2f}%, "
           f"top-5 error {100 * res.test.top5_error:.2f}%) on {res.test.count:,} test images")
-    print(f"trained {res.iterations} iterations in {res.seconds / 60:.1f} min")
+    took = "" if res.seconds is None else f" in {_duration(res.seconds)}"
+    print(f"trained {res.iterations} iterations{took}")
     print(f"run directory: {res.run_dir}")
     print(f"weights:       {res.weights}")
     print(f"curves:        {res.curves}")

@@ -72,7 +72,8 @@ def load_arrays(dataset: str, data_dir: str | None, split: str, verify: bool) ->
 def holdout(n: int, val_split: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of (train, val): a fixed random `val_split` examples held out for choices."""
     if not 0 <= val_split < n:
-        raise ConfigError(f"val_split must be in [0, {n}), got {val_split}")
+        raise ConfigError(f"data.val_split must be in [0, {n}) for a training set of {n} "
+                          f"examples, got {val_split}; set it with --set data.val_split=N")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     return order[val_split:].sort().values, order[:val_split].sort().values
 

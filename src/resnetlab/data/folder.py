@@ -174,9 +174,11 @@ class FolderLoader:
         self.channels_last, self.max_bad_fraction = channels_last, max_bad_fraction
         self.sampler = _EpochSampler(len(dataset), seed, shuffle, batch_size, rank, world)
         local = batch_size // world if shuffle else batch_size
+        # Persistent workers: starting them again each epoch cost more system than user
+        # time on small folders (issue 16, item 9); the epoch reaches them in the indices.
         self.loader = DataLoader(dataset, batch_size=local, sampler=self.sampler,
                                  num_workers=workers, collate_fn=_collate,
-                                 drop_last=drop_last, persistent_workers=False)
+                                 drop_last=drop_last, persistent_workers=workers > 0)
 
     def __len__(self) -> int:
         n = len(self.dataset) if self.sampler.shuffle else \

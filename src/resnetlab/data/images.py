@@ -8,6 +8,7 @@ Decompression bombs are refused before their pixels are decoded.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,11 @@ MAX_PIXELS = 64_000_000
 
 class ImageError(ResNetLabError):
     """A file that is not a readable image."""
+
+
+def _bomb(path: Path, pixels: str) -> ImageError:
+    return ImageError(f"{path}: {pixels} pixels is more than {MAX_PIXELS:,}; refusing a "
+                      "possible decompression bomb")
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
@@ -56,8 +62,7 @@ def load_image(path: str | os.PathLike[str], mode: str = "RGB") -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.width * im.height > MAX_PIXELS:
-                    raise ImageError(f"{path}: {im.width}x{im.height} pixels is more than "
-                                     f"{MAX_PIXELS:,}; refusing a possible decompression bomb")
+                    raise _bomb(path, f"{im.width}x{im.height} = {im.width * im.height:,}")
                 im.load()
                 return convert_image(im, mode)
     except ImageError:
@@ -69,6 +74,9 @@ def load_image(path: str | os.PathLike[str], mode: str = "RGB") -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: refused as a decompression bomb ({e})") from None
+        # PIL refuses the largest files in Image.open, before we see their size: the same
+        # words and limit as ours, with the size from its message.
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        raise _bomb(path, f"{int(size[1]):,}" if size else "the image's") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"{path}: unreadable or truncated image ({e})") from None

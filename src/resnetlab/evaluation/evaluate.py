@@ -1,7 +1,10 @@
 """Scoring a model the paper's ways: single view, 10-crop, multi-scale fully convolutional.
 
 10-crop (paper sec. 3.4, from AlexNet): resize so the shorter side is 256/224 of the crop,
-take the four corners and the centre, and their mirror images; average the softmax.
+take the four corners and the centre, and their mirror images; average the softmax. Small
+images trained on random crops of a zero-padded image (sec. 4.2) are cropped the same way
+instead: the padded image's corners and centre, the very views training saw (`PadCrop`);
+upscaling a 28-32 px image and cropping it shows the net objects larger than it learned.
 Multi-scale: the network is fully convolutional up to its global pool, so the whole image
 is scored at several shorter sides ({224, 256, 384, 480, 640} for 224 models; the same
 ratios of the native size for small images) and with flips; the softmax is averaged.
@@ -25,13 +28,35 @@ TTA_MODES = ("center", "10crop", "multiscale")
 PAPER_SCALES = (224, 256, 384, 480, 640)
 
 
-def ten_crop_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Mean softmax over the 10 crops of a batch (square crops of the input's shorter side,
-    after upscaling that side by 256/224)."""
-    size = min(x.shape[-2:])
-    big = TF.resize(x, [round(size * 256 / 224)], antialias=True)
-    crops = TF.ten_crop(big, [size, size])
-    return torch.stack([model(c).softmax(1) for c in crops]).mean(0)
+@dataclass(frozen=True)
+class PadCrop:
+    """How training cropped small images: `pad` zero pixels a side, before normalising with
+    `mean` (per channel (C, 1, 1), or per pixel (C, H, W)) and `std`."""
+
+    pad: int
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def crops(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The corners and centre of the padded image, and their mirrors, normalised as the
+        training crops were (a crop's pixel takes the statistics of its place in the crop)."""
+        raw = x * self.std + self.mean
+        padded = F.pad(raw, [self.pad] * 4)
+        return tuple((c - self.mean) / self.std
+                     for c in TF.ten_crop(padded, list(x.shape[-2:])))
+
+
+def ten_crop_probs(model: nn.Module, x: torch.Tensor,
+                   pad_crop: PadCrop | None = None) -> torch.Tensor:
+    """Mean softmax over the 10 crops of a batch: those of `pad_crop`, else square crops of
+    the input's shorter side after upscaling that side by 256/224."""
+    if pad_crop is not None:
+        crops = pad_crop.crops(x)
+    else:
+        size = min(x.shape[-2:])
+        big = TF.resize(x, [round(size * 256 / 224)], antialias=True)
+        crops = TF.ten_crop(big, [size, size])
+    return torch.stack([model(c.contiguous()).softmax(1) for c in crops]).mean(0)
 
 
 def multiscale_probs(model: nn.Module, x: torch.Tensor,
@@ -53,11 +78,12 @@ def model_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def predict_probs(model: nn.Module, x: torch.Tensor, tta: str = "center") -> torch.Tensor:
+def predict_probs(model: nn.Module, x: torch.Tensor, tta: str = "center",
+                  pad_crop: PadCrop | None = None) -> torch.Tensor:
     if tta == "center":
         return model(x).softmax(1)
     if tta == "10crop":
-        return ten_crop_probs(model, x)
+        return ten_crop_probs(model, x, pad_crop)
     if tta == "multiscale":
         return multiscale_probs(model, x)
     raise ValueError(f"tta must be one of {TTA_MODES}, got {tta!r}")
@@ -92,7 +118,8 @@ class EvalResult:
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              num_classes: int, tta: str = "center",
              progress: Callable[[int], None] | None = None,
-             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EvalResult:
+             reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             pad_crop: PadCrop | None = None) -> EvalResult:
     """Top-1/top-5 error, mean NLL, per-class accuracy and the confusion matrix.
 
     `reduce` sums a tensor over data-parallel ranks that each scored their own shard, so
@@ -107,7 +134,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     with torch.inference_mode():
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            probs = predict_probs(model, x, tta).float()
+            probs = predict_probs(model, x, tta, pad_crop).float()
             sums[0] += (probs.topk(k, 1).indices == y[:, None]).any(1).sum()
             sums[1] += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum")
             confusion += torch.bincount(y * num_classes + probs.argmax(1),

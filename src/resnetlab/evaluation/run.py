@@ -8,6 +8,7 @@ config.yaml) unless a data set is named; the model runs on any backend and preci
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,7 +16,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from ..data.config import DataConfig
+from ..data.memory import Normalize
 from ..deploy.agreement import MIN_AGREEMENT, Agreement
 from ..deploy.backends import ImageSource, check_precision, load_backend
 from ..errors import ConfigError
@@ -23,7 +27,7 @@ from ..models.config import CONFIG_FILE, ModelConfig
 from ..models.factory import load_model
 from ..train.report import plot_confusion
 from ..train.rundir import eval_report_path, run_config, run_data, weights_dir
-from .evaluate import EvalResult, evaluate, recompute_bn
+from .evaluate import EvalResult, PadCrop, evaluate, recompute_bn
 
 
 def test_images(weights: str | os.PathLike[str]) -> ImageSource | None:
@@ -38,6 +42,15 @@ def test_images(weights: str | os.PathLike[str]) -> ImageSource | None:
         return (x for x, _ in run_data(weights).test.batches(0))
 
     return images
+
+
+def _pad_crop(data: DataConfig, mc: ModelConfig) -> PadCrop | None:
+    """The crops training took of in-memory images (10-crop takes the same); None for
+    folders, whose training crops are of resized images (the paper's 10-crop applies)."""
+    if data.dataset == "folder" or data.pad == 0:
+        return None
+    norm = Normalize(mc.mean, mc.std)
+    return PadCrop(data.pad, norm.mean, norm.std)
 
 
 @dataclass
@@ -59,11 +72,13 @@ def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str 
                  backend: str = "auto", precision: str = "auto",
                  min_agreement: float = MIN_AGREEMENT, recompute: bool = False,
                  batch_size: int = 500, strict: bool = False, dataset: str | None = None,
-                 data_dir: str | None = None, out: str | os.PathLike[str] | None = None
-                 ) -> RunEval:
+                 data_dir: str | None = None, out: str | os.PathLike[str] | None = None,
+                 progress: bool | None = None) -> RunEval:
     """Score the weights of a run (or a weights directory) on `split` with test-time views
     `tta`; `recompute`: re-estimate BN statistics on training images first (PyTorch, fp32).
-    Writes the report (default: beside the weights) and its confusion matrix."""
+    Writes the report (default: beside the weights) and its confusion matrix. `progress`:
+    a progress bar (default: when stderr is a terminal)."""
+    cfg = run_config(weights, dataset, data_dir)
     data = run_data(weights, batch_size, dataset, data_dir, strict)
     wdir = weights_dir(weights)
     mc = ModelConfig.from_json(wdir / CONFIG_FILE)
@@ -89,7 +104,10 @@ def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str 
             checked = check_precision(wdir, backend, precision, check(), min_agreement,
                                       reuse=True)
     t0 = time.perf_counter()
-    res = evaluate(model, split_data.batches(0), mc.num_classes, tta)
+    batches = tqdm(split_data.batches(0), total=len(split_data), unit="batch", leave=False,
+                   desc=f"{split}, tta={tta}",
+                   disable=not (sys.stderr.isatty() if progress is None else progress))
+    res = evaluate(model, batches, mc.num_classes, tta, pad_crop=_pad_crop(cfg.data, mc))
     seconds = time.perf_counter() - t0
     names = mc.class_names or data.classes
     path = Path(out) if out else eval_report_path(wdir, split, tta)

@@ -35,7 +35,8 @@ class ModelConfig:
             if not isinstance(data, dict):
                 raise TypeError("not a JSON object")
             return cls(**data)
-        except FileNotFoundError:
-            raise WeightsError(f"{path} is missing: not a resnetlab weights directory") from None
+        except (FileNotFoundError, NotADirectoryError):
+            raise WeightsError(f"{path} is missing: {path.parent} is not a resnetlab weights "
+                               "directory") from None
         except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
             raise WeightsError(f"{path} is not a valid resnetlab config: {e}") from None

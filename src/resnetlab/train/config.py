@@ -28,6 +28,8 @@ from ..precision import TRAIN_PRECISIONS
 from .recipes import PRESETS
 
 SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
+# A billion steps is years on any machine; more is a typo (1e26), not a plan.
+MAX_ITERATIONS = 10**9
 
 
 @dataclass
@@ -196,9 +198,14 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} "
+                          f"at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {_one_line(e)}") from None
     if data is None:
@@ -227,7 +234,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_range(min(cfg.eval_every, cfg.checkpoint_every) >= 0 and cfg.log_every >= 1,
                  "eval_every and checkpoint_every must be >= 0, log_every >= 1")
     _check_range(cfg.batch_size >= 1 and cfg.eval_batch_size >= 1, "batch sizes must be >= 1")
-    _check_range(s.iterations >= 1, "schedule.iterations must be >= 1")
+    _check_range(1 <= s.iterations <= MAX_ITERATIONS,
+                  f"schedule.iterations must be in [1, {MAX_ITERATIONS:.0e}], got {s.iterations}")
     _check_range(o.lr > 0, "optim.lr must be > 0")
     _check_range(0 <= o.momentum < 1, "optim.momentum must be in [0, 1)")
     _check_range(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
@@ -269,14 +277,15 @@ def override(cfg: TrainConfig, settings: Mapping[str, Any]) -> TrainConfig:
     return validate(_merge(cfg, dict(settings)))
 
 
-def saved_config(path: str | Path) -> dict[str, Any] | None:
+def saved_config(path: str | Path) -> dict[str, Any]:
     """A run's saved config.yaml read through today's schema (keys added since then take
-    their defaults, so older runs still resume), as a plain mapping; None if it no longer
-    validates."""
+    their defaults, so older runs still resume), as a plain mapping. One that cannot be read
+    is a ConfigError saying so: it is never taken for another config, or for none."""
     try:
         return asdict(_merge(TrainConfig(), load_yaml(path)))
-    except ConfigError:
-        return None
+    except ConfigError as e:
+        raise ConfigError(f"the run's config is unreadable ({e}); nothing was changed: "
+                          "restore it, or choose another --out") from None
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -8,6 +8,7 @@ iteration, the weights, the optimizer, the schedule's state and the RNG to resum
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -30,13 +31,16 @@ from .config import TrainConfig
 from .distributed import SINGLE_PROCESS, DistInfo, init_from_env, shutdown
 from .report import MetricsLog, plot_confusion, plot_curves
 from .rundir import RunDir
-from .setup import TrainState, make_optimizer, start
+from .setup import TrainState, checked_config, make_optimizer, start
 
 log = logging.getLogger(__name__)
 # A deterministic crash for the fault tests (tests/test_kill.py): the process SIGKILLs
 # itself at the step boundary after this iteration, once that iteration's checkpoint (if
 # any) is on disk, so a test chooses exactly where a run dies instead of racing a timer.
 KILL_AT_ENV = "RESNETLAB_KILL_AT_ITERATION"
+# Without a terminal (a log file, a batch job) there is no progress bar: a line this often.
+PROGRESS_S = 30.0
+ESTIMATE_STEPS = 10  # steps timed for the expected-time line
 
 
 class NonFiniteLossError(ResNetLabError):
@@ -50,7 +54,8 @@ class RunResult:
     curves: Path
     test: EvalResult
     iterations: int
-    seconds: float
+    seconds: float | None  # training time over all resumes; None for runs before 0.2
+    already_finished: bool = False  # re-reported from the run's files, nothing trained
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, crit: nn.Module,
@@ -124,7 +129,10 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = Fals
 
 def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool | None,
            dist: DistInfo) -> RunResult:
-    s = start(cfg, run, resume, dist)
+    cfg, choice = checked_config(cfg, run, resume, dist)
+    if resume and run.finished():  # its checkpoints may be gone: final/ and eval.json stay
+        return finished_result(run, cfg)
+    s = start(cfg, choice, run, resume, dist)
     cfg, total = s.cfg, s.cfg.schedule.iterations
     metrics = MetricsLog(run)
     if dist.main:
@@ -139,7 +147,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool | None,
     kill_at = int(os.environ.get(KILL_AT_ENV) or -1)
     bar = tqdm(total=total, initial=s.it, unit="it", disable=not (show and dist.main),
                dynamic_ncols=True, desc=cfg.model.name)
-    log_ = _Log(_Window(s.device, dist))
+    log_ = _Log(_Window(s.device, dist), it0=s.it, lines=not show and dist.main)
     s.model.train()
     try:
         while s.it < total:
@@ -159,8 +167,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool | None,
         raise
     finally:
         bar.close()
-    return finish(s.scored, s.data, run, metrics, cfg, s.it,
-                  time.perf_counter() - log_.t_start,
+    return finish(s.scored, s.data, run, metrics, cfg, s.it, s.seconds(),
                   log_.final_test if s.it == total else None, dist, s.precision_reason)
 
 
@@ -192,9 +199,46 @@ class _Log:
     """What the loop reports from: the open window, the last train record, the clock."""
 
     window: _Window
+    it0: int = 0  # the iteration this process started at
+    lines: bool = False  # no progress bar (not a terminal): a progress line now and then
     last: dict[str, Any] = field(default_factory=dict)
     final_test: EvalResult | None = None
     t_start: float = field(default_factory=time.perf_counter)
+    said: float = field(default_factory=time.perf_counter)  # when the last line went out
+    timed: tuple[int, float] | None = None  # (iteration, time) the estimate counts from
+    estimated: bool = False
+
+    def expected_time(self, it: int, total: int, batch: int, restart: bool) -> None:
+        """Once, ESTIMATE_STEPS steps in: how long the rest will take at this speed. The
+        clock starts after the first step (warm-up) and again after an evaluation."""
+        if self.estimated:
+            return
+        now = time.perf_counter()
+        if restart or self.timed is None:
+            self.timed = (it, now)
+        elif it - self.timed[0] == ESTIMATE_STEPS and it < total:
+            per_step = (now - self.timed[1]) / ESTIMATE_STEPS
+            log.info("expected: about %s for the %d iterations left (%.0f images/s), plus "
+                     "evaluations", _eta(per_step * (total - it)), total - it,
+                     batch / per_step)
+            self.estimated = True
+
+    def progress_line(self, it: int, total: int) -> None:
+        """Where a run piped to a file or a batch system's log stands, every PROGRESS_S."""
+        now = time.perf_counter()
+        if not self.lines or now - self.said < PROGRESS_S:
+            return
+        self.said = now
+        left = (total - it) * (now - self.t_start) / max(it - self.it0, 1)
+        log.info("iteration %d/%d (%.0f%%): loss %.3f, train error %.1f%%, %.0f images/s, "
+                 "about %s left", it, total, 100 * it / total, self.last["loss"],
+                 100 * self.last["train_error"], self.last["images_per_s"], _eta(left))
+
+
+def _eta(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _after_step(s: TrainState, metrics: MetricsLog, log_: _Log, lr: float, bar: Any) -> None:
@@ -208,6 +252,7 @@ def _after_step(s: TrainState, metrics: MetricsLog, log_: _Log, lr: float, bar: 
                         err=f"{100 * log_.last['train_error']:.1f}%",
                         lr=f"{lr:.3g}", ips=f"{log_.last['images_per_s']:.0f}")
         log_.window = _Window(s.device, s.dist)
+        log_.progress_line(it, total)
     if is_eval:
         ev, log_.final_test = _eval_splits(s.scored, s.data, len(s.data.classes),
                                            cfg.test_curve or it == total, s.dist)
@@ -222,6 +267,8 @@ def _after_step(s: TrainState, metrics: MetricsLog, log_: _Log, lr: float, bar: 
                 if v is not None))
         s.save()
         log_.window = _Window(s.device, s.dist)  # the evaluation is not training speed
+    if s.dist.main:
+        log_.expected_time(it, total, cfg.batch_size, restart=is_eval)
     elif cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
         s.save()
 
@@ -253,11 +300,24 @@ def finish(model: nn.Module, data: DataBundle, run: RunDir, metrics: MetricsLog,
     save_weights(model, run.final, class_names=data.classes, input_size=data.input_size,
                  mean=data.mean, std=data.std)
     test.save(run.eval_report, data.classes, split="test", tta="center",
-              precision=cfg.precision, precision_reason=precision_reason)
+              precision=cfg.precision, precision_reason=precision_reason,
+              iterations=iterations, train_seconds=round(seconds, 3))
     plot_confusion(test.confusion, data.classes, run.confusion,
                    f"{cfg.model.name}: test error {100 * test.top1_error:.2f}%")
     plot_curves(metrics.records(), run.curves, f"{cfg.model.name} on {cfg.data.dataset}")
     return result
+
+
+def finished_result(run: RunDir, cfg: TrainConfig) -> RunResult:
+    """A finished run as its files report it: final/ and eval.json, nothing recomputed."""
+    report = json.loads(run.eval_report.read_text())
+    test = EvalResult(report["top1_error"], report["top5_error"], report["loss"],
+                      report["count"], list(report["per_class_accuracy"].values()),
+                      report["confusion"])
+    log.info("%s has finished; reporting it from %s", run.path, run.eval_report)
+    return RunResult(run.path, run.final, run.curves, test,
+                     report.get("iterations", cfg.schedule.iterations),
+                     report.get("train_seconds"), already_finished=True)
 
 
 __all__ = ["NonFiniteLossError", "RunResult", "make_optimizer", "train", "train_step"]

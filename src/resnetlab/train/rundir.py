@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import DataBundle, build_data
-from ..errors import ConfigError
+from ..errors import ConfigError, WeightsError
 from ..models.config import CONFIG_FILE, ModelConfig
 from .config import TrainConfig, override, resolve
 
@@ -103,7 +103,7 @@ class RunDir:
         are kept in _HELD; and closing any descriptor of the file would drop the lock, so
         nothing else here opens it while it is held.
         """
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.make()
         key = self.lock_file.resolve()
         if key in _HELD:
             raise _in_use(self.path, _HELD[key])
@@ -127,6 +127,16 @@ class RunDir:
             finally:
                 del _HELD[key]
                 f.truncate(0)
+
+    def make(self) -> None:
+        """Create the run directory, or say in one line why it cannot be one."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{self.path} is a file, not a run directory; choose another --out")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the run directory {self.path}: {e.strerror}; "
+                              "choose another --out") from None
 
     def started(self) -> bool:
         """A config and anything a training step leaves: resuming it is then a choice."""
@@ -154,6 +164,9 @@ class RunDir:
 def weights_dir(path: str | os.PathLike[str]) -> Path:
     """A weights directory as given, or the weights of the run directory given."""
     p = Path(path)
+    if p.is_file():
+        raise WeightsError(f"{p} is a file; give a run directory or a weights directory "
+                           f"(one holding {CONFIG_FILE} and the weights)")
     if (p / CONFIG_FILE).is_file():
         return p
     return RunDir(p).weights() or p  # load_model then reports what is missing

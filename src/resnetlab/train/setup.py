@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
@@ -66,7 +67,7 @@ def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
 def _precision(cfg: TrainConfig, device: torch.device, run: RunDir, resume: bool) -> Choice:
     """`auto` resolved for this device; a resumed run keeps the precision it was started
     with (runs saved before `precision` existed trained in fp32 on the CPU, bf16 on CUDA)."""
-    saved = saved_config(run.config) if resume else None
+    saved = saved_config(run.config) if resume and run.config.exists() else None
     if cfg.precision == "auto" and saved is not None:
         kept = saved["precision"]
         if kept == "auto":
@@ -81,13 +82,27 @@ def _check_run_dir(run: RunDir, cfg: TrainConfig, resume: bool) -> None:
     if not resume:
         raise ConfigError(f"{run.path} already holds a run; pass --resume auto to continue it "
                           "or choose another --out")
-    old, new = saved_config(run.config) or {}, asdict(cfg)
+    old, new = _leaves(saved_config(run.config)), _leaves(asdict(cfg))
     if old.get("precision") == "auto":  # saved before `precision`: _precision resolved it
         old["precision"] = new["precision"]
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
     if diff:
-        raise ConfigError(f"{run.path} was started with another config (differs in "
-                          f"{', '.join(diff)}); resume it with --config {run.config}")
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise ConfigError(f"{run.path} was started with another config ({', '.join(diff[:3])}"
+                          f"{more}); to resume it, give no --preset, --config or --set (its "
+                          "config.yaml is used), or choose another --out")
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}: what a changed setting is called."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v and k != "options":
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def _prepare_model(cfg: TrainConfig, n_classes: int, in_chans: int, device: torch.device,
@@ -127,6 +142,12 @@ class TrainState:
     sched: LRSchedule
     it: int = 0
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=10))  # warm-up errors
+    seconds_before: float = 0.0  # training time of the processes this one resumed
+    clock: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        """Training time so far, over every process that trained this run."""
+        return self.seconds_before + time.perf_counter() - self.clock
 
     @property
     def scored(self) -> nn.Module:
@@ -145,6 +166,7 @@ class TrainState:
             state = {"iteration": self.it, "epoch": epoch, "batch_in_epoch": batch,
                      "optimizer": self.opt.state_dict(), "schedule": self.sched.state_dict(),
                      "recent_errors": list(self.recent), "rng": torch.get_rng_state(),
+                     "train_seconds": self.seconds(),
                      **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
             data = {"input_size": self.data.input_size, "mean": self.data.mean,
                     "std": self.data.std}
@@ -164,16 +186,26 @@ class TrainState:
             self.ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"])
         self.it = int(state["iteration"])
+        self.seconds_before = float(state.get("train_seconds", 0.0))  # absent before 0.2
+        self.clock = time.perf_counter()
         log.info("resuming %s from iteration %d", self.run.path, self.it)
 
 
-def start(cfg: TrainConfig, run: RunDir, resume: bool, dist: DistInfo) -> TrainState:
-    """Everything the first (or, resuming, the next) step needs; writes config.yaml."""
-    device = dist.device(cfg.device)
-    choice = _precision(cfg, device, run, resume)
+def checked_config(cfg: TrainConfig, run: RunDir, resume: bool,
+                   dist: DistInfo) -> tuple[TrainConfig, Choice]:
+    """`cfg` with its precision resolved, once checked against what `run` already holds."""
+    choice = _precision(cfg, dist.device(cfg.device), run, resume)
     cfg = dataclasses.replace(cfg, precision=choice.precision)  # config.yaml holds the choice
-    log.info("precision: %s (%s)", choice.precision, choice.reason)
     _check_run_dir(run, cfg, resume)
+    return cfg, choice
+
+
+def start(cfg: TrainConfig, choice: Choice, run: RunDir, resume: bool,
+          dist: DistInfo) -> TrainState:
+    """Everything the first (or, resuming, the next) step needs; writes config.yaml.
+    `cfg` and `choice` are what `checked_config` returned."""
+    device = dist.device(cfg.device)
+    log.info("precision: %s (%s)", choice.precision, choice.reason)
     if resume and run.checkpoint_dirs() and run.latest_checkpoint() is None:
         raise ConfigError(f"{run.checkpoints} holds checkpoints but none is complete; nothing "
                           "was changed: move them away to start over, or choose another --out")
