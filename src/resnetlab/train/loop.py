@@ -267,10 +267,10 @@ def _after_step(s: TrainState, metrics: MetricsLog, log_: _Log, lr: float, bar: 
                 if v is not None))
         s.save()
         log_.window = _Window(s.device, s.dist)  # the evaluation is not training speed
-    if s.dist.main:
-        log_.expected_time(it, total, cfg.batch_size, restart=is_eval)
     elif cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
         s.save()
+    if s.dist.main:
+        log_.expected_time(it, total, cfg.batch_size, restart=is_eval)
 
 
 def _log_train(metrics: MetricsLog | None, window: _Window, it: int, steps: int, lr: float,
