@@ -460,3 +460,23 @@ def test_data_parallel_ranks_split_each_global_batch(fashion_dir: Path) -> None:
     assert not torch.equal(next(iter(build_data(cfg, 32, 50, seed=0).train.batches(0)))[1], y)
     shards = [sum(len(b) for b, _ in h.test.batches(0)) for h in halves]
     assert shards == [128, 128]
+
+
+def test_folder_workers_live_across_epochs(folder_dir: Path) -> None:
+    """Issue 16, item 9: the workers were started again every epoch, which cost more
+    system time than training on a small folder. The same processes serve every epoch,
+    and an epoch's batches are still those of a fresh loader (the epoch travels with the
+    indices, not in the workers)."""
+    cfg = DataConfig(dataset="folder", data_dir=str(folder_dir), val_split=0, image_size=28,
+                     workers=2)
+    data = build_data(cfg, batch_size=64, eval_batch_size=64, seed=0)
+    pids = []
+    epochs = []
+    for epoch in (0, 1):
+        epochs.append([y for _, y in data.train.batches(epoch)])
+        pids.append(sorted(w.pid for w in data.train.loader._iterator._workers))
+    assert len(pids[0]) == 2 and pids[0] == pids[1]
+    fresh = build_data(cfg, batch_size=64, eval_batch_size=64, seed=0)
+    assert all(torch.equal(a, b) for a, b in
+               zip(epochs[1], [y for _, y in fresh.train.batches(1)], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(epochs[0], epochs[1], strict=True))

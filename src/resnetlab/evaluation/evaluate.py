@@ -40,10 +40,9 @@ class PadCrop:
     def crops(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The corners and centre of the padded image, and their mirrors, normalised as the
         training crops were (a crop's pixel takes the statistics of its place in the crop)."""
-        raw = x * self.std + self.mean
-        padded = F.pad(raw, [self.pad] * 4)
-        return tuple((c - self.mean) / self.std
-                     for c in TF.ten_crop(padded, list(x.shape[-2:])))
+        mean, std = self.mean.to(x), self.std.to(x)  # x may be on a GPU
+        padded = F.pad(x * std + mean, [self.pad] * 4)
+        return tuple((c - mean) / std for c in TF.ten_crop(padded, list(x.shape[-2:])))
 
 
 def ten_crop_probs(model: nn.Module, x: torch.Tensor,
