@@ -65,6 +65,17 @@ def smoke_args(fashion_dir: Path) -> list[str]:
     return ["--preset", "smoke", "--data-dir", str(fashion_dir), "--set", "data.verify=false"]
 
 
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> Path:
+    """A finished smoke run, one per test module (modules write eval reports into it)."""
+    from resnetlab.cli import main
+
+    out = tmp_path_factory.mktemp("smokerun") / "run"
+    assert main(["train", "--preset", "smoke", "--data-dir", str(fashion_dir), "--set",
+                 "data.verify=false", "--out", str(out)]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def folder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same kind of synthetic data as PNG files in the ImageNet folder layout."""

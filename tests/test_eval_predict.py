@@ -18,14 +18,6 @@ from resnetlab.evaluation.evaluate import PadCrop, evaluate
 from resnetlab.train.config import resolve
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("evalrun") / "run"
-    assert main(["train", "--preset", "smoke", "--data-dir", str(fashion_dir), "--set",
-                 "data.verify=false", "--out", str(out)]) == 0
-    return out
-
-
 def test_evaluate_counts_errors() -> None:
     class Fixed(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,14 +11,6 @@ import pytest
 from resnetlab.cli import main
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("oneline") / "run"
-    assert main(["train", "--preset", "smoke", "--data-dir", str(fashion_dir), "--set",
-                 "data.verify=false", "--out", str(out)]) == 0
-    return out
-
-
 def _one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     capsys.readouterr()
     assert main(argv) == 2
