@@ -54,7 +54,7 @@ class RunResult:
     curves: Path
     test: EvalResult
     iterations: int
-    seconds: float | None  # training time over all resumes; None for runs before 0.2
+    seconds: float | None  # training time over all resumes; None if the run did not record it
     already_finished: bool = False  # re-reported from the run's files, nothing trained
 
 

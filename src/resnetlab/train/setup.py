@@ -186,7 +186,7 @@ class TrainState:
             self.ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"])
         self.it = int(state["iteration"])
-        self.seconds_before = float(state.get("train_seconds", 0.0))  # absent before 0.2
+        self.seconds_before = float(state.get("train_seconds", 0.0))  # older checkpoints: none
         self.clock = time.perf_counter()
         log.info("resuming %s from iteration %d", self.run.path, self.it)
 
