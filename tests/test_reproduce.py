@@ -2,10 +2,12 @@
 reports and figures hold the numbers the runs produced."""
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import resnetlab
@@ -16,6 +18,8 @@ from resnetlab.reproduce.gradients import conv_grad_norms
 from resnetlab.reproduce.lesion import blocks, deletable, delete
 from resnetlab.reproduce.responses import response_layers, response_stds
 from resnetlab.train.recipes import CifarNet
+from resnetlab.train.report import MetricsLog
+from resnetlab.train.rundir import RunDir
 
 from .conftest import interrupt_at
 
@@ -52,12 +56,50 @@ def test_degradation_report_holds_the_runs_numbers(root: Path) -> None:
             assert results["errors"][str(depth)][key] == err
             assert f"{100 * err:.2f}" in report
     assert "![" in report
-    # The verdict follows the numbers: reproduced only if the deeper plain net is worse on
-    # both training and test error (Fig. 6), and exactly one verdict is given.
+    # The verdict follows the numbers: with one seed any difference counts, so (1) is
+    # reproduced exactly when the deeper plain net is worse on both training and test error
+    # (Fig. 6), and each effect gets exactly one verdict.
     e = results["errors"]
     degrades = all(e["14"][k] > e["8"][k] for k in ("plain_train", "plain_test"))
-    assert ("degradation problem of Fig. 6 **is reproduced**" in report) == degrades
-    assert ("degradation problem **is not reproduced**" in report) == (not degrades)
+    first = next(ln for ln in report.splitlines() if ln.startswith("- (1) plain nets"))
+    assert ("**reproduced**" in first) == degrades
+    for n in range(1, 5):
+        line = next(ln for ln in report.splitlines() if ln.startswith(f"- ({n})"))
+        assert sum(w in line for w in ("**reproduced**", "**not reproduced**",
+                                       "**not distinguishable**")) == 1
+    # The curve's test points score the scale's fixed subset (64 of 128 images), the last
+    # one the whole split: the number in eval.json.
+    evals = [r for r in MetricsLog(RunDir(root / "runs" / "resnet8")).records()
+             if r["kind"] == "eval"]
+    assert [r.get("test_images") for r in evals] == [64, None]
+    assert evals[-1]["test_error"] == _eval_error(root / "runs" / "resnet8")
+
+
+def test_seeds_are_sub_runs_and_the_report_gives_their_spread(
+        root: Path, fashion_dir: Path) -> None:
+    """Issue 17: `--seeds 2` reuses seed 0's runs, trains seed 1 of each net as a normal
+    sub-run, and reports mean ± std with every seed's number, as the run directories hold."""
+    argv = ["reproduce", "degradation", "--scale", "smoke", "--seeds", "2", "--out",
+            str(root), "--data-dir", str(fashion_dir), "--set", "data.verify=false"]
+    before = (root / "runs" / "resnet8" / "eval.json").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (root / "runs" / "resnet8" / "eval.json").stat().st_mtime_ns == before
+    results = json.loads((root / "degradation" / "results.json").read_text())
+    report = (root / "degradation" / "report.md").read_text()
+    assert results["seeds"] == 2 and results["precision"] == "fp32"
+    for depth in (8, 14):
+        for plain in (False, True):
+            label = CifarNet(depth, plain=plain).label
+            seed1 = root / "runs" / f"{label}-seed1"
+            assert yaml.safe_load((seed1 / "config.yaml").read_text())["seed"] == 1
+            errs = [_eval_error(root / "runs" / label), _eval_error(seed1)]
+            key = "plain_test" if plain else "resnet_test"
+            assert results["per_seed"][str(depth)][key] == errs
+            assert results["errors"][str(depth)][key] == pytest.approx(sum(errs) / 2)
+            cell = f"{50 * sum(errs):.2f} ± {100 * statistics.stdev(errs):.2f} " \
+                f"({100 * errs[0]:.2f}, {100 * errs[1]:.2f})"
+            assert cell in report
+    assert "--seeds 2" in report
 
 
 def test_finished_sub_runs_are_not_trained_again(root: Path, fashion_dir: Path,
@@ -183,3 +225,15 @@ def test_cli_reproduce(root: Path, fashion_dir: Path, capsys: pytest.CaptureFixt
                                 "gradients", "table1"}
     with pytest.raises(resnetlab.ConfigError, match="unknown scale"):
         get_scale("huge")
+
+
+def test_a_difference_within_the_seeds_spread_is_not_distinguishable() -> None:
+    from resnetlab.reproduce.common import Spread, compare
+
+    low, high = Spread((0.10, 0.12, 0.11)), Spread((0.20, 0.21, 0.19))
+    assert (compare(low, high), compare(high, low)) == (-1, 1)
+    near = Spread((0.115, 0.125, 0.105))  # mean 0.115: 0.005 from low's, stds 0.01 each
+    assert compare(low, near) == compare(near, low) == 0
+    assert low.pct() == "11.00 ± 1.00 (10.00, 12.00, 11.00)"
+    # One seed: no spread is known, any difference counts (and the report says so).
+    assert compare(Spread((0.10,)), Spread((0.101,))) == -1 and Spread((0.1,)).pct() == "10.00"

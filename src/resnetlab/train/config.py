@@ -77,6 +77,9 @@ class TrainConfig:
     ema_decay: float = 0.0  # > 0: evaluate and ship an exponential moving average of weights
     log_every: int = 50  # iterations between metric lines
     test_curve: bool = True  # also score the test set at each evaluation, for the curve only
+    # > 0: the curve's evaluations score only the first N test images, so a curve can have
+    # many points; the last evaluation always scores the whole split
+    test_curve_images: int = 0
     channels_last: bool = True
     # "auto": bf16 autocast where the device multiplies bf16 natively (CUDA; CPUs with AMX
     # or AVX512-BF16), fp32 elsewhere (resnetlab.precision). A run's config.yaml holds what
@@ -234,6 +237,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_range(min(cfg.eval_every, cfg.checkpoint_every) >= 0 and cfg.log_every >= 1,
                  "eval_every and checkpoint_every must be >= 0, log_every >= 1")
     _check_range(cfg.batch_size >= 1 and cfg.eval_batch_size >= 1, "batch sizes must be >= 1")
+    _check_range(cfg.test_curve_images >= 0, "test_curve_images must be >= 0")
     _check_range(1 <= s.iterations <= MAX_ITERATIONS,
                   f"schedule.iterations must be in [1, {MAX_ITERATIONS:.0e}], got {s.iterations}")
     _check_range(o.lr > 0, "optim.lr must be > 0")

@@ -8,6 +8,7 @@ iteration, the weights, the optimizer, the schedule's state and the RNG to resum
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -99,15 +100,27 @@ class _Window:
 
 
 def _eval_splits(model: nn.Module, data: DataBundle, n_classes: int, with_test: bool,
-                 dist: DistInfo) -> tuple[dict[str, Any], EvalResult | None]:
+                 dist: DistInfo, test_images: int = 0
+                 ) -> tuple[dict[str, Any], EvalResult | None]:
+    """Val error, and test error if asked: of the first `test_images` (a fixed subset, for
+    a dense curve; the batches that hold them) or, with 0, of the whole split, which is
+    then returned for the final report."""
     rec: dict[str, Any] = {"val_error": None, "test_error": None}
     test = None
     if data.val is not None:
         rec["val_error"] = evaluate(model, data.val.batches(0), n_classes,
                                     reduce=dist.sum).top1_error
     if with_test:
-        test = evaluate(model, data.test.batches(0), n_classes, reduce=dist.sum)
-        rec["test_error"] = test.top1_error
+        batches = data.test.batches(0)
+        if test_images:
+            per_batch = data.test.batch_size
+            batches = itertools.islice(batches, -(-test_images // per_batch))
+        res = evaluate(model, batches, n_classes, reduce=dist.sum)
+        rec["test_error"] = res.top1_error
+        if test_images:
+            rec["test_images"] = res.count
+        else:
+            test = res
     return rec, test
 
 
@@ -255,7 +268,8 @@ def _after_step(s: TrainState, metrics: MetricsLog, log_: _Log, lr: float, bar: 
         log_.progress_line(it, total)
     if is_eval:
         ev, log_.final_test = _eval_splits(s.scored, s.data, len(s.data.classes),
-                                           cfg.test_curve or it == total, s.dist)
+                                           cfg.test_curve or it == total, s.dist,
+                                           0 if it == total else cfg.test_curve_images)
         if s.dist.main:
             last = log_.last
             metrics.write({"kind": "eval", "iteration": it, "epoch": it / s.steps,
