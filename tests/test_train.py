@@ -415,3 +415,17 @@ def test_progress_without_a_terminal_is_a_line_now_and_then(
     assert len(expected) == 1 and re.fullmatch(
         r"expected: about \d+ s for the 5 iterations left \(\d+ images/s\), plus evaluations",
         expected[0]), expected
+
+
+def test_a_dense_test_curve_scores_a_fixed_subset_and_the_end_scores_all(
+        tmp_path: Path, fashion_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 17: many curve points for little time; the final number is the whole split's."""
+    cfg = _smoke(fashion_dir, "schedule.iterations=8", "eval_every=2", "eval_batch_size=64",
+                 "test_curve_images=100")
+    with caplog.at_level("INFO", logger="resnetlab"):
+        res = train(cfg, tmp_path / "run", progress=False)
+    evals = [r for r in MetricsLog(RunDir(tmp_path / "run")).records() if r["kind"] == "eval"]
+    assert [r.get("test_images") for r in evals] == [128, 128, 128, None]  # 2 batches of 64
+    assert evals[-1]["test_error"] == res.test.top1_error and res.test.count == 256
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iteration 2/")]
+    assert len(said) == 1 and said[0].endswith("% (of the first 128 test images)"), said

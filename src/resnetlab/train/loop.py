@@ -276,9 +276,11 @@ def _after_step(s: TrainState, metrics: MetricsLog, log_: _Log, lr: float, bar: 
                            "train_loss": last["loss"], "train_error": last["train_error"],
                            "lr": lr, "images_per_s": last["images_per_s"],
                            "elapsed_s": time.perf_counter() - log_.t_start, **ev})
-            log.info("iteration %d/%d: %s", it, total, ", ".join(
-                f"{k.replace('_', ' ')} {100 * v:.2f}%" for k, v in ev.items()
-                if v is not None))
+            errors = ", ".join(f"{k.replace('_', ' ')} {100 * v:.2f}%" for k, v in ev.items()
+                               if k.endswith("_error") and v is not None)
+            subset = f" (of the first {ev['test_images']:,} test images)" \
+                if "test_images" in ev else ""
+            log.info("iteration %d/%d: %s%s", it, total, errors, subset)
         s.save()
         log_.window = _Window(s.device, s.dist)  # the evaluation is not training speed
     elif cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
