@@ -219,7 +219,7 @@ class Spread:
         return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
 
     def pct(self) -> str:
-        """'7.10 ± 0.12 (7.0, 7.2, 7.1)' in percent; one seed: just the number."""
+        """'7.10 ± 0.10 (7.00, 7.20, 7.10)' in percent; one seed: just the number."""
         if len(self.values) == 1:
             return f"{100 * self.mean:.2f}"
         each = ", ".join(f"{100 * v:.2f}" for v in self.values)
