@@ -100,6 +100,14 @@ def test_seeds_are_sub_runs_and_the_report_gives_their_spread(
                 f"({100 * errs[0]:.2f}, {100 * errs[1]:.2f})"
             assert cell in report
     assert "--seeds 2" in report
+    # shortcuts and preact compare errors too: their reports give the seeds' spread
+    for name in ("shortcuts", "preact"):
+        assert main([*argv[:1], name, *argv[2:]]) == 0
+        text = (root / name / "report.md").read_text()
+        assert "--seeds 2" in text and " ± " in text
+    short = json.loads((root / "shortcuts" / "results.json").read_text())
+    assert short["per_seed"]["C"] == [_eval_error(root / "runs" / "resnet8-C"),
+                                      _eval_error(root / "runs" / "resnet8-C-seed1")]
 
 
 def test_finished_sub_runs_are_not_trained_again(root: Path, fashion_dir: Path,
@@ -204,6 +212,16 @@ def test_gradients_shortcuts_preact_table1(root: Path, fashion_dir: Path) -> Non
         assert short["test_error"][opt] == _eval_error(root / "runs" / label)
     table = (root / "table1" / "report.md").read_text()
     assert "| resnet50 | 25,557,032 | 3.86 | 3.8 |" in table
+    # effects (6) and (7), each with exactly one verdict
+    states = ("**reproduced**", "**not reproduced**", "**not distinguishable**")
+    for name, tag in (("shortcuts", "(6a)"), ("shortcuts", "(6b)"), ("preact", "(7)")):
+        line = next(ln for ln in (root / name / "report.md").read_text().splitlines()
+                    if ln.startswith(f"- {tag}"))
+        assert sum(w in line for w in states) == 1, line
+    e = short["test_error"]  # one seed: any difference counts
+    c_best = (root / "shortcuts" / "report.md").read_text()
+    assert ("(6b) C is slightly the best: **reproduced**" in c_best) == \
+        (e["C"] < e["A"] and e["C"] < e["B"])
 
 
 def test_grad_norms_one_per_conv_layer() -> None:

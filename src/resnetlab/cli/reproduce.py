@@ -24,7 +24,8 @@ def add_reproduce_parser(sub: argparse._SubParsersAction,
     r.add_argument("--data-dir", help="folder holding the data set's files")
     r.add_argument("--seeds", type=int, default=1,
                    help="sub-runs per network (seeds 0..N-1) where errors are compared "
-                   "(degradation): reports give mean ± std and each seed's number")
+                   "(degradation, shortcuts, preact): reports give mean ± std and each "
+                   "seed's number")
     r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training setting of every sub-run (repeatable)")
     r.set_defaults(func=cmd_reproduce)

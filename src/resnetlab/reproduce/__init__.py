@@ -34,7 +34,8 @@ def run_experiment(name: str, scale: str = "cpu", out: str | Path | None = None,
                    data_dir: str | None = None, sets: Sequence[str] = (),
                    progress: bool | None = None, seeds: int = 1) -> Path:
     """Run one experiment (training what it lacks); returns its report folder. `seeds`:
-    sub-runs per network where an experiment compares errors (degradation)."""
+    sub-runs per network where an experiment compares errors (degradation, shortcuts,
+    preact; the analyses use seed 0)."""
     if seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
     if name not in EXPERIMENTS:

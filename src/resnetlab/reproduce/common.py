@@ -80,7 +80,7 @@ SCALES: dict[str, Scale] = {
     # Seconds, for the tests: tiny nets (6n+2 with n = 1, 2) on whatever data is given.
     "smoke": Scale("smoke", "fashion-mnist", iterations=6, milestones=(3, 5), eval_every=3,
                    log_every=2, batch_size=32, val_split=0, pad=1, depths=(8, 14),
-                   response_depths=(8, 14), pair_depths=(8,), lesion_depth=14,
+                   response_depths=(8, 14), pair_depths=(8, 14), lesion_depth=14,
                    shortcut_depth=8, gradient_depth=14, gradient_steps=2, analysis_images=128,
                    lesion_draws=2, limit_train=256, limit_test=128, eval_batch_size=32,
                    test_curve_images=64),

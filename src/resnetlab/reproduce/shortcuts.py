@@ -14,56 +14,79 @@ import matplotlib.pyplot as plt
 from ..models.complexity import count_params
 from ..tables import format_table
 from ..train.recipes import CifarNet
-from .common import Context, ensure_trained, pct, write_report
-from .degradation import curves
+from .common import Context, Spread, SubRun, compare, ensure_seeds, write_report
+from .degradation import _WORDS, _band
 
 # Paper Table 3, ImageNet ResNet-34, 10-crop top-1 / top-5 error (%).
 PAPER_TABLE3 = {"A": (25.03, 7.76), "B": (24.52, 7.46), "C": (24.19, 7.40)}
 OPTIONS = ("A", "B", "C")
 
 
-def plot(runs: dict[str, Any], params: dict[str, int], path: Any) -> None:
+def plot(runs: dict[str, list[SubRun]], errs: dict[str, Spread], params: dict[str, int],
+         path: Any) -> None:
+    """Mean test curve of each option (seeds' range shaded), and the final errors."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
     for opt in OPTIONS:
-        _, _, vi, ve = curves(runs[opt])
-        a.plot(vi, ve, "-o", ms=3, label=f"option {opt}")
+        vi, ve = _band(runs[opt], 2)
+        a.plot(vi, ve.mean(0), "-", label=f"option {opt}")
+        if len(runs[opt]) > 1:
+            a.fill_between(vi, ve.min(0), ve.max(0), alpha=0.2, lw=0)
     a.set_xlabel("iteration")
     a.set_ylabel("test error (%)")
     a.grid(alpha=0.3)
     a.legend()
-    bars = b.bar(OPTIONS, [100 * runs[o].test_error for o in OPTIONS], color="tab:blue")
-    b.bar_label(bars, labels=[f"{params[o] / 1e3:.0f}K params" for o in OPTIONS], fontsize=8)
-    b.set_ylabel("final test error (%)")
+    bars = b.bar(OPTIONS, [100 * errs[o].mean for o in OPTIONS], color="tab:blue",
+                 yerr=[100 * errs[o].std for o in OPTIONS], capsize=4)
+    b.bar_label(bars, labels=[f"{params[o] / 1e3:.0f}K params" for o in OPTIONS], fontsize=8,
+                label_type="center", color="white")
+    b.set_ylabel("final test error (%)" + (", mean ± std" if len(runs["A"]) > 1 else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def verdict(errs: dict[str, Spread]) -> list[str]:
+    """Effect (6): A, B and C close, C slightly the best (paper Table 3)."""
+    means = {o: 100 * e.mean for o, e in errs.items()}
+    gap = max(means.values()) - min(means.values())
+    pairs = {f"{x}/{y}": compare(errs[x], errs[y]) for x, y in (("A", "B"), ("A", "C"),
+                                                                 ("B", "C"))}
+    best = min(OPTIONS, key=lambda o: errs[o].mean)
+    c_vs = [compare(errs["C"], errs[o]) for o in ("A", "B")]
+    close = gap < 1.0 or all(v == 0 for v in pairs.values())
+    c_state = ("**reproduced**" if c_vs == [-1, -1] else
+               "**not distinguishable** (within the seeds' spread)"
+               if best == "C" or (0 in c_vs and 1 not in c_vs) else "**not reproduced**")
+    return [
+        "- (6a) the options are close (paper: 0.84 points between A and C on ImageNet): "
+        + ("**reproduced**" if close else "**not reproduced**")
+        + f". Means {', '.join(f'{o} {means[o]:.2f}%' for o in OPTIONS)}: {gap:.2f} points "
+        f"apart; pairs {', '.join(f'{k} {_WORDS[v]}' for k, v in pairs.items())}.",
+        f"- (6b) C is slightly the best: {c_state}. Lowest mean: {best}.",
+    ]
+
+
 def run(ctx: Context) -> dict[str, Any]:
     d = ctx.scale.shortcut_depth
     nets = {o: CifarNet(d, shortcut=o) for o in OPTIONS}
-    done = ensure_trained(ctx, list(nets.values()))
+    done = ensure_seeds(ctx, list(nets.values()))
     runs = {o: done[n] for o, n in nets.items()}
-    params = {o: count_params(runs[o].model()) for o in OPTIONS}
+    params = {o: count_params(runs[o][0].model()) for o in OPTIONS}
+    errs = {o: Spread(tuple(r.test_error for r in runs[o])) for o in OPTIONS}
     folder = ctx.report_dir("shortcuts")
-    plot(runs, params, folder / "shortcuts.png")
-    errs = {o: runs[o].test_error for o in OPTIONS}
-    rows = [[o, f"{params[o]:,}", pct(errs[o]), *PAPER_TABLE3[o]] for o in OPTIONS]
-    order = sorted(OPTIONS, key=lambda o: errs[o])
-    spread = max(errs.values()) - min(errs.values())
+    plot(runs, errs, params, folder / "shortcuts.png")
+    rows = [[o, f"{params[o]:,}", errs[o].pct(), *PAPER_TABLE3[o]] for o in OPTIONS]
     body = ["![test error of options A, B, C](shortcuts.png)", "",
             format_table([f"option (resnet{d})", "parameters", "test error (%)",
-                      "paper ResNet-34 top-1", "paper top-5"], rows, markdown=True), "",
+                          "paper ResNet-34 top-1", "paper top-5"], rows, markdown=True), "",
             "The paper: B is slightly better than A (A's zero-padded channels learn no "
             "residual), C marginally better than B (its extra parameters), and the "
             "differences are small: projections are not essential to the degradation fix.", "",
-            "## What came out", "",
-            f"- Ranking by test error: {' < '.join(order)} (best first); spread "
-            f"{100 * spread:.2f} points. "
-            + ("Same order as the paper (C < B < A)." if order == ["C", "B", "A"] else
-               "Not the paper's order (C < B < A)."),
+            "## What came out", "", *verdict(errs),
             f"- B costs {params['B'] - params['A']:,} parameters over A, C "
             f"{params['C'] - params['A']:,}."]
-    write_report(folder, "Shortcut options A, B, C (paper Table 3)", body,
-                 {"test_error": errs, "params": params}, ctx.scale)
-    return {"test_error": errs, "params": params}
+    results = {"test_error": {o: e.mean for o, e in errs.items()},
+               "per_seed": {o: list(e.values) for o, e in errs.items()}, "params": params}
+    write_report(folder, "Shortcut options A, B, C (paper Table 3)", body, results, ctx.scale,
+                 seeds=ctx.seeds)
+    return results
