@@ -1,4 +1,4 @@
-"""Tables for people: plain text for the terminal, GitHub Markdown for reports."""
+"""Tables and durations for people: plain text for the terminal, Markdown for reports."""
 
 from __future__ import annotations
 
@@ -21,3 +21,10 @@ def format_table(headers: Sequence[object], rows: Sequence[Sequence[object]],
              for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def format_duration(seconds: float) -> str:
+    """'42 s', '5.2 min', '2.4 h': as a person says how long something takes."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"

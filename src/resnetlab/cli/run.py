@@ -16,6 +16,7 @@ from ..deploy.predict import Prediction, Predictor
 from ..evaluation.evaluate import TTA_MODES
 from ..evaluation.run import evaluate_run, test_images
 from ..precision import INFER_PRECISIONS
+from ..tables import format_duration
 from ..train.config import PRESETS, override, resolve, to_yaml
 from ..train.loop import train
 from ..train.rundir import RunDir
@@ -47,7 +48,8 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     t.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
     t.add_argument("--resume", choices=["auto", "no"], default="no",
                    help="auto: continue from the run directory's newest complete checkpoint, "
-                   "if any")
+                   "if any (without --preset or --config: with the run's own config.yaml); a "
+                   "finished run is re-reported")
     t.add_argument("--print-config", action="store_true", help="print the resolved config")
     t.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes on this machine (runs torchrun for you)")
@@ -94,10 +96,6 @@ def _torchrun(args: argparse.Namespace, out: Path) -> int:
     return subprocess.run(argv).returncode
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
-
-
 def _own_config(args: argparse.Namespace) -> str | None:
     """`--out RUN --resume auto` without --preset or --config: the run's own config.yaml
     (which --set may change, and the run's check then names what changed)."""
@@ -133,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{out} had finished; nothing trained, its results:")
     print(f"test accuracy {acc:.2f}% (top-1 error {100 * res.test.top1_error:.2f}%, "
           f"top-5 error {100 * res.test.top5_error:.2f}%) on {res.test.count:,} test images")
-    took = "" if res.seconds is None else f" in {_duration(res.seconds)}"
+    took = "" if res.seconds is None else f" in {format_duration(res.seconds)}"
     print(f"trained {res.iterations} iterations{took}")
     print(f"run directory: {res.run_dir}")
     print(f"weights:       {res.weights}")

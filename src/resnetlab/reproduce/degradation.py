@@ -40,7 +40,7 @@ def curves(run: SubRun) -> tuple[list[int], list[float], list[int], list[float]]
             [r["iteration"] for r in test], [100 * r["test_error"] for r in test])
 
 
-def _band(runs: list[SubRun], part: int) -> tuple[list[int], np.ndarray]:
+def seed_band(runs: list[SubRun], part: int) -> tuple[list[int], np.ndarray]:
     """Iterations and the seeds' values (one row a seed) of a curve; part 0 train, 2 test."""
     cs = [curves(r) for r in runs]
     n = min(len(c[part]) for c in cs)  # seeds log the same iterations; guard a short one
@@ -57,8 +57,8 @@ def plot(runs: dict[CifarNet, list[SubRun]], depths: tuple[int, ...], path: Any,
     for ax, plain in zip(axes, (True, False), strict=True):
         for depth, color in zip(depths, colors, strict=True):
             seeds = runs[CifarNet(depth, plain=plain)]
-            ti, te = _band(seeds, 0)
-            vi, ve = _band(seeds, 2)
+            ti, te = seed_band(seeds, 0)
+            vi, ve = seed_band(seeds, 2)
             ax.plot(ti, te.mean(0), "--", color=color, lw=0.8, alpha=0.8)
             ax.plot(vi, ve.mean(0), "-", color=color, lw=2.2,
                     label=f"{seeds[0].net.label}  {ve[:, -1].mean():.2f}%")
@@ -77,7 +77,7 @@ def plot(runs: dict[CifarNet, list[SubRun]], depths: tuple[int, ...], path: Any,
     plt.close(fig)
 
 
-_WORDS = {-1: "lower", 0: "not distinguishable", 1: "higher"}
+COMPARED = {-1: "lower", 0: "not distinguishable", 1: "higher"}
 
 
 def _effect(name: str, holds: bool, undecided: bool, numbers: str) -> str:
@@ -98,13 +98,13 @@ def verdict(rows: dict[int, dict[str, Spread]], depths: tuple[int, ...]) -> list
         _effect(f"(1) plain nets get worse with depth ({lo} -> {hi} layers)",
                 plain_test == 1 and plain_train == 1, plain_test == 0 or plain_train == 0,
                 f"Training error {b['plain_train'].pct()}% at {hi} against "
-                f"{a['plain_train'].pct()}% at {lo} ({_WORDS[plain_train]}); test error "
+                f"{a['plain_train'].pct()}% at {lo} ({COMPARED[plain_train]}); test error "
                 f"{b['plain_test'].pct()}% against {a['plain_test'].pct()}% "
-                f"({_WORDS[plain_test]})."),
+                f"({COMPARED[plain_test]})."),
         _effect(f"(2) residual nets do not get worse with depth ({lo} -> {hi})",
                 res_test != 1, False,
                 f"Test error {b['resnet_test'].pct()}% at {hi} against "
-                f"{a['resnet_test'].pct()}% at {lo} ({_WORDS[res_test]})."),
+                f"{a['resnet_test'].pct()}% at {lo} ({COMPARED[res_test]})."),
         _effect(f"(3) residual nets get better with depth ({lo} -> {hi}; paper Table 6: "
                 f"{PAPER_RESNET_ERROR.get(lo, '—')}% -> {PAPER_RESNET_ERROR.get(hi, '—')}%)",
                 res_test == -1, res_test == 0,
@@ -112,7 +112,7 @@ def verdict(rows: dict[int, dict[str, Spread]], depths: tuple[int, ...]) -> list
         _effect("(4) each residual net beats its plain twin", all(t == -1 for t in twins.values()),
                 any(t == 0 for t in twins.values()) and not any(t == 1 for t in twins.values()),
                 "; ".join(f"{d} layers: {rows[d]['resnet_test'].pct()}% against "
-                          f"{rows[d]['plain_test'].pct()}% ({_WORDS[t]})"
+                          f"{rows[d]['plain_test'].pct()}% ({COMPARED[t]})"
                           for d, t in twins.items()) + "."),
     ]
 

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 from ..tables import format_table
 from ..train.recipes import CifarNet
 from .common import Context, Spread, compare, ensure_seeds, write_report
-from .degradation import _band
+from .degradation import seed_band
 
 # He et al., Identity Mappings in Deep Residual Networks (ECCV 2016), Tables 2-3: CIFAR-10
 # test error (%).
@@ -47,7 +47,7 @@ def run(ctx: Context) -> dict[str, Any]:
     folder = ctx.report_dir("preact")
     fig, ax = plt.subplots(figsize=(7, 4))
     for n in nets:
-        vi, ve = _band(runs[n], 2)
+        vi, ve = seed_band(runs[n], 2)
         line = ax.plot(vi, ve.mean(0), "-" if n.preact else "--",
                        label=f"{n.label}  {ve[:, -1].mean():.2f}%")
         if len(runs[n]) > 1:

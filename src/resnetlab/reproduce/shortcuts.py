@@ -15,7 +15,7 @@ from ..models.complexity import count_params
 from ..tables import format_table
 from ..train.recipes import CifarNet
 from .common import Context, Spread, SubRun, compare, ensure_seeds, write_report
-from .degradation import _WORDS, _band
+from .degradation import COMPARED, seed_band
 
 # Paper Table 3, ImageNet ResNet-34, 10-crop top-1 / top-5 error (%).
 PAPER_TABLE3 = {"A": (25.03, 7.76), "B": (24.52, 7.46), "C": (24.19, 7.40)}
@@ -27,7 +27,7 @@ def plot(runs: dict[str, list[SubRun]], errs: dict[str, Spread], params: dict[st
     """Mean test curve of each option (seeds' range shaded), and the final errors."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
     for opt in OPTIONS:
-        vi, ve = _band(runs[opt], 2)
+        vi, ve = seed_band(runs[opt], 2)
         a.plot(vi, ve.mean(0), "-", label=f"option {opt}")
         if len(runs[opt]) > 1:
             a.fill_between(vi, ve.min(0), ve.max(0), alpha=0.2, lw=0)
@@ -61,7 +61,7 @@ def verdict(errs: dict[str, Spread]) -> list[str]:
         "- (6a) the options are close (paper: 0.84 points between A and C on ImageNet): "
         + ("**reproduced**" if close else "**not reproduced**")
         + f". Means {', '.join(f'{o} {means[o]:.2f}%' for o in OPTIONS)}: {gap:.2f} points "
-        f"apart; pairs {', '.join(f'{k} {_WORDS[v]}' for k, v in pairs.items())}.",
+        f"apart; pairs {', '.join(f'{k} {COMPARED[v]}' for k, v in pairs.items())}.",
         f"- (6b) C is slightly the best: {c_state}. Lowest mean: {best}.",
     ]
 

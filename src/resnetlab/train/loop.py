@@ -28,6 +28,7 @@ from ..data import DataBundle
 from ..errors import ResNetLabError
 from ..evaluation.evaluate import EvalResult, evaluate
 from ..models.factory import save_weights
+from ..tables import format_duration
 from .config import TrainConfig
 from .distributed import SINGLE_PROCESS, DistInfo, init_from_env, shutdown
 from .report import MetricsLog, plot_confusion, plot_curves
@@ -232,7 +233,7 @@ class _Log:
         elif it - self.timed[0] == ESTIMATE_STEPS and it < total:
             per_step = (now - self.timed[1]) / ESTIMATE_STEPS
             log.info("expected: about %s for the %d iterations left (%.0f images/s), plus "
-                     "evaluations", _eta(per_step * (total - it)), total - it,
+                     "evaluations", format_duration(per_step * (total - it)), total - it,
                      batch / per_step)
             self.estimated = True
 
@@ -245,13 +246,8 @@ class _Log:
         left = (total - it) * (now - self.t_start) / max(it - self.it0, 1)
         log.info("iteration %d/%d (%.0f%%): loss %.3f, train error %.1f%%, %.0f images/s, "
                  "about %s left", it, total, 100 * it / total, self.last["loss"],
-                 100 * self.last["train_error"], self.last["images_per_s"], _eta(left))
+                 100 * self.last["train_error"], self.last["images_per_s"], format_duration(left))
 
-
-def _eta(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def _after_step(s: TrainState, metrics: MetricsLog, log_: _Log, lr: float, bar: Any) -> None:

@@ -211,7 +211,6 @@ def start(cfg: TrainConfig, choice: Choice, run: RunDir, resume: bool,
                           "was changed: move them away to start over, or choose another --out")
     dist.barrier()  # every rank has looked before rank 0 writes anything
     if dist.main:
-        run.path.mkdir(parents=True, exist_ok=True)
         run.config.write_text(f"# precision: {choice.precision} ({choice.reason})\n"
                               + to_yaml(cfg))
     if cfg.threads:
