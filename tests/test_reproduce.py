@@ -2,6 +2,7 @@
 reports and figures hold the numbers the runs produced."""
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -255,3 +256,45 @@ def test_a_difference_within_the_seeds_spread_is_not_distinguishable() -> None:
     assert low.pct() == "11.00 ± 1.00 (10.00, 12.00, 11.00)"
     # One seed: no spread is known, any difference counts (and the report says so).
     assert compare(Spread((0.10,)), Spread((0.101,))) == -1 and Spread((0.1,)).pct() == "10.00"
+
+
+def test_jobs_train_sub_runs_in_worker_processes_to_the_same_result(
+        tmp_path: Path, fashion_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`--jobs 2` trains the four unfinished sub-runs two at a time in spawned processes
+    (not this one), each with half the parent's threads; each ends exactly where a
+    sequential sub-run with that many threads ends (the thread count changes float
+    rounding, which deep plain nets amplify), and the report holds the workers' numbers."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run_experiment("degradation", "smoke", tmp_path / "seq", str(fashion_dir), SETS,
+                       progress=False)
+        torch.set_num_threads(2)
+        caplog.set_level("INFO")
+        run_experiment("degradation", "smoke", tmp_path / "par", str(fashion_dir), SETS,
+                       progress=False, jobs=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert any("2 at a time in worker processes of 1 thread each" in r.message
+               for r in caplog.records)
+    done = [r.message for r in caplog.records if "process " in r.message]
+    pids = {int(m.rsplit("process ", 1)[1].rstrip(")")) for m in done}
+    assert len(done) == 4 and 1 <= len(pids) <= 2 and os.getpid() not in pids
+    results = json.loads((tmp_path / "par" / "degradation" / "results.json").read_text())
+    for depth in (8, 14):
+        for plain in (False, True):
+            label = CifarNet(depth, plain=plain).label
+            a = resnetlab.load_model(tmp_path / "par" / "runs" / label / "final").state_dict()
+            b = resnetlab.load_model(tmp_path / "seq" / "runs" / label / "final").state_dict()
+            assert all(torch.equal(a[k], b[k]) for k in a)
+            key = "plain_test" if plain else "resnet_test"
+            assert results["errors"][str(depth)][key] == _eval_error(tmp_path / "par" / "runs"
+                                                                     / label)
+    # The report names the flag and each sub-run's recorded training time.
+    assert results["jobs"] == 2 and "--jobs 2" in (tmp_path / "par" / "degradation" /
+                                                   "report.md").read_text()
+    seconds = json.loads((tmp_path / "par" / "runs" / "plain14" / "eval.json").read_text())[
+        "train_seconds"]
+    assert results["train_minutes"]["plain14"] == [seconds / 60]
+    with pytest.raises(resnetlab.ConfigError, match="--jobs must be at least 1"):
+        run_experiment("degradation", "smoke", tmp_path, str(fashion_dir), SETS, jobs=0)

@@ -26,6 +26,9 @@ def add_reproduce_parser(sub: argparse._SubParsersAction,
                    help="sub-runs per network (seeds 0..N-1) where errors are compared "
                    "(degradation, shortcuts, preact): reports give mean ± std and each "
                    "seed's number")
+    r.add_argument("--jobs", type=int, default=1,
+                   help="sub-runs trained at once, each in its own process (on a CPU with "
+                   "cores/N threads each; on a GPU, N processes share it)")
     r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training setting of every sub-run (repeatable)")
     r.set_defaults(func=cmd_reproduce)
@@ -37,6 +40,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"== experiment {i}/{len(names)}: {name} ({EXPERIMENTS[name][1]}), "
               f"scale {args.scale}", flush=True)
         folder = run_experiment(name, args.scale, args.out, args.data_dir, args.sets,
-                                seeds=args.seeds)
+                                seeds=args.seeds, jobs=args.jobs)
         print(f"report: {folder / 'report.md'}", flush=True)
     return 0

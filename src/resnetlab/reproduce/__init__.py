@@ -32,17 +32,18 @@ EXPERIMENTS: dict[str, tuple[Callable[[Context], Any], str]] = {
 
 def run_experiment(name: str, scale: str = "cpu", out: str | Path | None = None,
                    data_dir: str | None = None, sets: Sequence[str] = (),
-                   progress: bool | None = None, seeds: int = 1) -> Path:
+                   progress: bool | None = None, seeds: int = 1, jobs: int = 1) -> Path:
     """Run one experiment (training what it lacks); returns its report folder. `seeds`:
     sub-runs per network where an experiment compares errors (degradation, shortcuts,
-    preact; the analyses use seed 0)."""
-    if seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    preact; the analyses use seed 0). `jobs`: sub-runs trained at once, in processes."""
+    for flag, value in (("--seeds", seeds), ("--jobs", jobs)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     sc = get_scale(scale)
     root = Path(out) if out is not None else Path("runs") / "reproduce" / sc.name
-    ctx = Context(sc, root, data_dir, tuple(sets), progress, seeds=seeds)
+    ctx = Context(sc, root, data_dir, tuple(sets), progress, seeds=seeds, jobs=jobs)
     EXPERIMENTS[name][0](ctx)
     return ctx.report_dir(name)
 

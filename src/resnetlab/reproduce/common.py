@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -130,6 +133,7 @@ class Context:
     progress: bool | None = None  # tqdm bars of the trainer (None: when stderr is a terminal)
     say: Callable[[str], None] = log.info
     seeds: int = 1  # sub-runs per network in the experiments that compare errors
+    jobs: int = 1  # sub-runs trained at once, each in its own process
 
     def config(self, net: CifarNet, seed: int = 0) -> TrainConfig:
         return self.scale.train_config(net, self.data_dir, self.sets, seed)
@@ -153,6 +157,7 @@ class SubRun:
     test_error: float
     records: list[dict[str, Any]]
     seed: int = 0
+    seconds: float | None = None  # training time, summed over resumes (eval.json)
 
     def model(self) -> ResNet:
         return load_model(RunDir(self.run_dir).final)
@@ -169,34 +174,89 @@ def _finished(run: RunDir, cfg: TrainConfig) -> bool:
 
 def _load(net: CifarNet, run: RunDir, seed: int) -> SubRun:
     report = json.loads(run.eval_report.read_text())
-    return SubRun(net, run.path, float(report["top1_error"]), MetricsLog(run).records(), seed)
+    seconds = report.get("train_seconds")
+    return SubRun(net, run.path, float(report["top1_error"]), MetricsLog(run).records(), seed,
+                  None if seconds is None else float(seconds))
 
 
 def ensure_seeds(ctx: Context, nets: Sequence[CifarNet],
                  seeds: int | None = None) -> dict[CifarNet, list[SubRun]]:
     """Train each net with seeds 0..seeds-1 (default ctx.seeds) where not yet finished
     (resuming interrupted sub-runs), one progress line each. Every net's seed 0 comes
-    first, so a partial run already answers with one seed."""
+    first, so a partial run already answers with one seed. With ctx.jobs > 1 the
+    unfinished sub-runs train that many at a time, each in its own process."""
     n_seeds = ctx.seeds if seeds is None else seeds
-    jobs = [(net, seed) for seed in range(n_seeds) for net in nets]
-    out: dict[CifarNet, list[SubRun]] = {net: [] for net in nets}
-    for i, (net, seed) in enumerate(jobs, 1):
+    order = [(net, seed) for seed in range(n_seeds) for net in nets]
+    done: dict[tuple[CifarNet, int], SubRun] = {}
+    todo: list[tuple[str, CifarNet, int]] = []
+    for i, (net, seed) in enumerate(order, 1):
         cfg, run = ctx.config(net, seed), RunDir(ctx.run_dir(net, seed))
-        head = f"[{i}/{len(jobs)}] {net.label}" + (f" seed {seed}" if n_seeds > 1 else "")
+        head = f"[{i}/{len(order)}] {net.label}" + (f" seed {seed}" if n_seeds > 1 else "")
         if _finished(run, cfg):
-            out[net].append(_load(net, run, seed))
+            done[net, seed] = _load(net, run, seed)
             ctx.say(f"{head}: already trained, test error "
-                    f"{100 * out[net][-1].test_error:.2f}%")
-            continue
-        resuming = run.checkpoints.exists()
-        ctx.say(f"{head}: {'resuming' if resuming else 'training'} "
-                f"({cfg.schedule.iterations} iterations) in {run.path}")
+                    f"{100 * done[net, seed].test_error:.2f}%")
+        else:
+            todo.append((head, net, seed))
+    (_train_each if ctx.jobs == 1 or len(todo) < 2 else _train_parallel)(ctx, todo, done)
+    return {net: [done[net, seed] for seed in range(n_seeds)] for net in nets}
+
+
+def _starting(ctx: Context, head: str, cfg: TrainConfig, run: RunDir) -> None:
+    ctx.say(f"{head}: {'resuming' if run.checkpoints.exists() else 'training'} "
+            f"({cfg.schedule.iterations} iterations) in {run.path}")
+
+
+def _train_each(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
+                done: dict[tuple[CifarNet, int], SubRun]) -> None:
+    for head, net, seed in todo:
+        cfg, run = ctx.config(net, seed), RunDir(ctx.run_dir(net, seed))
+        _starting(ctx, head, cfg, run)
         t0 = time.perf_counter()
         train(cfg, run.path, resume=True, progress=ctx.progress)
-        out[net].append(_load(net, run, seed))
-        ctx.say(f"{head}: test error {100 * out[net][-1].test_error:.2f}% "
+        done[net, seed] = _load(net, run, seed)
+        ctx.say(f"{head}: test error {100 * done[net, seed].test_error:.2f}% "
                 f"({(time.perf_counter() - t0) / 60:.1f} min)")
-    return out
+
+
+def _train_in_worker(cfg: TrainConfig, path: Path, threads: int) -> tuple[float, int]:
+    """One sub-run in a worker process of --jobs, on its share of the CPU threads."""
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    train(cfg, path, resume=True, progress=False)
+    return time.perf_counter() - t0, os.getpid()
+
+
+def _train_parallel(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
+                    done: dict[tuple[CifarNet, int], SubRun]) -> None:
+    """--jobs: on a GPU, N processes share it; on a CPU each takes cores/N threads, which
+    uses 2 cores better than one process (its small convs do not scale to both). Spawned,
+    not forked: a fork of a process that has run torch's thread pool can hang. A sub-run
+    that fails does not stop the others; the first error is raised when all have ended,
+    and every sub-run keeps its checkpoints for the next attempt."""
+    threads = max(1, torch.get_num_threads() // ctx.jobs)
+    ctx.say(f"training {len(todo)} sub-runs, {ctx.jobs} at a time in worker processes "
+            f"of {threads} thread{'s' if threads > 1 else ''} each")
+    errors: list[BaseException] = []
+    with ProcessPoolExecutor(ctx.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {}
+        for head, net, seed in todo:
+            cfg, run = ctx.config(net, seed), RunDir(ctx.run_dir(net, seed))
+            _starting(ctx, head, cfg, run)
+            futures[pool.submit(_train_in_worker, cfg, run.path, threads)] = head, net, seed
+        for fut in as_completed(futures):
+            head, net, seed = futures[fut]
+            try:
+                seconds, pid = fut.result()
+            except Exception as e:  # the others go on; raised below
+                ctx.say(f"{head}: failed: {e}")
+                errors.append(e)
+                continue
+            done[net, seed] = _load(net, RunDir(ctx.run_dir(net, seed)), seed)
+            ctx.say(f"{head}: test error {100 * done[net, seed].test_error:.2f}% "
+                    f"({seconds / 60:.1f} min, process {pid})")
+    if errors:
+        raise errors[0]
 
 
 def ensure_trained(ctx: Context, nets: Sequence[CifarNet]) -> dict[CifarNet, SubRun]:
@@ -236,6 +296,18 @@ def compare(a: Spread, b: Spread) -> int:
     return -1 if diff < 0 else 1
 
 
+def training_times(runs: dict[CifarNet, list[SubRun]]) -> tuple[str, dict[str, list[float]]]:
+    """A report line with each network's training time (mean over seeds) and the raw
+    minutes per seed, from the sub-runs' eval.json."""
+    minutes = {net.label: [r.seconds / 60 for r in rs if r.seconds is not None]
+               for net, rs in runs.items()}
+    known = {k: v for k, v in minutes.items() if v}
+    line = ("Training time per sub-run, as each run recorded it (mean over seeds): "
+            + ", ".join(f"{k} {statistics.fmean(v):.1f} min" for k, v in known.items()) + "."
+            if known else "")
+    return line, minutes
+
+
 def analysis_tensors(ctx: Context, net: CifarNet) -> tuple[torch.Tensor, torch.Tensor]:
     """The scale's analysis images of the test split, normalised as the sub-run trained."""
     cfg = ctx.config(net)
@@ -266,12 +338,13 @@ def trained_sizes(scale: Scale) -> str:
 
 
 def write_report(folder: Path, title: str, body: Sequence[str], results: dict[str, Any],
-                 scale: Scale, sizes: str | None = None, seeds: int = 1) -> Path:
+                 scale: Scale, sizes: str | None = None, seeds: int = 1, jobs: int = 1) -> Path:
     """report.md (title, what was run, body) and results.json (the raw numbers)."""
     (folder / "results.json").write_text(json.dumps(
-        {"scale": scale.name, "seeds": seeds, "precision": "fp32", **results}, indent=2) + "\n")
+        {"scale": scale.name, "seeds": seeds, "jobs": jobs, "precision": "fp32", **results},
+        indent=2) + "\n")
     runs = f", {seeds} seeds per network" if seeds > 1 else ""
-    flag = f" --seeds {seeds}" if seeds > 1 else ""
+    flag = (f" --seeds {seeds}" if seeds > 1 else "") + (f" --jobs {jobs}" if jobs > 1 else "")
     head = [f"# {title}", "",
             f"Scale `{scale.name}`: {sizes or trained_sizes(scale)}{runs}; fp32 training "
             f"(as the paper); made by `resnetlab reproduce {folder.name} --scale "

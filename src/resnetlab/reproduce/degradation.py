@@ -14,7 +14,15 @@ import numpy as np
 
 from ..tables import format_table
 from ..train.recipes import CifarNet
-from .common import Context, Spread, SubRun, compare, ensure_seeds, write_report
+from .common import (
+    Context,
+    Spread,
+    SubRun,
+    compare,
+    ensure_seeds,
+    training_times,
+    write_report,
+)
 
 # Paper Table 6, CIFAR-10 test error (%) of the residual nets; Fig. 6 gives the plain nets
 # only as curves (plain-110 above 60%), so no plain numbers are quoted.
@@ -148,10 +156,15 @@ def run(ctx: Context) -> dict[str, Any]:
             "The paper (Fig. 6, CIFAR-10, 64k iterations): plain nets' training and test error "
             "rise with depth (plain-110 above 60%); residual nets' fall with depth down to "
             "110 layers.", "", "## What came out", "", *verdict(rows, depths)]
+    times, minutes = training_times(runs)
+    if times:
+        body += ["", times]
     errors = {str(d): {k: v.mean for k, v in r.items()} for d, r in rows.items()}
     per_seed = {str(d): {k: list(v.values) for k, v in r.items()} for d, r in rows.items()}
     write_report(folder, "Degradation: plain against residual nets (paper Fig. 1, Fig. 6)",
                  body, {"errors": errors, "per_seed": per_seed,
+                        "train_minutes": minutes,
                         "runs": {n.label: [str(r.run_dir) for r in rs]
-                                 for n, rs in runs.items()}}, ctx.scale, seeds=ctx.seeds)
+                                 for n, rs in runs.items()}}, ctx.scale, seeds=ctx.seeds,
+                 jobs=ctx.jobs)
     return errors

@@ -14,7 +14,15 @@ import matplotlib.pyplot as plt
 from ..models.complexity import count_params
 from ..tables import format_table
 from ..train.recipes import CifarNet
-from .common import Context, Spread, SubRun, compare, ensure_seeds, write_report
+from .common import (
+    Context,
+    Spread,
+    SubRun,
+    compare,
+    ensure_seeds,
+    training_times,
+    write_report,
+)
 from .degradation import COMPARED, seed_band
 
 # Paper Table 3, ImageNet ResNet-34, 10-crop top-1 / top-5 error (%).
@@ -85,8 +93,11 @@ def run(ctx: Context) -> dict[str, Any]:
             "## What came out", "", *verdict(errs),
             f"- B costs {params['B'] - params['A']:,} parameters over A, C "
             f"{params['C'] - params['A']:,}."]
+    times, minutes = training_times(done)
+    body += ["", times] if times else []
     results = {"test_error": {o: e.mean for o, e in errs.items()},
-               "per_seed": {o: list(e.values) for o, e in errs.items()}, "params": params}
+               "per_seed": {o: list(e.values) for o, e in errs.items()}, "params": params,
+               "train_minutes": minutes}
     write_report(folder, "Shortcut options A, B, C (paper Table 3)", body, results, ctx.scale,
-                 seeds=ctx.seeds)
+                 seeds=ctx.seeds, jobs=ctx.jobs)
     return results
