@@ -82,8 +82,10 @@ def cmd_info(args: argparse.Namespace) -> int:
              f"{r.params:,}", _human(r.macs)] for r in rows]
     body.append(["total", "", "", sum(r.blocks for r in rows),
                  f"{sum(r.params for r in rows):,}", _human(sum(r.macs for r in rows))])
-    print(f"{args.model}: {spec.family} family, {spec.block} blocks, shortcut {spec.shortcut}, "
-          f"input {model.in_chans}x{size}x{size}, {model.num_classes} classes")
+    stride = "" if spec.block != "bottleneck" else \
+        (" (stride on the 3x3)" if spec.arch.get("stride_in_3x3") else " (stride on the first 1x1)")
+    print(f"{args.model}: {spec.family} family, {spec.block} blocks{stride}, shortcut "
+          f"{spec.shortcut}, input {model.in_chans}x{size}x{size}, {model.num_classes} classes")
     print(format_table(["stage", "paper", "output", "blocks", "params", "mult-adds"], body))
     if args.model in PAPER_MACS and size == 224 and model.in_chans == 3:
         print(f"paper Table 1: {PAPER_MACS[args.model]:.1e} mult-adds")

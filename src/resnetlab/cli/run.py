@@ -45,6 +45,11 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set optim.lr=0.05 (repeatable)")
     t.add_argument("--data-dir", help="shortcut for --set data.data_dir=DIR")
+    t.add_argument("--init", metavar="SOURCE",
+                   help="start from these weights (shortcut for --set finetune.init=SOURCE): "
+                   "a resnetlab weights directory or run, a torchvision or timm .pth or "
+                   ".safetensors file, a Hugging Face style folder (config.json + "
+                   "model.safetensors); see also finetune.freeze and finetune.backbone_lr")
     t.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
     t.add_argument("--resume", choices=["auto", "no"], default="no",
                    help="auto: continue from the run directory's newest complete checkpoint, "
@@ -112,6 +117,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve(preset, config, args.sets)
     if args.data_dir:
         cfg = override(cfg, {"data": {"data_dir": args.data_dir}})
+    if args.init:
+        cfg = override(cfg, {"finetune": {"init": args.init}})
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0

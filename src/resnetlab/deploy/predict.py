@@ -33,6 +33,8 @@ class Predictor:
                                   check=check, min_agreement=min_agreement).eval()
         cfg = self.model.model_config
         self.size, self.in_chans = cfg.input_size, cfg.in_chans
+        self.crop_pct = cfg.resolved_crop_pct
+        self.interpolation = TF.InterpolationMode(cfg.interpolation)
         self.normalize = Normalize(cfg.mean, cfg.std)
         self.classes = cfg.class_names or [str(i) for i in range(cfg.num_classes)]
 
@@ -42,9 +44,11 @@ class Predictor:
         x = TF.pil_to_tensor(im)
         if self.in_chans not in (1, 3):
             x = x[:1].expand(self.in_chans, -1, -1)
-        # Small-image models see the whole image; 224 models the paper's 256-resize centre crop.
-        short = self.size if self.size < 64 else round(self.size * 256 / 224)
-        x = TF.center_crop(TF.resize(x, [short], antialias=True), [self.size, self.size])
+        # The model's own crop (ModelConfig.crop_pct): small-image models see the whole
+        # image; 224 models the paper's 256-resize centre crop unless their weights say else.
+        short = round(self.size / self.crop_pct)
+        x = TF.center_crop(TF.resize(x, [short], self.interpolation, antialias=True),
+                           [self.size, self.size])
         return self.normalize(x.unsqueeze(0))
 
     def predict(self, paths: list[str], topk: int = 5) -> list[Prediction | ImageError]:

@@ -27,6 +27,16 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] | None = None
     format_version: int = FORMAT_VERSION
+    # How an image is brought to input_size: resize its shorter side to input_size /
+    # crop_pct, then centre-crop (None: 1.0 below 64 px, else 224/256 as paper sec. 3.4).
+    crop_pct: float | None = None
+    interpolation: str = "bilinear"
+
+    @property
+    def resolved_crop_pct(self) -> float:
+        if self.crop_pct is not None:
+            return self.crop_pct
+        return 1.0 if self.input_size < 64 else 224 / 256
 
     @classmethod
     def from_json(cls, path: Path) -> ModelConfig:

@@ -59,3 +59,140 @@ def from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def to_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A resnetlab state_dict (conv7 stem, option B, no preact) renamed for torchvision."""
     return _rename(state, _OURS_TO_TV)
+
+
+# timm's `resnet` family names its layers as torchvision does, except the deep stem of the
+# C/D variants (conv1 is a Sequential) and D's shortcut, whose downsample.0 is the average
+# pool (no parameters), so its conv and BN are downsample.1 and .2.
+_TIMM_STEM = [("conv1.0.", "stem.conv1."), ("conv1.1.", "stem.bn1."), ("conv1.3.", "stem.conv2."),
+              ("conv1.4.", "stem.bn2."), ("conv1.6.", "stem.conv3.")]
+_TIMM_AVG_DOWN = [("BLOCK.downsample.1.", "BLOCK.shortcut.conv."),
+                  ("BLOCK.downsample.2.", "BLOCK.shortcut.bn.")]
+# timm's `resnetv2` (pre-activation): stages.<i>.blocks.<j> with norm<k>/conv<k>, a final
+# norm and a 1x1-conv classifier.
+_TIMM_V2 = [(r"^stages\.(\d+)\.blocks\.(\d+)\.norm(\d)\.", r"layer{i}.\2.bn\3."),
+            (r"^stages\.(\d+)\.blocks\.(\d+)\.conv(\d)\.", r"layer{i}.\2.conv\3."),
+            (r"^stages\.(\d+)\.blocks\.(\d+)\.downsample\.conv\.", r"layer{i}.\2.shortcut.conv."),
+            (r"^norm\.", "final_act.0.")]
+
+
+def is_timm_v2(state: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith("stages.0.blocks.") for k in state)
+
+
+def from_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm `resnet*` (incl. C/D variants) or `resnetv2_*` state_dict, renamed for the
+    resnetlab model of the same architecture (resnet50d, preact_resnet50, ...)."""
+    if is_timm_v2(state):
+        out = {}
+        for key, value in state.items():
+            for pattern, repl in _TIMM_V2:
+                m = re.match(pattern, key)
+                if m:
+                    stage = str(int(m.group(1)) + 1) if m.groups() else ""
+                    key = re.sub(pattern, repl.replace("{i}", stage), key)
+                    break
+            if key == "head.fc.weight" and value.dim() == 4:  # 1x1 conv -> Linear
+                value = value.flatten(1)
+            out[key] = value
+        return out
+    avg_down = any(re.search(r"downsample\.2\.", k) for k in state)
+    rules = [_rule(t, o) for t, o in _TIMM_STEM + (_TIMM_AVG_DOWN if avg_down else [])]
+    return _rename(_rename(state, rules), _TV_TO_OURS)
+
+
+def to_timm(state: dict[str, torch.Tensor], preact: bool = False,
+            avg_down: bool = False) -> dict[str, torch.Tensor]:
+    """A resnetlab state_dict renamed for timm: `resnet*` (deep stem and ResNet-D's
+    avg_down shortcut as their state says and `avg_down` tells), or with `preact` for
+    `resnetv2_*`."""
+    if preact:
+        out = {}
+        for key, value in state.items():
+            m = re.match(r"^layer(\d+)\.(\d+)\.(bn|conv|shortcut\.conv)(\d?)\.(.*)$", key)
+            if m:
+                i, j, kind, k, rest = m.groups()
+                name = {"bn": f"norm{k}", "conv": f"conv{k}",
+                        "shortcut.conv": "downsample.conv"}[kind]
+                key = f"stages.{int(i) - 1}.blocks.{j}.{name}.{rest}"
+            elif key.startswith("final_act.0."):
+                key = "norm." + key[len("final_act.0."):]
+            elif key == "head.fc.weight":
+                value = value[:, :, None, None]
+            out[key] = value
+        return out
+    rules = [_rule(o, t) for t, o in _TIMM_STEM + (_TIMM_AVG_DOWN if avg_down else [])]
+    return _rename(_rename(state, rules), _OURS_TO_TV)
+
+
+# akamaster/pytorch_resnet_cifar10 (the well-known CIFAR reproduction): torchvision-like
+# names with `linear` for the classifier, and an option-A shortcut that pads its new zero
+# channels on both sides (out/4 each) where ours appends them. The identity channels thus
+# sit at other indices of the residual stream, so every tensor that writes or reads the
+# stream is permuted, not just renamed.
+_AKAMASTER = [("conv1.", "stem.conv."), ("bn1.", "stem.bn."), ("linear.", "head.fc.")]
+
+
+def is_akamaster(state: dict[str, torch.Tensor]) -> bool:
+    return "linear.weight" in state and "layer1.0.conv1.weight" in state
+
+
+def _stream_perms(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Where in akamaster's channel order each of our residual-stream channels is: the
+    permutation of each block's input ("<block>.in") and output ("<block>.out") stream,
+    and of the classifier's input ("head"). `state` is in our names."""
+    found = (re.match(r"^layer(\d+)\.(\d+)\.conv1\.weight$", k) for k in state)
+    blocks = sorted((int(m.group(1)), int(m.group(2))) for m in found if m)
+    perm = torch.arange(state["stem.conv.weight"].shape[0])
+    perms: dict[str, torch.Tensor] = {}
+    for stage, j in blocks:
+        name = f"layer{stage}.{j}"
+        perms[name + ".in"] = perm
+        out = state[f"{name}.conv2.weight"].shape[0]
+        if out != len(perm):  # option A: theirs pads out/4 zeros on each side, ours appends
+            q, width = out // 4, len(perm)
+            rest = [c for c in range(out) if not q <= c < q + width]
+            perm = torch.cat([q + perm, torch.tensor(rest)])
+        perms[name + ".out"] = perm
+    perms["head"] = perm
+    return perms
+
+
+def _akamaster_axes(key: str) -> tuple[str, int] | None:
+    """Which stream permutation applies to a tensor (our name), and along which dim."""
+    m = re.match(r"^(layer\d+\.\d+)\.(conv1|conv2|bn2)\.", key)
+    if m:
+        block, layer = m.groups()
+        return (block + ".in", 1) if layer == "conv1" else (block + ".out", 0)
+    if key.startswith(("stem.", "head.fc.weight")) and not key.endswith("num_batches_tracked"):
+        return ("head", 1) if key.startswith("head") else ("stem", 0)
+    return None
+
+
+def _permute_akamaster(state: dict[str, torch.Tensor], inverse: bool) -> dict[str, torch.Tensor]:
+    perms = _stream_perms(state)
+    perms["stem"] = torch.arange(state["stem.conv.weight"].shape[0])
+    out = {}
+    for key, value in state.items():
+        axes = _akamaster_axes(key)
+        if axes is not None and value.dim() > 0:
+            perm = perms[axes[0]]
+            if inverse:  # ours -> theirs: their channel perm[o] is our channel o
+                value = torch.empty_like(value).index_copy_(axes[1], perm, value)
+            else:
+                value = value.index_select(axes[1], perm)
+        out[key] = value
+    return out
+
+
+def from_akamaster(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An akamaster CIFAR ResNet state_dict (`module.` prefixes already stripped) for the
+    resnetlab model of the same depth (resnet20 .. resnet1202, option A)."""
+    return _permute_akamaster(_rename(state, [_rule(a, o) for a, o in _AKAMASTER]),
+                              inverse=False)
+
+
+def to_akamaster(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A resnetlab CIFAR ResNet (option A) state_dict in akamaster's names and order."""
+    return _rename(_permute_akamaster(state, inverse=True),
+                   [_rule(o, a) for a, o in _AKAMASTER])

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
-from dataclasses import asdict
+from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,9 @@ from ..errors import ConfigError, WeightsError
 from ..files import write_atomic
 from .config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from .registry import build_model, cifar_name, get_spec
-from .resnet import ResNet
+from .resnet import FeatureNet, ResNet
+
+log = logging.getLogger(__name__)
 
 
 def _merge(saved: Any, given: Any, what: str) -> Any:
@@ -46,6 +50,8 @@ def create_model(
     """Build a registered model; with `weights`, load a directory written by `save_weights`.
 
     `overrides` are ResNet arguments (`shortcut="A"`, `zero_init_last=True`, ...).
+    `num_classes=0` gives a model that returns pooled features (timm's convention); the
+    backbone alone is `create_features`.
     """
     spec = get_spec(name)
     saved = ModelConfig.from_json(Path(weights) / CONFIG_FILE) if weights is not None else None
@@ -68,6 +74,14 @@ def create_model(
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+def create_features(name: str, out_indices: Sequence[int] | None = None,
+                    **kwargs: Any) -> FeatureNet:
+    """timm's `features_only`: the named model without its head, returning the feature maps
+    at `out_indices` of its feature_info (0 the stem, 1.. the stages; default all).
+    `kwargs` as create_model's, `weights` included: the head's weights are left out."""
+    return FeatureNet(create_model(name, **kwargs), out_indices)
 
 
 def cifar_resnet(depth: int, plain: bool = False, preact: bool = False,
@@ -102,7 +116,7 @@ def save_weights(
 
     `config` may set `input_size`, `mean` or `std` of the data the model was trained on.
     """
-    cfg = model_config(model)
+    cfg = _true_head(model, model_config(model))
     unknown = set(config) - {"input_size", "mean", "std"}
     if unknown:
         raise ConfigError(f"save_weights got unknown field(s) {sorted(unknown)}")
@@ -120,6 +134,24 @@ def save_weights(
     write_atomic(out / CONFIG_FILE, lambda p: Path(p).write_text(text))
     model.model_config = ModelConfig(**data)  # type: ignore[assignment]  # any nn.Module
     return out
+
+
+def _true_head(model: nn.Module, cfg: ModelConfig) -> ModelConfig:
+    """The config with the class count of the classifier the model has now: a head
+    replaced by hand (model.head.fc = nn.Linear(512, 7)) is saved as what it is."""
+    fc = getattr(getattr(model, "head", None), "fc", None)
+    if fc is None:
+        return cfg
+    if not isinstance(fc, nn.Linear | nn.Identity):
+        raise ConfigError(f"head.fc is a {type(fc).__name__}, which load_model cannot "
+                          "rebuild; change the class count with model.reset_classifier(n)")
+    n = fc.out_features if isinstance(fc, nn.Linear) else 0
+    if n == cfg.num_classes:
+        return cfg
+    log.info("saving %d classes: the classifier was replaced (config said %d)", n,
+             cfg.num_classes)
+    names = cfg.class_names if cfg.class_names and len(cfg.class_names) == n else None
+    return replace(cfg, num_classes=n, class_names=names)
 
 
 def load_weights(model: nn.Module, directory: str | os.PathLike[str]) -> None:

@@ -6,11 +6,15 @@ so checkpoints convert with a short key map (models/convert.py).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .blocks import BLOCKS, _Block
 from .layers import SHORTCUT_OPTIONS, make_shortcut, make_stem
@@ -19,13 +23,46 @@ if TYPE_CHECKING:
     from .config import ModelConfig
 
 
+def classifier(in_features: int, num_classes: int) -> nn.Module:
+    """The last layer: a Linear, or with 0 classes none at all, so the model returns its
+    pooled features (as timm's num_classes=0)."""
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be 0 or more, got {num_classes}")
+    return nn.Linear(in_features, num_classes) if num_classes else nn.Identity()
+
+
+@contextlib.contextmanager
+def _bn_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """BatchNorm running statistics left as they are: a checkpointed block runs its forward
+    twice, and the recomputation must not move them a second time."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in bns]
+    for m in bns:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(bns, saved, strict=True):
+            m.momentum = momentum
+            if tracked is not None and m.num_batches_tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def _recompute_contexts(block: nn.Module) -> tuple[contextlib.AbstractContextManager[None],
+                                                  contextlib.AbstractContextManager[None]]:
+    """For torch.utils.checkpoint: nothing around the first forward, frozen BatchNorm
+    statistics around the recomputation."""
+    return contextlib.nullcontext(), _bn_stats_frozen(block)
+
+
 class Head(nn.Module):
     """Global average pool, then a fully connected classifier (paper Table 1, last row)."""
 
     def __init__(self, in_features: int, num_classes: int) -> None:
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_features, num_classes)
+        self.fc = classifier(in_features, num_classes)
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(self.pool(x), 1)
@@ -79,7 +116,9 @@ class ResNet(nn.Module):
             raise ValueError("zero_init_last needs shortcuts: a plain net would output zeros")
         block_cls = BLOCKS[(block, preact)]
         self.num_classes, self.in_chans = num_classes, in_chans
+        self.grad_checkpointing = False
         self.stem = make_stem(stem, in_chans, stem_width, preact)
+        self.stem_width, self.stem_reduction = stem_width, 1 if stem == "cifar" else 4
         ch = stem_width
         self.stage_names: list[str] = []
         self.stage_channels: list[int] = []
@@ -124,19 +163,90 @@ class ResNet(nn.Module):
             if isinstance(m, _Block):
                 m.zero_init_last()
 
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's feature description: channels, total stride and module of the stem's output
+        (index 0) and of every stage's (1..); what forward_intermediates and features_only
+        return."""
+        info = [{"num_chs": self.stem_width, "reduction": self.stem_reduction, "module": "stem"}]
+        for i, (name, ch) in enumerate(zip(self.stage_names, self.stage_channels, strict=True)):
+            info.append({"num_chs": ch, "reduction": self.stem_reduction * 2 ** i,
+                         "module": name})
+        return info
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's description of the input the weights expect (from model_config): what
+        `predict` does to an image, for code written against timm."""
+        cfg = self.model_config
+        return {"architecture": cfg.architecture, "num_classes": self.num_classes,
+                "input_size": (cfg.in_chans, cfg.input_size, cfg.input_size),
+                "mean": tuple(cfg.mean), "std": tuple(cfg.std),
+                "crop_pct": cfg.resolved_crop_pct, "crop_mode": "center",
+                "interpolation": cfg.interpolation,
+                "first_conv": "stem.conv" if hasattr(self.stem, "conv") else "stem.conv1",
+                "classifier": "head.fc"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new classifier for num_classes (0: the model returns pooled features), freshly
+        initialised, on the old one's device and dtype; model_config follows, so that
+        save_weights writes what load_model rebuilds."""
+        ref = self.head.fc.weight if isinstance(self.head.fc, nn.Linear) else \
+            next(self.parameters())
+        self.head.fc = classifier(self.num_features, num_classes).to(ref.device, ref.dtype)
+        self.num_classes = num_classes
+        cfg = getattr(self, "model_config", None)
+        if cfg is not None:
+            self.model_config = dataclasses.replace(cfg, num_classes=num_classes,
+                                                    class_names=None)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations during the backward pass instead of keeping
+        them: less memory for about one more forward pass of compute; gradients and
+        BatchNorm statistics as without."""
+        self.grad_checkpointing = enable
+
+    def _stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return stage(x)
+        for block in stage:
+            x = checkpoint(block, x, use_reentrant=False,
+                           context_fn=functools.partial(_recompute_contexts, block))
+        return x
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int] | None = None,
+                              intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The feature maps at `indices` of feature_info (default: all), and unless
+        intermediates_only the final features too. The last stage's map is taken after the
+        pre-activation nets' final BN-ReLU, as forward_features returns it."""
+        last = len(self.stage_names)
+        take = set(range(last + 1) if indices is None else indices)
+        if not take <= set(range(last + 1)):
+            raise ValueError(f"indices must be in 0..{last}, got {sorted(take)}")
+        x = self.stem(x)
+        maps = [x] if 0 in take else []
+        for i, stage in enumerate(self.stages, 1):
+            x = self._stage(stage, x)
+            if i == last:
+                x = self.final_act(x)
+            if i in take:
+                maps.append(x)
+        return maps if intermediates_only else (x, maps)
+
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Outputs of every stage (C2..C5 for the ImageNet family), e.g. for a detection FPN."""
-        outs = []
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        return outs
+        maps = self.forward_intermediates(x, range(1, len(self.stage_names) + 1), True)
+        assert isinstance(maps, list)
+        return maps
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for stage in self.stages:
-            x = stage(x)
+            x = self._stage(stage, x)
         return self.final_act(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -144,3 +254,34 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+class FeatureNet(nn.Module):
+    """The backbone alone (timm's features_only): forward returns the feature maps at
+    out_indices of the model's feature_info. Modules keep the model's names, so a full
+    model's state_dict loads with its head keys left out."""
+
+    def __init__(self, model: ResNet, out_indices: Sequence[int] | None = None) -> None:
+        super().__init__()
+        n = len(model.stage_names)
+        self.out_indices = tuple(range(n + 1) if out_indices is None else out_indices)
+        if not set(self.out_indices) <= set(range(n + 1)):
+            raise ValueError(f"out_indices must be in 0..{n}, got {self.out_indices}")
+        self.feature_info = [model.feature_info[i] for i in self.out_indices]
+        self.model_config = getattr(model, "model_config", None)
+        self.stem = model.stem
+        self.stage_names = model.stage_names[:max(self.out_indices, default=0)]
+        for name in self.stage_names:
+            self.add_module(name, getattr(model, name))
+        self.final_act = model.final_act if len(self.stage_names) == n else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(x)
+        maps = [x] if 0 in self.out_indices else []
+        for i, name in enumerate(self.stage_names, 1):
+            x = getattr(self, name)(x)
+            if i == len(self.stage_names):  # an identity unless every stage is kept
+                x = self.final_act(x)
+            if i in self.out_indices:
+                maps.append(x)
+        return maps

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -63,6 +64,15 @@ class ScheduleConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Starting from pretrained weights (train/finetune.py)."""
+
+    init: str = ""  # weights to start from (train --init): a path; "" trains from scratch
+    freeze: str = ""  # comma-separated parts kept fixed: stem, layer1.. (stage1..), backbone
+    backbone_lr: float = 1.0  # lr of everything but the classifier, as a fraction of optim.lr
+
+
+@dataclass
 class TrainConfig:
     preset: str = "custom"
     seed: int = 0
@@ -72,6 +82,7 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval_every: int = 0  # iterations between evaluations; 0: once an epoch
     checkpoint_every: int = 0  # iterations between extra checkpoints (each evaluation saves one)
     ema_decay: float = 0.0  # > 0: evaluate and ship an exponential moving average of weights
@@ -223,6 +234,22 @@ def _check_range(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def frozen_parts(spec: str, stages: list[str]) -> list[str]:
+    """`stem,stage1` (or layer1) / `backbone` -> module names; a wrong name is one line."""
+    parts: list[str] = []
+    for word in (w.strip() for w in spec.split(",") if w.strip()):
+        word = re.sub(r"^stage(\d+)$", r"layer\1", word)
+        if word == "backbone":
+            parts += ["stem", *stages, "final_act"]
+        elif word in ("stem", *stages):
+            parts.append(word)
+        else:
+            raise ConfigError(f"finetune.freeze: unknown part {word!r}; choose from stem, "
+                              f"{', '.join(stages)} (or stage1..), backbone")
+    return list(dict.fromkeys(parts))
+
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Checks no type annotation can express: choices and ranges."""
     d, s, o = cfg.data, cfg.schedule, cfg.optim
@@ -248,11 +275,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_range(0 <= s.warmup_until_error < 1, "schedule.warmup_until_error must be in [0, 1)")
     _check_range(d.pad >= 0 and d.val_split >= 0, "data.pad and data.val_split must be >= 0")
     _check_range(s.milestones == sorted(s.milestones), "schedule.milestones must increase")
+    _check_range(cfg.finetune.backbone_lr > 0, "finetune.backbone_lr must be > 0 (freeze "
+                 "the backbone with finetune.freeze=backbone)")
     spec = get_spec(cfg.model.name)
     bad = sorted(set(cfg.model.options) - set(ARCH_KEYS))
     _check_range(not bad, f"unknown model.options {bad}; valid: {', '.join(ARCH_KEYS)}")
     with torch.device("meta"):  # bad option values fail here, before any data is read
-        build_model(spec, spec.num_classes, 3, cfg.model.options)
+        model = build_model(spec, spec.num_classes, 3, cfg.model.options)
+    frozen_parts(cfg.finetune.freeze, model.stage_names)
     return cfg
 
 

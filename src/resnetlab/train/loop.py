@@ -190,7 +190,7 @@ def _step(s: TrainState, x: torch.Tensor, y: torch.Tensor, crit: nn.Module,
     """One training step at iteration s.it, which it advances; returns the step's lr."""
     lr = s.sched(s.it)
     for g in s.opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)  # finetune.backbone_lr (make_optimizer)
     loss, wrong = train_step(s.model, s.opt, crit, x, y, s.cfg, autocast, s.dist)
     if loss is None:
         log.warning("iteration %d: non-finite loss, step skipped", s.it)

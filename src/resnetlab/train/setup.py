@@ -29,6 +29,7 @@ from .allocator import keep_freed_memory
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, saved_config, to_yaml
 from .distributed import DistInfo, convert_sync_bn
+from .finetune import freeze, init_from
 from .rundir import RunDir
 from .schedule import LRSchedule
 
@@ -36,13 +37,18 @@ log = logging.getLogger(__name__)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD over the trainable parameters, in groups by weight decay (off for BN and biases
+    unless decay_bn_and_bias; Bag of Tricks sec. 3.1) and by lr: a group's `lr_scale` is
+    finetune.backbone_lr for all but the classifier (head.*), which the loop applies."""
     o = cfg.optim
-    if o.decay_bn_and_bias:
-        groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
-    else:  # weight decay only on conv and fc weights (Bag of Tricks sec. 3.1)
-        decay = [p for p in model.parameters() if p.ndim > 1]
-        no_decay = [p for p in model.parameters() if p.ndim <= 1]
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    found: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            scale = 1.0 if name.startswith("head.") else cfg.finetune.backbone_lr
+            found.setdefault((o.decay_bn_and_bias or p.ndim > 1, scale), []).append(p)
+    groups: list[dict[str, Any]] = [
+        {"params": ps, "lr_scale": scale, **({} if decay else {"weight_decay": 0.0})}
+        for (decay, scale), ps in found.items()]
     # lr: the value of a constant-lr step (reproduce/gradients.py, the benchmarks); `train`
     # sets every step's lr from the schedule instead.
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
@@ -106,11 +112,16 @@ def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _prepare_model(cfg: TrainConfig, n_classes: int, in_chans: int, device: torch.device,
-                   dist: DistInfo, fuse: bool) -> tuple[nn.Module, ResNet]:
+                   dist: DistInfo, fuse: bool, fresh: bool) -> tuple[nn.Module, ResNet]:
     """(the model to step, the plain model whose parameters it steps, for saving and
-    evaluating). `fuse`: step a rewrite of it on the fused BN-ReLU kernels (kernels/fuse.py)."""
+    evaluating). `fuse`: step a rewrite of it on the fused BN-ReLU kernels (kernels/fuse.py).
+    `fresh`: no checkpoint will be restored, so finetune.init's weights are loaded."""
     core = create_model(cfg.model.name, num_classes=n_classes, in_chans=in_chans,
-                        **cfg.model.options).to(device)
+                        **cfg.model.options)
+    if fresh and cfg.finetune.init:
+        init_from(core, cfg.finetune.init, cfg.model.name)
+    freeze(core, cfg.finetune.freeze)  # before the fused rewrite, which skips frozen BNs
+    core = core.to(device)
     if cfg.channels_last:
         core = core.to(memory_format=torch.channels_last)
     if dist.enabled and cfg.sync_bn:
@@ -222,7 +233,9 @@ def start(cfg: TrainConfig, choice: Choice, run: RunDir, resume: bool,
                       cfg.channels_last, rank=dist.rank, world=dist.world)
     compiled = on_device(cfg.compile, device)
     fuse = cfg.fused_bn and device.type == "cpu" and not compiled and cfg.precision == "fp32"
-    model, core = _prepare_model(cfg, len(data.classes), data.in_chans, device, dist, fuse)
+    fresh = not (resume and run.latest_checkpoint() is not None)
+    model, core = _prepare_model(cfg, len(data.classes), data.in_chans, device, dist, fuse,
+                                 fresh)
     model = maybe_compile(model, compiled)
     ema = AveragedModel(core, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
                         use_buffers=True) if cfg.ema_decay else None
