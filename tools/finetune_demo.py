@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -111,9 +112,10 @@ def _cpu() -> str:
     return platform.machine()
 
 
-def report(results: dict[str, dict[str, dict[str, float]]], folder: Path) -> None:
+def report(results: dict[str, dict[str, dict[str, float]]], folder: Path, out: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     cpu = _cpu()
+    precision = yaml.safe_load((out / "target-0" / "config.yaml").read_text())["precision"]
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Fine-tuning from torchvision and timm files against training from scratch", "",
              "Made by `.venv/bin/python tools/finetune_demo.py`: resnet18 and resnet18d "
@@ -122,7 +124,8 @@ def report(results: dict[str, dict[str, dict[str, float]]], folder: Path) -> Non
              "`.pth` and a timm Hugging Face style folder; then trained for 150 iterations "
              "(batch 32, lr 0.05, cosine) on a folder of the other five classes with 20 "
              "training images each, tested on 200 test-split images each. Same recipe "
-             f"for every row; 32 px, fp32, {torch.get_num_threads()} threads ({cpu}).", "",
+             f"for every row; 32 px, {precision} (`precision=auto` on this CPU), "
+             f"{torch.get_num_threads()} threads ({cpu}).", "",
              "| run | test accuracy | minutes |", "|---|---|---|"]
     for part, rows in results.items():
         lines.append(f"| **{part}** | | |")
@@ -136,5 +139,5 @@ if __name__ == "__main__":
     ap.add_argument("--out", default="runs/finetune-demo")
     ap.add_argument("--report", default="docs/results/finetune")
     args = ap.parse_args()
-    report(run(Path(args.out)), Path(args.report))
+    report(run(Path(args.out)), Path(args.report), Path(args.out))
     print((Path(args.report) / "report.md").read_text())

@@ -232,8 +232,8 @@ def _train_in_worker(cfg: TrainConfig, path: Path, threads: int) -> tuple[float,
 def _train_parallel(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
                     done: dict[tuple[CifarNet, int], SubRun]) -> None:
     """--jobs: on a GPU, N processes share it; on a CPU each takes cores/N threads (on the
-    2-core AVX2 EPYC: ResNet-20 at 455 images/s in each of 2 processes against 885 in one
-    process of 2 threads, so 3% more, all it buys there). Spawned,
+    2-core AMD EPYC Zen 4, fp32: ResNet-20 at 455 images/s in each of 2 processes against
+    885 in one process of 2 threads, 3% more, all it buys there). Spawned,
     not forked: a fork of a process that has run torch's thread pool can hang. A sub-run
     that fails does not stop the others; the first error is raised when all have ended,
     and every sub-run keeps its checkpoints for the next attempt."""
