@@ -13,6 +13,7 @@ import torchvision
 from safetensors.torch import save_file
 
 import resnetlab
+from resnetlab import kernels
 from resnetlab.cli import main
 from resnetlab.train.config import resolve
 from resnetlab.train.finetune import init_from, read_source
@@ -24,7 +25,7 @@ FOLDER_SETS = ["--set", "data.dataset=folder", "--set", "data.image_size=32", "-
                "data.val_split=0", "--set", "data.workers=0", "--set", "batch_size=32",
                "--set", "eval_batch_size=64", "--set", "schedule.kind=constant",
                "--set", "schedule.iterations=4", "--set", "eval_every=4",
-               "--set", "log_every=2"]
+               "--set", "log_every=2", "--set", "precision=fp32"]  # fp32: the fused kernels
 
 
 def _backbone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -45,6 +46,9 @@ def test_torchvision_file_with_a_frozen_backbone_trains_only_the_new_classifier(
                  "--set", "finetune.freeze=backbone", "--out", str(out)]) == 0
     assert any("classifier re-initialised" in r.message and "1000 classes, this data 10"
                in r.message for r in caplog.records)
+    # The frozen BatchNorms stay module calls in the fused-kernel rewrite, which applies.
+    assert any(r.message == "fused BN-ReLU kernels: %s" % ("on" if kernels.available() else
+                                                          "off") for r in caplog.records)
     final = resnetlab.load_model(out / "final").state_dict()
     source = resnetlab.from_torchvision(tv.state_dict())
     assert all(torch.equal(final[k], v) for k, v in _backbone(source).items())

@@ -37,7 +37,7 @@ CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
 COMMON = ["--set", "data.dataset=folder", "--set", "data.image_size=32", "--set",
           "data.val_split=0", "--set", "data.lighting=0", "--set", "batch_size=32",
           "--set", "eval_batch_size=200", "--set", "schedule.kind=cosine", "--set",
-          "schedule.milestones=[]", "--set", "optim.weight_decay=5e-4"]
+          "schedule.milestones=[]", "--set", "optim.weight_decay=5e-4", "--set", "precision=fp32"]
 
 
 def _idx(name: str) -> np.ndarray:

@@ -73,6 +73,15 @@ def _rewrite(graph: fx.Graph, modules: dict[str, nn.Module]) -> int:
     return count
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping BatchNorm subclasses (a frozen fine-tuning part's) as module
+    calls like nn's own, instead of tracing into their data-dependent checks."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, nn.modules.batchnorm._BatchNorm) or \
+            super().is_leaf_module(m, module_qualified_name)
+
+
 def fuse_bn_act(model: nn.Module) -> nn.Module | None:
     """`model` traced with its BN(+add)+ReLU chains on the fused kernels, sharing its
     parameters; None where the kernels are unavailable (no C compiler) or the model
@@ -80,7 +89,7 @@ def fuse_bn_act(model: nn.Module) -> nn.Module | None:
     if not available():
         return None
     try:
-        traced = fx.symbolic_trace(model)
+        traced = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as e:  # data-dependent control flow in a custom model
         log.warning("fused BN-ReLU kernels off: %s cannot be traced (%s)",
                     type(model).__name__, e)
