@@ -1,4 +1,5 @@
-"""State-dict conversion between torchvision's ResNets and resnetlab's.
+"""State-dict conversion between resnetlab's ResNets and torchvision's, timm's (resnet,
+resnetv2) and akamaster's CIFAR ResNets, both ways.
 
 Only the stem, the shortcut and the head are named differently; blocks match one to one.
 torchvision's bottleneck nets put the stride on the 3x3 (v1.5), so they pair with our `b`
