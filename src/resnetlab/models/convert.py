@@ -1,8 +1,8 @@
 """State-dict conversion between resnetlab's ResNets and torchvision's, timm's (resnet,
 resnetv2) and akamaster's CIFAR ResNets, both ways.
 
-Only the stem, the shortcut and the head are named differently; blocks match one to one.
-torchvision's bottleneck nets put the stride on the 3x3 (v1.5), so they pair with our `b`
+With torchvision only the stem, the shortcut and the head are named differently; blocks match
+one to one. Its bottleneck nets put the stride on the 3x3 (v1.5), so they pair with our `b`
 variants (`resnet50b`, ...); resnet18/34 pair with ours directly.
 """
 
