@@ -198,6 +198,23 @@ def test_lesion_deletes_blocks_and_restores_them(root: Path, fashion_dir: Path) 
     assert f"resnet14 {100 * res['resnet']['baseline']:.2f}%" in report
 
 
+def test_a_report_states_the_precision_its_sub_runs_trained_in(
+        tmp_path: Path, fashion_dir: Path) -> None:
+    """Issue 17: reproduce trains fp32 unless a --set asks otherwise; the report and
+    results.json say what the sub-runs recorded, and the command that made them."""
+    folder = run_experiment("shortcuts", "smoke", tmp_path, str(fashion_dir),
+                            (*SETS, "precision=bf16"), progress=False)
+    for opt in "ABC":
+        run_eval = json.loads((tmp_path / "runs" / CifarNet(8, shortcut=opt).label /
+                               "eval.json").read_text())
+        assert run_eval["precision"] == "bf16"
+    results = json.loads((folder / "results.json").read_text())
+    assert results["precision"] == "bf16" and "precision=bf16" in results["sets"]
+    head = (folder / "report.md").read_text().splitlines()[2]
+    assert "; bf16 training; made by" in head and "--set precision=bf16" in head
+    assert "fp32" not in head
+
+
 def test_gradients_shortcuts_preact_table1(root: Path, fashion_dir: Path) -> None:
     for name in ("gradients", "shortcuts", "preact", "table1"):
         folder = run_experiment(name, "smoke", root, str(fashion_dir), SETS, progress=False)
@@ -212,6 +229,8 @@ def test_gradients_shortcuts_preact_table1(root: Path, fashion_dir: Path) -> Non
         label = CifarNet(8, shortcut=opt).label
         assert short["test_error"][opt] == _eval_error(root / "runs" / label)
     table = (root / "table1" / "report.md").read_text()
+    assert "training" not in table.splitlines()[2]  # nothing trains for Table 1
+    assert "fp32 training (as the paper)" in (root / "shortcuts" / "report.md").read_text()
     assert "| resnet50 | 25,557,032 | 3.86 | 3.8 |" in table
     # effects (6) and (7), each with exactly one verdict
     states = ("**reproduced**", "**not reproduced**", "**not distinguishable**")

@@ -14,7 +14,7 @@ import multiprocessing
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -158,6 +158,7 @@ class SubRun:
     records: list[dict[str, Any]]
     seed: int = 0
     seconds: float | None = None  # training time, summed over resumes (eval.json)
+    precision: str = "fp32"  # what the run trained in (eval.json), whatever was asked
 
     def model(self) -> ResNet:
         return load_model(RunDir(self.run_dir).final)
@@ -176,7 +177,7 @@ def _load(net: CifarNet, run: RunDir, seed: int) -> SubRun:
     report = json.loads(run.eval_report.read_text())
     seconds = report.get("train_seconds")
     return SubRun(net, run.path, float(report["top1_error"]), MetricsLog(run).records(), seed,
-                  None if seconds is None else float(seconds))
+                  None if seconds is None else float(seconds), report.get("precision", "fp32"))
 
 
 def ensure_seeds(ctx: Context, nets: Sequence[CifarNet],
@@ -311,6 +312,11 @@ def training_times(runs: dict[CifarNet, list[SubRun]]) -> tuple[str, dict[str, l
     return line, minutes
 
 
+def precision_of(runs: Iterable[SubRun]) -> str:
+    """The precision(s) the sub-runs trained in, as each recorded it: what a report states."""
+    return ", ".join(sorted({r.precision for r in runs})) or "fp32"
+
+
 def analysis_tensors(ctx: Context, net: CifarNet) -> tuple[torch.Tensor, torch.Tensor]:
     """The scale's analysis images of the test split, normalised as the sub-run trained."""
     cfg = ctx.config(net)
@@ -341,17 +347,23 @@ def trained_sizes(scale: Scale) -> str:
 
 
 def write_report(folder: Path, title: str, body: Sequence[str], results: dict[str, Any],
-                 scale: Scale, sizes: str | None = None, seeds: int = 1, jobs: int = 1) -> Path:
-    """report.md (title, what was run, body) and results.json (the raw numbers)."""
+                 ctx: Context, sizes: str | None = None, precision: str | None = "fp32") -> Path:
+    """report.md (title, what was run, body) and results.json (the raw numbers).
+    `precision` is what the sub-runs recorded (fp32 unless a --set asked for another);
+    None where nothing trains."""
+    scale, seeds, jobs = ctx.scale, ctx.seeds, ctx.jobs
     (folder / "results.json").write_text(json.dumps(
-        {"scale": scale.name, "seeds": seeds, "jobs": jobs, "precision": "fp32", **results},
-        indent=2) + "\n")
+        {"scale": scale.name, "seeds": seeds, "jobs": jobs, "precision": precision,
+         "sets": list(ctx.sets), **results}, indent=2) + "\n")
     runs = f", {seeds} seeds per network" if seeds > 1 else ""
-    flag = (f" --seeds {seeds}" if seeds > 1 else "") + (f" --jobs {jobs}" if jobs > 1 else "")
+    flag = ((f" --seeds {seeds}" if seeds > 1 else "") + (f" --jobs {jobs}" if jobs > 1 else "")
+            + "".join(f" --set {s}" for s in ctx.sets))
+    trained = ("" if precision is None else
+               f"; {precision} training{' (as the paper)' if precision == 'fp32' else ''}")
     head = [f"# {title}", "",
-            f"Scale `{scale.name}`: {sizes or trained_sizes(scale)}{runs}; fp32 training "
-            f"(as the paper); made by `resnetlab reproduce {folder.name} --scale "
-            f"{scale.name}{flag}`. Raw numbers: [results.json](results.json).", ""]
+            f"Scale `{scale.name}`: {sizes or trained_sizes(scale)}{runs}{trained}; made by "
+            f"`resnetlab reproduce {folder.name} --scale {scale.name}{flag}`. "
+            "Raw numbers: [results.json](results.json).", ""]
     path = folder / "report.md"
     path.write_text("\n".join(head + list(body)) + "\n")
     return path

@@ -20,6 +20,7 @@ from .common import (
     SubRun,
     compare,
     ensure_seeds,
+    precision_of,
     training_times,
     write_report,
 )
@@ -165,6 +166,6 @@ def run(ctx: Context) -> dict[str, Any]:
                  body, {"errors": errors, "per_seed": per_seed,
                         "train_minutes": minutes,
                         "runs": {n.label: [str(r.run_dir) for r in rs]
-                                 for n, rs in runs.items()}}, ctx.scale, seeds=ctx.seeds,
-                 jobs=ctx.jobs)
+                                 for n, rs in runs.items()}}, ctx,
+                 precision=precision_of(r for rs in runs.values() for r in rs))
     return errors

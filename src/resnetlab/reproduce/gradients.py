@@ -107,6 +107,6 @@ def run(ctx: Context) -> dict[str, Any]:
             "## What came out", "", *lines]
     cfg = ctx.config(nets[0])
     write_report(folder, "Gradient norms per layer: plain against residual", body, res,
-                 ctx.scale, sizes=f"{ctx.scale.dataset}, {d}-layer nets, one probe batch of "
+                 ctx, sizes=f"{ctx.scale.dataset}, {d}-layer nets, one probe batch of "
                  f"{cfg.batch_size}, {steps} training steps at lr {cfg.optim.lr}")
     return res

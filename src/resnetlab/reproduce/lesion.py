@@ -28,6 +28,7 @@ from .common import (
     ensure_trained,
     error_rate,
     pct,
+    precision_of,
     write_report,
 )
 
@@ -205,5 +206,6 @@ def run(ctx: Context) -> dict[str, Any]:
             "block barely changes the error, except the downsampling blocks; deleting a layer "
             "of a plain net sends it to chance; error grows smoothly with the number deleted.",
             "", "## What came out", "", *verdict(r, p)]
-    write_report(folder, "Lesion study (Veit et al. 2016)", body, results, ctx.scale)
+    write_report(folder, "Lesion study (Veit et al. 2016)", body, results, ctx,
+                 precision=precision_of(runs.values()))
     return results

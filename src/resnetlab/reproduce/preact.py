@@ -12,7 +12,15 @@ import matplotlib.pyplot as plt
 
 from ..tables import format_table
 from ..train.recipes import CifarNet
-from .common import Context, Spread, compare, ensure_seeds, training_times, write_report
+from .common import (
+    Context,
+    Spread,
+    compare,
+    ensure_seeds,
+    precision_of,
+    training_times,
+    write_report,
+)
 from .degradation import seed_band
 
 # He et al., Identity Mappings in Deep Residual Networks (ECCV 2016), Tables 2-3: CIFAR-10
@@ -76,6 +84,6 @@ def run(ctx: Context) -> dict[str, Any]:
         str(d): {"v1": a.mean, "v2": b.mean, "v1_per_seed": list(a.values),
                  "v2_per_seed": list(b.values)} for d, (a, b) in errs.items()}
     results["train_minutes"] = minutes
-    write_report(folder, "Pre-activation (v2) against v1", body, results, ctx.scale,
-                 seeds=ctx.seeds, jobs=ctx.jobs)
+    write_report(folder, "Pre-activation (v2) against v1", body, results, ctx,
+                 precision=precision_of(r for rs in runs.values() for r in rs))
     return results

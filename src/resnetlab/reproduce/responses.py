@@ -18,7 +18,7 @@ from torch import nn
 
 from ..tables import format_table
 from ..train.recipes import CifarNet
-from .common import Context, analysis_tensors, ensure_trained, write_report
+from .common import Context, analysis_tensors, ensure_trained, precision_of, write_report
 
 
 def response_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
@@ -103,5 +103,6 @@ def run(ctx: Context) -> dict[str, Any]:
             "their plain counterparts', and the deeper ResNet has the smaller responses.", "",
             "## What came out", "", *lines]
     write_report(folder, "Layer responses (paper Fig. 7)", body,
-                 {"images": len(x), "stds": stds, "mean_std": mean}, ctx.scale)
+                 {"images": len(x), "stds": stds, "mean_std": mean}, ctx,
+                 precision=precision_of(runs.values()))
     return {"mean_std": mean}

@@ -20,6 +20,7 @@ from .common import (
     SubRun,
     compare,
     ensure_seeds,
+    precision_of,
     training_times,
     write_report,
 )
@@ -98,6 +99,6 @@ def run(ctx: Context) -> dict[str, Any]:
     results = {"test_error": {o: e.mean for o, e in errs.items()},
                "per_seed": {o: list(e.values) for o, e in errs.items()}, "params": params,
                "train_minutes": minutes}
-    write_report(folder, "Shortcut options A, B, C (paper Table 3)", body, results, ctx.scale,
-                 seeds=ctx.seeds, jobs=ctx.jobs)
+    write_report(folder, "Shortcut options A, B, C (paper Table 3)", body, results, ctx,
+                 precision=precision_of(r for rs in runs.values() for r in rs))
     return results

@@ -56,6 +56,7 @@ def run(ctx: Context) -> dict[str, Any]:
             f"- Every ImageNet net's multiply-adds are within {100 * worst:.1f}% of the paper's "
             "(which prints two significant digits)."]
     results = {"imagenet": imagenet, "cifar": cifar}
-    write_report(folder, "Architectures (paper Table 1)", body, results, ctx.scale,
-                 sizes="counted on the meta device, nothing trained (the same at every scale)")
+    write_report(folder, "Architectures (paper Table 1)", body, results, ctx,
+                 sizes="counted on the meta device, nothing trained (the same at every scale)",
+                 precision=None)
     return results
