@@ -6,13 +6,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup upgrade data demo test test-slow test-all lint mutation
+.PHONY: setup upgrade data browser demo test test-slow test-all lint mutation
 
 # constraints.txt pins every package to the versions the suite last passed with (issue 16,
 # item 10): a fresh clone next month installs what was tested, not whatever is newest.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,deploy]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,deploy,serve]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -23,7 +23,7 @@ setup: $(STAMP)
 UPGRADE := .venv-upgrade
 upgrade:
 	$(PYTHON) -m venv $(UPGRADE)
-	$(UPGRADE)/bin/pip install --quiet --upgrade -e '.[dev,deploy]'
+	$(UPGRADE)/bin/pip install --quiet --upgrade -e '.[dev,deploy,serve]'
 	touch $(UPGRADE)/.installed-stamp
 	$(MAKE) test VENV=$(UPGRADE) \
 	  PYTEST_ADDOPTS="--deselect tests/test_setup.py::test_the_environment_is_the_pinned_one"
@@ -41,6 +41,16 @@ data:
 	  || echo "apt could not install dataset-fashion-mnist; resnetlab will try its cache"; \
 	fi
 
+# Debian's chromium and its driver for the web page's test (tests/test_serve.py): the test
+# drives the system browser; nothing downloads one.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver \
+	  >/dev/null || echo "apt could not install chromium; the browser test will say so"; \
+	fi
+
 demo: setup data
 	$(BIN)/resnetlab train --preset fashion-mnist --out runs/demo --resume auto
 
@@ -50,14 +60,14 @@ lint: setup
 
 # Tests that load ONNX Runtime or OpenVINO run in a second pytest process: in one process
 # with the rest, the suite crashed later with a segmentation fault (see tests/test_deploy.py).
-test: lint
+test: lint browser
 	$(BIN)/pytest -m "not slow and not runtimes"
 	$(BIN)/pytest -m "runtimes and not slow"
 
 test-slow: setup
 	$(BIN)/pytest -m slow
 
-test-all: lint
+test-all: lint browser
 	$(BIN)/pytest -m "not runtimes"
 	$(BIN)/pytest -m runtimes
 
@@ -74,6 +84,6 @@ MUTANTS := 'resnetlab.evaluation.evaluate.*' 'resnetlab.train.schedule.*' 'resne
 	'resnetlab.models.layers.x_make_shortcut*'
 
 mutation: setup
-	$(BIN)/pip install --quiet -e '.[dev,deploy,mutation]'
+	$(BIN)/pip install --quiet -e '.[dev,deploy,serve,mutation]'
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $(MUTANTS)
 	$(BIN)/mutmut results --all true | $(BIN)/python tools/mutation_table.py

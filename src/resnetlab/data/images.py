@@ -7,6 +7,7 @@ Decompression bombs are refused before their pixels are decoded.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import warnings
@@ -25,7 +26,7 @@ class ImageError(ResNetLabError):
     """A file that is not a readable image."""
 
 
-def _bomb(path: Path, pixels: str) -> ImageError:
+def _bomb(path: Path | str, pixels: str) -> ImageError:
     return ImageError(f"{path}: {pixels} pixels is more than {MAX_PIXELS:,}; refusing a "
                       "possible decompression bomb")
 
@@ -54,13 +55,19 @@ def convert_image(im: Image.Image, mode: str) -> Image.Image:
     return im.convert(mode)
 
 
-def load_image(path: str | os.PathLike[str], mode: str = "RGB") -> Image.Image:
-    """Open, check and convert an image file; errors name the file and say why."""
-    path = Path(path)
+def load_image(path: str | os.PathLike[str] | bytes, mode: str = "RGB",
+               name: str = "upload") -> Image.Image:
+    """Open, check and convert an image file, or the bytes of one (an upload, called `name`
+    in errors); errors name the file and say why."""
+    source: Path | io.BytesIO
+    if isinstance(path, bytes):
+        source, path = io.BytesIO(path), name
+    else:
+        source = path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 if im.width * im.height > MAX_PIXELS:
                     raise _bomb(path, f"{im.width}x{im.height} = {im.width * im.height:,}")
                 im.load()

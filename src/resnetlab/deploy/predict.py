@@ -38,9 +38,11 @@ class Predictor:
         self.normalize = Normalize(cfg.mean, cfg.std)
         self.classes = cfg.class_names or [str(i) for i in range(cfg.num_classes)]
 
-    def preprocess(self, path: str | os.PathLike[str]) -> torch.Tensor:
-        """Decode, convert to the model's channels, resize and crop to its input size."""
-        im = load_image(path, "L" if self.in_chans == 1 else "RGB")
+    def preprocess(self, path: str | os.PathLike[str] | bytes, name: str = "upload"
+                   ) -> torch.Tensor:
+        """Decode (a file, or an upload's bytes called `name` in errors), convert to the
+        model's channels, resize and crop to its input size."""
+        im = load_image(path, "L" if self.in_chans == 1 else "RGB", name)
         x = TF.pil_to_tensor(im)
         if self.in_chans not in (1, 3):
             x = x[:1].expand(self.in_chans, -1, -1)

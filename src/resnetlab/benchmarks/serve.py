@@ -1,0 +1,241 @@
+"""`resnetlab serve` under load: the batching server against a naive one, on loopback.
+
+Each model is served twice by `resnetlab serve` in a subprocess, at the same backend and
+precision: batched (--max-batch, batches up to the size measured fastest at start-up) and
+naive (--max-batch 1: one request, one forward pass). Clients on this machine send
+Open Inference Protocol requests of one image (binary tensors, as tritonclient sends them)
+over keep-alive connections, 1, 8 and 32 at a time, each level bounded in requests and
+seconds. The reference for images/s is the bare backend in this process: the best rate
+over batch sizes, and its batch-1 latency. A soak of --soak requests at 32 clients checks
+that the server's memory (RSS) stays flat. Clients and server share the machine's cores,
+as they would on a 2-core box, and equally for both servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..models.factory import create_model, save_weights
+from ..serve.model import ServedModel, best_batch
+from ..tables import format_table
+from .common import machine, save
+
+# A CIFAR-style net at Fashion-MNIST size (per-call overhead dominates) and resnet50 at 224.
+MODELS: dict[str, tuple[int, int]] = {"resnet20": (1, 28), "resnet50": (3, 224)}  # C, size
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Server:
+    """`resnetlab serve` in a subprocess, until stopped (SIGTERM, as a process manager does)."""
+
+    def __init__(self, weights: Path, args: list[str]) -> None:
+        self.port = _free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "resnetlab", "serve", f"m={weights}", "--port",
+             str(self.port), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                c = http.client.HTTPConnection(self.addr, timeout=5)
+                c.request("GET", "/v2/health/ready")
+                if c.getresponse().status == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"resnetlab serve did not start: {self.output}")
+
+    output = ""
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        code = self.proc.wait(60)
+        self.output = self.proc.stdout.read() if self.proc.stdout else ""
+        return code
+
+
+def infer_body(chw: tuple[int, ...]) -> tuple[bytes, dict[str, str]]:
+    x = np.random.default_rng(0).standard_normal((1, *chw)).astype("<f4").tobytes()
+    head = json.dumps({"inputs": [{"name": "input", "shape": [1, *chw], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": len(x)}}],
+                       "outputs": [{"name": "logits"}]}).encode()
+    return head + x, {"inference-header-content-length": str(len(head)),
+                      "content-type": "application/octet-stream"}
+
+
+def load(addr: str, body: bytes, headers: dict[str, str], clients: int, requests: int,
+         seconds: float) -> dict[str, Any]:
+    """`clients` threads, each on one keep-alive connection, until `requests` are sent or
+    `seconds` pass: images/s, latency percentiles (ms) and errors."""
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    sent = [0]
+    stop_at = time.monotonic() + seconds
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(addr, timeout=60)
+        while True:
+            with lock:
+                if sent[0] >= requests or time.monotonic() > stop_at:
+                    break
+                sent[0] += 1
+            t = time.perf_counter()
+            try:
+                conn.request("POST", "/v2/models/m/infer", body, headers)
+                r = conn.getresponse()
+                r.read()
+                ok = r.status == 200
+            except OSError:
+                ok = False
+                conn.close()
+                conn = http.client.HTTPConnection(addr, timeout=60)
+            dt = time.perf_counter() - t
+            with lock:
+                if ok:
+                    latencies.append(dt)
+                else:
+                    errors[0] += 1
+        conn.close()
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = sorted(latencies)
+    pick = (lambda q: 1000 * lat[min(len(lat) - 1, int(q * len(lat)))]) if lat else \
+        (lambda q: float("nan"))
+    return {"clients": clients, "requests": len(lat) + errors[0], "errors": errors[0],
+            "images_per_s": len(lat) / wall, "p50_ms": pick(0.5), "p99_ms": pick(0.99)}
+
+
+def bare(weights: Path, backend: str, precision: str, max_batch: int) -> dict[str, Any]:
+    """The backend alone, in this process: images/s by batch size and batch-1 latency."""
+    m = ServedModel("bare", weights, backend, precision, probe=False)
+    best, rates = best_batch(m.forward, m.signature.chw, max_batch, seconds=1.0)
+    x = np.zeros((1, *m.signature.chw), np.float32)
+    times = []
+    for _ in range(30):
+        t = time.perf_counter()
+        m.forward(x)
+        times.append(time.perf_counter() - t)
+    return {"rates": rates, "best_batch": best, "best_images_per_s": max(rates.values()),
+            "p50_ms_batch1": 1000 * statistics.median(times), "backend": m.platform,
+            "chw": m.signature.chw}
+
+
+def run_model(name: str, args: argparse.Namespace, say: Any) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / name
+        chans, size = MODELS[name]
+        save_weights(create_model(name, in_chans=chans), weights, input_size=size,
+                     mean=[0.5] * chans, std=[0.25] * chans)
+        ref = bare(weights, args.backend, args.precision, args.max_batch)
+        say(f"{name}: bare {ref['backend']}: {ref['best_images_per_s']:.0f} images/s at batch "
+            f"{ref['best_batch']}, batch 1 p50 {ref['p50_ms_batch1']:.1f} ms")
+        body, headers = infer_body(ref["chw"])
+        common = ["--backend", args.backend, "--precision", args.precision]
+        out: dict[str, Any] = {"bare": ref}
+        for kind, extra in (("batched", ["--max-batch", str(args.max_batch)]),
+                            ("naive", ["--max-batch", "1", "--max-wait-ms", "0",
+                                       "--no-batch-probe"])):
+            server = Server(weights, common + extra)
+            try:
+                load(server.addr, body, headers, 4, 50, 10)  # warm-up
+                rows = []
+                for clients in args.clients:
+                    r = load(server.addr, body, headers, clients, args.requests, args.seconds)
+                    say(f"{name} {kind:7s} {clients:2d} clients: {r['images_per_s']:.0f} "
+                        f"images/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+                        f"{r['errors']} errors")
+                    rows.append(r)
+                soak = None
+                if kind == "batched" and args.soak:
+                    before = _rss_mb(server.proc.pid)
+                    s = load(server.addr, body, headers, 32, args.soak, 3600)
+                    soak = {"requests": s["requests"], "errors": s["errors"],
+                            "rss_mb_before": before, "rss_mb_after": _rss_mb(server.proc.pid)}
+                    say(f"{name} soak: {s['requests']} requests, {s['errors']} errors, RSS "
+                        f"{before:.0f} -> {soak['rss_mb_after']:.0f} MB")
+            finally:
+                code = server.stop()
+            out[kind] = {"levels": rows, "soak": soak, "exit_code": code}
+        return out
+
+
+def report(res: dict[str, Any]) -> str:
+    rows = []
+    for name, r in res["models"].items():
+        bare_best, bare_p50 = r["bare"]["best_images_per_s"], r["bare"]["p50_ms_batch1"]
+        naive = {lv["clients"]: lv for lv in r["naive"]["levels"]}
+        for lv in r["batched"]["levels"]:
+            n = naive.get(lv["clients"])
+            rows.append([name, lv["clients"], f"{lv['images_per_s']:.0f}",
+                         f"{n['images_per_s']:.0f}" if n else "—",
+                         f"{lv['images_per_s'] / n['images_per_s']:.2f}x" if n else "—",
+                         f"{lv['images_per_s'] / bare_best:.2f}x",
+                         f"{lv['p50_ms']:.1f} / {lv['p99_ms']:.1f}",
+                         f"{lv['p50_ms'] / bare_p50:.2f}x", lv["errors"] + (n or {}).get(
+                             "errors", 0)])
+    return format_table(["model", "clients", "batched img/s", "naive img/s", "batched/naive",
+                         "batched/bare best", "p50 / p99 ms", "p50/bare b1", "errors"],
+                        rows, markdown=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="resnetlab bench serve", description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--clients", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--requests", type=int, default=2000, help="most requests per level")
+    p.add_argument("--seconds", type=float, default=20.0, help="most seconds per level")
+    p.add_argument("--soak", type=int, default=10000,
+                   help="requests of the RSS check at 32 clients (0: none)")
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    res: dict[str, Any] = {"machine": machine(), "backend": args.backend,
+                           "precision": args.precision, "models": {}}
+    for name in args.models:
+        res["models"][name] = run_model(name, args, lambda s: print(s, flush=True))
+    print(f"\n{res['machine']}")
+    print(report(res))
+    save(args.json, res)
+    return 0 if all(r[k]["exit_code"] == 0 for r in res["models"].values()
+                    for k in ("batched", "naive")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Dynamic batching: concurrent requests share one forward pass.
+
+On two cores a small network's forward pass costs little more for 32 images than for one,
+while each call pays a fixed overhead; gathering the requests that arrive within a few
+milliseconds into one batch is what lets a server keep up with many clients. Requests wait
+in a bounded queue (counted in images); past its bound they are refused at once, so an
+overloaded server answers 503 instead of letting latency grow without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The queue is full: the client should retry later (HTTP 503 with Retry-After)."""
+
+
+@dataclass
+class _Job:
+    images: np.ndarray  # (n, C, H, W) float32
+    done: asyncio.Future[np.ndarray]
+
+
+@dataclass
+class BatchStats:
+    """What the metrics report: called with each batch's size and the queue's depth."""
+
+    on_batch: Callable[[int], None] = lambda n: None
+    on_depth: Callable[[int], None] = lambda n: None
+
+
+@dataclass
+class Batcher:
+    """Runs `forward` on batches of up to `max_batch` images: every request that arrived
+    while the last batch ran, and (when that batch was shared) those that arrive within
+    `max_wait_ms` of the first. One inference thread: the backend already uses every core,
+    and two concurrent passes would only fight over them."""
+
+    forward: Callable[[np.ndarray], np.ndarray]
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_queue: int = 256  # images waiting, beyond which submit() raises Overloaded
+    stats: BatchStats = field(default_factory=BatchStats)
+
+    def __post_init__(self) -> None:
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._waiting = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
+        self._task: asyncio.Task[None] | None = None
+        self._carry: _Job | None = None  # too big to join the last batch: starts the next
+        self._last_jobs = 1  # requests in the last batch: is anyone else around?
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """After the server has finished its requests: nothing is left waiting."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._pool.shutdown(wait=True)
+
+    @property
+    def depth(self) -> int:
+        return self._waiting
+
+    async def submit(self, images: np.ndarray) -> np.ndarray:
+        """The outputs for `images` (n, C, H, W); raises Overloaded when the queue is full."""
+        n = len(images)
+        if self._waiting + n > self.max_queue and self._waiting > 0:
+            raise Overloaded(f"{self._waiting} images are waiting (at most {self.max_queue})")
+        job = _Job(images, asyncio.get_running_loop().create_future())
+        self._waiting += n
+        self.stats.on_depth(self._waiting)
+        await self._queue.put(job)
+        return await job.done
+
+    async def _gather(self) -> list[_Job]:
+        first, self._carry = self._carry, None
+        jobs = [first if first is not None else await self._queue.get()]
+        count = len(jobs[0].images)
+        # A lone client never waits: only when the last batch was shared is it likely that
+        # others are about to send, and worth waiting for them (latency at 1 client stays
+        # that of the bare forward pass).
+        wait = self.max_wait_ms / 1000 if self._last_jobs > 1 else 0.0
+        deadline = time.monotonic() + wait
+        while count < self.max_batch:
+            try:
+                job = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self._queue.get(), left)
+                except TimeoutError:
+                    break
+            if count + len(job.images) > self.max_batch:
+                self._carry = job  # it starts the next batch, ahead of later arrivals
+                break
+            jobs.append(job)
+            count += len(job.images)
+        self._last_jobs = len(jobs)
+        return jobs
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._gather()
+            batch = np.concatenate([j.images for j in jobs]) if len(jobs) > 1 \
+                else jobs[0].images
+            self.stats.on_batch(len(batch))
+            try:
+                out = await loop.run_in_executor(self._pool, self.forward, batch)
+            except Exception as e:  # the backend failed: every waiting request hears why
+                log.exception("inference failed on a batch of %d", len(batch))
+                for j in jobs:
+                    if not j.done.done():
+                        j.done.set_exception(e)
+            else:
+                start = 0
+                for j in jobs:
+                    if not j.done.done():  # a client that went away is not an error
+                        j.done.set_result(out[start:start + len(j.images)])
+                    start += len(j.images)
+            finally:
+                self._waiting -= len(batch)
+                self.stats.on_depth(self._waiting)

@@ -1,0 +1,131 @@
+"""One served model: its backend, preprocessing, batcher and what the web page shows of it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data.images import ImageError
+from ..deploy.backends import ImageSource
+from ..deploy.predict import Predictor
+from ..models.complexity import count_params
+from ..models.factory import create_model
+from ..train.report import MetricsLog
+from ..train.rundir import RunDir, weights_dir
+from .batcher import Batcher
+from .v2 import Signature
+
+log = logging.getLogger(__name__)
+
+
+def best_batch(forward: Any, shape: tuple[int, ...], max_batch: int,
+               seconds: float = 0.25) -> tuple[int, dict[int, float]]:
+    """Images/s of `forward` at batch 1, 2, 4, ... max_batch, and the fastest size. On a CPU
+    a larger batch need not pay (resnet50 at 224 ran slower at 32 than at 1 on an AMX Xeon),
+    so the server batches up to what was measured best here, not up to --max-batch."""
+    rates: dict[int, float] = {}
+    sizes = [2 ** i for i in range(max_batch.bit_length()) if 2 ** i < max_batch] + [max_batch]
+    for size in sizes:
+        x = np.zeros((size, *shape), np.float32)
+        forward(x)  # first call at a shape: graph runtimes plan for it
+        n, start = 0, time.perf_counter()
+        while n < 3 or time.perf_counter() - start < seconds:
+            forward(x)
+            n += 1
+        rates[size] = size * n / (time.perf_counter() - start)
+    # The smallest size within 5% of the best: a bigger batch costs latency for nothing.
+    top = max(rates.values())
+    return min(s for s, r in rates.items() if r >= 0.95 * top), rates
+
+
+class ServedModel:
+    """A run or weights directory behind the batcher, at the backend and precision asked."""
+
+    def __init__(self, name: str, weights: str | os.PathLike[str], backend: str = "auto",
+                 precision: str = "auto", check: ImageSource | None = None,
+                 max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
+                 probe: bool = True) -> None:
+        self.name, self.weights = name, weights_dir(weights)
+        self.predictor = Predictor(self.weights, backend, precision, check)
+        cfg = self.predictor.model.model_config
+        self.config = cfg
+        self.signature = Signature((cfg.in_chans, cfg.input_size, cfg.input_size),
+                                   cfg.num_classes)
+        self.batch_rates: dict[int, float] = {}
+        batch = max_batch
+        if probe and max_batch > 1:
+            batch, self.batch_rates = best_batch(self.forward, self.signature.chw, max_batch)
+            log.info("%s: batches of up to %d (images/s by batch size: %s)", name, batch,
+                     ", ".join(f"{k}: {v:.0f}" for k, v in self.batch_rates.items()))
+        self.batcher = Batcher(self.forward, batch, max_wait_ms, max(max_queue, batch))
+
+    @property
+    def platform(self) -> str:
+        m = self.predictor.model
+        return f"resnetlab-{m.name}-{m.precision}"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Logits (float32) of a preprocessed float32 batch."""
+        with torch.inference_mode():
+            return self.predictor.model(torch.from_numpy(x)).float().numpy()
+
+    def preprocess(self, data: bytes, filename: str) -> np.ndarray:
+        """One uploaded image as the model's (1, C, H, W) input; ImageError if unreadable."""
+        return self.predictor.preprocess(data, filename).numpy()
+
+    def top(self, logits: np.ndarray, k: int) -> list[dict[str, Any]]:
+        """The k most probable classes of one image's logits."""
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        order = np.argsort(-p)[:max(1, min(k, len(p)))]
+        names = self.predictor.classes
+        return [{"label": names[i], "index": int(i), "prob": float(p[i])} for i in order]
+
+    def info(self) -> dict[str, Any]:
+        """The page's model panel: architecture, size, the run's accuracy and curves."""
+        cfg = self.config
+        with torch.device("meta"):
+            params = count_params(create_model(cfg.architecture, num_classes=cfg.num_classes,
+                                               in_chans=cfg.in_chans, **cfg.overrides))
+        m = self.predictor.model
+        out: dict[str, Any] = {
+            "name": self.name, "architecture": cfg.architecture, "parameters": params,
+            "input": list(self.signature.chw), "classes": self.predictor.classes,
+            "backend": m.name, "precision": m.precision, "max_batch": self.batcher.max_batch,
+            "max_wait_ms": self.batcher.max_wait_ms, "weights": str(self.weights)}
+        run = RunDir.around(self.weights)
+        if run is not None:
+            out.update(_run_panel(run))
+        return out
+
+
+def _run_panel(run: RunDir) -> dict[str, Any]:
+    panel: dict[str, Any] = {"run": str(run.path)}
+    try:
+        report = json.loads(Path(run.eval_report).read_text())
+        panel.update(test_accuracy=1 - float(report["top1_error"]),
+                     per_class_accuracy=report.get("per_class_accuracy"),
+                     confusion=report.get("confusion"), eval_view=report.get("tta"))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # an unfinished run has no eval.json: the panel shows what there is
+    try:
+        records = MetricsLog(run).records()
+    except (OSError, ValueError):
+        records = []
+    train = [r for r in records if r.get("kind") == "train"]
+    step = max(1, len(train) // 400)  # a curve the page draws, not every logged window
+    panel["curves"] = {
+        "train": [[r["iteration"], r.get("loss"), r.get("train_error")] for r in train[::step]],
+        "test": [[r["iteration"], r["test_error"]] for r in records
+                 if r.get("kind") == "eval" and r.get("test_error") is not None]}
+    return panel
+
+
+__all__ = ["ImageError", "ServedModel", "best_batch"]
