@@ -426,3 +426,14 @@ def test_the_page_classifies_an_uploaded_image_in_a_real_browser(
             assert im.size[0] >= 1000
     finally:
         driver.quit()
+
+
+def test_models_are_named_after_their_runs_or_as_told(run_dir: Path) -> None:
+    from resnetlab.cli.serve import model_name
+
+    assert model_name(str(run_dir)) == (run_dir.name, str(run_dir))
+    assert model_name(str(run_dir / "final")) == (run_dir.name, str(run_dir / "final"))
+    assert model_name(f"my model={run_dir}") == ("my-model", str(run_dir))
+    with pytest.raises(ValueError, match="names must differ"):
+        m = ServedModel("a", run_dir, "torch", "fp32", probe=False)
+        build_app([m, m])
