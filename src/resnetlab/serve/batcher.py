@@ -70,10 +70,6 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
         self._pool.shutdown(wait=True)
 
-    @property
-    def depth(self) -> int:
-        return self._waiting
-
     async def submit(self, images: np.ndarray) -> np.ndarray:
         """The outputs for `images` (n, C, H, W); raises Overloaded when the queue is full."""
         n = len(images)

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.images import ImageError
 from ..deploy.backends import ImageSource
 from ..deploy.predict import Predictor
 from ..models.complexity import count_params
@@ -127,5 +126,3 @@ def _run_panel(run: RunDir) -> dict[str, Any]:
                  if r.get("kind") == "eval" and r.get("test_error") is not None]}
     return panel
 
-
-__all__ = ["ImageError", "ServedModel", "best_batch"]
