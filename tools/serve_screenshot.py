@@ -37,9 +37,9 @@ def main() -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
+    from tests.test_serve import chrome, serving
 
     from resnetlab.serve import ServedModel
-    from tests.test_serve import chrome, serving
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run")
