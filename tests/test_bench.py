@@ -103,7 +103,7 @@ def test_bench_cli_lists_and_dispatches(capsys: pytest.CaptureFixture[str]) -> N
         main(["bench", "infer", "--help"])
     assert e.value.code == 0 and "--batches" in capsys.readouterr().out
     assert set(BENCHMARKS) == {"train", "infer", "data", "time-to-accuracy", "winograd",
-                               "gpu-check"}
+                               "gpu-check", "serve"}
 
 
 def test_winograd_ceiling_convolution_is_exact() -> None:

@@ -96,6 +96,12 @@ def test_feature_info_features_only_and_intermediates_agree(name: str) -> None:
         assert [torch.equal(a, b) for a, b in zip(got, [maps[1], maps[-1]], strict=True)] \
             == [True, True]
         assert [i["module"] for i in feats.feature_info] == ["layer1", model.stage_names[-1]]
+        # timm's spelling builds the same backbone
+        timm_style = resnetlab.create_model(name, features_only=True,
+                                            out_indices=(1, len(maps) - 1))
+        timm_style.load_state_dict(feats.state_dict())
+        assert [torch.equal(a, b) for a, b in zip(timm_style.eval()(x), got, strict=True)] \
+            == [True, True]
     with pytest.raises(ValueError, match="indices must be in"):
         model.forward_intermediates(x, [9])
 

@@ -437,3 +437,24 @@ def test_models_are_named_after_their_runs_or_as_told(run_dir: Path) -> None:
     with pytest.raises(ValueError, match="names must differ"):
         m = ServedModel("a", run_dir, "torch", "fp32", probe=False)
         build_app([m, m])
+
+
+def test_bench_serve_compares_batched_naive_and_bare(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`resnetlab bench serve` end to end at toy size: both servers answer every request,
+    stop with exit 0 on SIGTERM, and the table holds each ratio the docs quote."""
+    from resnetlab.benchmarks import serve as bench
+
+    out = tmp_path / "serve.json"
+    code = bench.main(["--models", "resnet20", "--clients", "1", "4", "--requests", "24",
+                       "--seconds", "10", "--soak", "40", "--max-batch", "4",
+                       "--json", str(out)])
+    res = json.loads(out.read_text())["models"]["resnet20"]
+    assert code == 0 and res["batched"]["exit_code"] == res["naive"]["exit_code"] == 0
+    for kind in ("batched", "naive"):
+        assert [(lv["clients"], lv["requests"], lv["errors"]) for lv in res[kind]["levels"]] \
+            == [(1, 24, 0), (4, 24, 0)]
+    assert res["batched"]["soak"]["requests"] == 40 and res["batched"]["soak"]["errors"] == 0
+    assert sorted(res["bare"]["rates"], key=int) == ["1", "2", "4"]
+    table = capsys.readouterr().out
+    assert "batched/naive" in table and "p50/bare b1" in table and table.count("| resnet20") == 2

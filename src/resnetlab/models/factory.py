@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from safetensors import SafetensorError
@@ -40,19 +40,41 @@ def _channel_stats(rgb: tuple[float, ...], in_chans: int) -> list[float]:
     return list(rgb) if in_chans == 3 else [round(sum(rgb) / 3, 4)] * in_chans
 
 
+@overload
+def create_model(
+    name: str, num_classes: int | None = None, in_chans: int | None = None,
+    weights: str | os.PathLike[str] | None = None, *, features_only: Literal[False] = False,
+    **overrides: Any) -> ResNet: ...
+
+
+@overload
+def create_model(
+    name: str, num_classes: int | None = None, in_chans: int | None = None,
+    weights: str | os.PathLike[str] | None = None, *, features_only: Literal[True],
+    out_indices: Sequence[int] | None = None, **overrides: Any) -> FeatureNet: ...
+
+
 def create_model(
     name: str,
     num_classes: int | None = None,
     in_chans: int | None = None,
     weights: str | os.PathLike[str] | None = None,
+    *,
+    features_only: bool = False,
+    out_indices: Sequence[int] | None = None,
     **overrides: Any,
-) -> ResNet:
+) -> ResNet | FeatureNet:
     """Build a registered model; with `weights`, load a directory written by `save_weights`.
 
     `overrides` are ResNet arguments (`shortcut="A"`, `zero_init_last=True`, ...).
-    `num_classes=0` gives a model that returns pooled features (timm's convention); the
-    backbone alone is `create_features`.
+    `num_classes=0` gives a model that returns pooled features (timm's convention);
+    `features_only=True` (with `out_indices`) the backbone alone, as `create_features`.
     """
+    if features_only:
+        return create_features(name, out_indices, num_classes=num_classes, in_chans=in_chans,
+                               weights=weights, **overrides)
+    if out_indices is not None:
+        raise ConfigError("out_indices goes with features_only=True")
     spec = get_spec(name)
     saved = ModelConfig.from_json(Path(weights) / CONFIG_FILE) if weights is not None else None
     if saved is not None:
