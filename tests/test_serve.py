@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from resnetlab.deploy.predict import Predictor
 from resnetlab.serve import Metrics, ServedModel, best_batch, build_app
+from resnetlab.serve.model import ThreadChoice
 
 from .test_eval_predict import _image_files
 
@@ -41,7 +42,9 @@ def free_socket() -> socket.socket:
 
 @contextlib.contextmanager
 def serving(models: list[ServedModel], **kw: Any) -> Iterator[str]:
-    """The app on a free loopback port, in a thread; yields "127.0.0.1:PORT"."""
+    """The app on a free loopback port, in a thread; yields "127.0.0.1:PORT". Torch's
+    thread count, which served models choose per batch size, is restored afterwards."""
+    threads = torch.get_num_threads()
     sock = free_socket()
     server = uvicorn.Server(uvicorn.Config(build_app(models, **kw), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -56,6 +59,7 @@ def serving(models: list[ServedModel], **kw: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(20)
         sock.close()
+        torch.set_num_threads(threads)
 
 
 def request(addr: str, method: str, path: str, body: bytes | None = None,
@@ -270,6 +274,18 @@ def test_concurrent_requests_share_batches_and_metrics_count_them(run_dir: Path)
     assert samples[("resnetlab_request_seconds_count", (("endpoint", "v2_infer"),))] == 32
 
 
+def test_served_batches_choose_their_thread_count(run_dir: Path) -> None:
+    model = ServedModel("smoke", run_dir, "torch", "fp32", max_batch=4, probe=False)
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                   "data": [0.0] * 784}]}).encode()
+    with serving([model]) as a:
+        assert request(a, "GET", "/v1/models")[2] and model.threads_info() == "choosing"
+        for _ in range(16):  # one client: batches of one, 8 tries of each option
+            assert request(a, "POST", "/v2/models/smoke/infer", body)[0] == 200
+        shown = json.loads(request(a, "GET", "/v1/models")[2])[0]["threads"]
+    assert list(shown) == ["<=1"] and shown["<=1"] in (1, torch.get_num_threads())
+
+
 def test_a_full_queue_answers_503_with_retry_after(run_dir: Path) -> None:
     model = ServedModel("smoke", run_dir, "torch", "fp32", max_batch=1, max_wait_ms=0,
                         max_queue=2, probe=False)
@@ -298,6 +314,22 @@ def test_best_batch_measures_every_size_up_to_the_limit() -> None:
     size, rates = best_batch(forward, (1, 2, 2), 12, seconds=0.01)
     assert list(rates) == [1, 2, 4, 8, 12] and set(calls) == {1, 2, 4, 8, 12}
     assert size == 4  # the fastest per image here
+
+
+def test_thread_choice_tries_both_then_keeps_the_faster_per_batch_size() -> None:
+    choice = ThreadChoice(cores=2, trials=3)
+    # batch 1 runs faster on one thread, batches of 5..8 on two (as resnet20 served here)
+    cost = {(1, 1): 2.0, (1, 2): 4.0, (8, 1): 8.0, (8, 2): 5.0}
+    tried: list[tuple[int, int]] = []
+    for _ in range(6):
+        for n in (1, 6):
+            t = choice.pick(n)
+            tried.append((n, t))
+            choice.record(n, t, cost[(ThreadChoice.size_class(n), t)])
+    assert sorted(tried) == sorted([(1, 1), (1, 2), (6, 1), (6, 2)] * 3)  # alternated
+    assert choice.chosen == {1: 1, 8: 2}
+    assert [choice.pick(n) for n in (1, 5, 8)] == [1, 2, 2]
+    assert ThreadChoice(cores=1).pick(4) == 1  # one core: nothing to choose
 
 
 def _infer_once(addr: str, body: bytes) -> str:

@@ -38,7 +38,19 @@ def add_serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     s.add_argument("--topk", type=int, default=5, help="classes /v1/predict returns by default")
     s.add_argument("--no-batch-probe", dest="probe", action="store_false",
                    help="batch up to --max-batch without measuring at start-up")
+    s.add_argument("--threads", type=_threads, default=None, metavar="auto|N",
+                   help="the torch backend's intra-op threads (default auto: one or all "
+                   "cores for each batch size, whichever ran faster in the first batches "
+                   "served)")
     s.set_defaults(func=cmd_serve)
+
+
+def _threads(value: str) -> int | None:
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give auto or a number of threads >= 1")
+    return int(value)
 
 
 def model_name(spec: str) -> tuple[str, str]:
@@ -74,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check = test_images(path) if args.precision == "auto" else None
         models.append(ServedModel(name, path, args.backend, args.precision, check,
                                   args.max_batch, args.max_wait_ms, args.max_queue,
-                                  probe=args.probe))
+                                  probe=args.probe, threads=args.threads))
         m = models[-1]
         print(f"{name}: {m.config.architecture} from {m.weights} on {m.platform}, batches of "
               f"up to {m.batcher.max_batch}")

@@ -167,9 +167,10 @@ class Service:
         return self.models[name]
 
     def info(self, name: str) -> dict[str, Any]:
+        """The model panel: read from the run once; the thread choice as it stands now."""
         if name not in self._info:
             self._info[name] = self.models[name].info()
-        return self._info[name]
+        return {**self._info[name], "threads": self.models[name].threads_info()}
 
     # -- Open Inference Protocol -------------------------------------------------------------
     async def server_metadata(self, request: Request) -> Response:
