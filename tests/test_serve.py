@@ -482,11 +482,13 @@ def test_bench_serve_compares_batched_naive_and_bare(tmp_path: Path,
                        "--seconds", "10", "--soak", "40", "--max-batch", "4",
                        "--json", str(out)])
     res = json.loads(out.read_text())["models"]["resnet20"]
-    assert code == 0 and res["batched"]["exit_code"] == res["naive"]["exit_code"] == 0
-    for kind in ("batched", "naive"):
+    kinds = ("batched", "naive", "naive-default")
+    assert code == 0 and [res[k]["exit_code"] for k in kinds] == [0, 0, 0]
+    for kind in kinds:
         assert [(lv["clients"], lv["requests"], lv["errors"]) for lv in res[kind]["levels"]] \
             == [(1, 24, 0), (4, 24, 0)]
     assert res["batched"]["soak"]["requests"] == 40 and res["batched"]["soak"]["errors"] == 0
     assert sorted(res["bare"]["rates"], key=int) == ["1", "2", "4"]
     table = capsys.readouterr().out
-    assert "batched/naive" in table and "p50/bare b1" in table and table.count("| resnet20") == 2
+    assert "(batched/naive)" in table and "(batched/it)" in table and "p50/bare b1" in table
+    assert table.count("| resnet20") == 2

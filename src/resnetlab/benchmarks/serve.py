@@ -1,15 +1,17 @@
 """`resnetlab serve` under load: the batching server against a naive one, on loopback.
 
-Each model is served twice by `resnetlab serve` in a subprocess, at the same backend and
+Each model is served by `resnetlab serve` in subprocesses, at the same backend and
 precision: batched (--max-batch, batches up to the size measured fastest at start-up) and
 naive (--max-batch 1: one request, one forward pass); both choose their intra-op threads
-the same way (--threads auto), so the comparison is of batching alone. Clients send
-Open Inference Protocol requests of one image (binary tensors, as tritonclient sends them)
-over keep-alive connections, 1, 8 and 32 at a time, each level bounded in requests and
-seconds. The reference is the bare backend in this process, in a hot loop: the best
-rate over batch sizes and thread counts, and its best batch-1 latency. A soak of --soak
-requests at 32 clients checks that the server's memory (RSS) stays flat. On loopback the
-clients share the machine's cores with the server, equally for both servers.
+the same way (--threads auto), so that comparison is of batching alone. With the torch
+backend a third server is naive with torch's own thread count, as a server written
+without either would run. Clients send Open Inference Protocol requests of one image
+(binary tensors, as tritonclient sends them) over keep-alive connections, 1, 8 and 32 at a
+time, each level bounded in requests and seconds. The reference is the bare backend in
+this process, in a hot loop: the best rate over batch sizes and thread counts, and its
+best batch-1 latency. A soak of --soak requests at 32 clients checks that the server's
+memory (RSS) stays flat. On loopback the clients share the machine's cores with the
+server, equally for every server.
 """
 
 from __future__ import annotations
@@ -178,9 +180,11 @@ def run_model(name: str, args: argparse.Namespace, say: Any) -> dict[str, Any]:
         body, headers = infer_body(ref["chw"])
         common = ["--backend", args.backend, "--precision", args.precision]
         out: dict[str, Any] = {"bare": ref}
-        for kind, extra in (("batched", ["--max-batch", str(args.max_batch)]),
-                            ("naive", ["--max-batch", "1", "--max-wait-ms", "0",
-                                       "--no-batch-probe"])):
+        naive = ["--max-batch", "1", "--max-wait-ms", "0", "--no-batch-probe"]
+        servers = [("batched", ["--max-batch", str(args.max_batch)]), ("naive", naive)]
+        if ref["backend"].startswith("resnetlab-torch"):  # torch's own threads, untuned
+            servers.append(("naive-default", [*naive, "--threads", str(torch.get_num_threads())]))
+        for kind, extra in servers:
             server = Server(weights, common + extra)
             try:
                 load(server.addr, body, headers, 4, 50, 10)  # warm-up
@@ -206,22 +210,29 @@ def run_model(name: str, args: argparse.Namespace, say: Any) -> dict[str, Any]:
 
 
 def report(res: dict[str, Any]) -> str:
+    """One row per model and client count: the batched server's images/s against each naive
+    server's and the bare backend's best, its latency against the bare batch-1 call, and
+    the errors of every server at that level."""
     rows = []
     for name, r in res["models"].items():
         bare_best, bare_p50 = r["bare"]["best_images_per_s"], r["bare"]["p50_ms_batch1"]
-        naive = {lv["clients"]: lv for lv in r["naive"]["levels"]}
+        levels = {k: {lv["clients"]: lv for lv in r[k]["levels"]}
+                  for k in ("naive", "naive-default") if k in r}
         for lv in r["batched"]["levels"]:
-            n = naive.get(lv["clients"])
-            rows.append([name, lv["clients"], f"{lv['images_per_s']:.0f}",
-                         f"{n['images_per_s']:.0f}" if n else "—",
-                         f"{lv['images_per_s'] / n['images_per_s']:.2f}x" if n else "—",
-                         f"{lv['images_per_s'] / bare_best:.2f}x",
+            row: list[Any] = [name, lv["clients"], f"{lv['images_per_s']:.0f}"]
+            errors = lv["errors"]
+            for k in ("naive", "naive-default"):
+                n = levels.get(k, {}).get(lv["clients"])
+                rate = lv["images_per_s"]
+                row.append(f"{n['images_per_s']:.0f} ({rate / n['images_per_s']:.2f}x)"
+                           if n else "—")
+                errors += n["errors"] if n else 0
+            rows.append([*row, f"{lv['images_per_s'] / bare_best:.2f}x",
                          f"{lv['p50_ms']:.1f} / {lv['p99_ms']:.1f}",
-                         f"{lv['p50_ms'] / bare_p50:.2f}x", lv["errors"] + (n or {}).get(
-                             "errors", 0)])
-    return format_table(["model", "clients", "batched img/s", "naive img/s", "batched/naive",
-                         "batched/bare best", "p50 / p99 ms", "p50/bare b1", "errors"],
-                        rows, markdown=True)
+                         f"{lv['p50_ms'] / bare_p50:.2f}x", errors])
+    return format_table(["model", "clients", "batched img/s", "naive img/s (batched/naive)",
+                         "naive, torch's threads (batched/it)", "batched/bare best",
+                         "p50 / p99 ms", "p50/bare b1", "errors"], rows, markdown=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report(res))
     save(args.json, res)
     return 0 if all(r[k]["exit_code"] == 0 for r in res["models"].values()
-                    for k in ("batched", "naive")) else 1
+                    for k in ("batched", "naive", "naive-default") if k in r) else 1
 
 
 if __name__ == "__main__":

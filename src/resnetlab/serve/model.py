@@ -114,6 +114,9 @@ class ServedModel:
         if self.predictor.model.name == "torch":  # chosen after the probe's hot loop
             self.threads = ThreadChoice(torch.get_num_threads()) if threads is None \
                 else threads
+        elif threads:
+            log.warning("%s: %s keeps its own threads; the thread count %d applies to the "
+                        "torch backend", name, self.predictor.model.name, threads)
 
     @property
     def platform(self) -> str:
@@ -149,7 +152,8 @@ class ServedModel:
         """Intra-op threads: by batch size when chosen while serving, else the setting."""
         choice = self.threads
         if isinstance(choice, ThreadChoice):
-            return {f"<={c}": t for c, t in sorted(choice.chosen.items())} or "choosing"
+            chosen = dict(choice.chosen)  # a copy: the inference thread may add to it
+            return {f"<={c}": t for c, t in sorted(chosen.items())} or "choosing"
         return choice or "runtime's own"
 
     def info(self) -> dict[str, Any]:
