@@ -488,6 +488,8 @@ def test_bench_serve_compares_batched_naive_and_bare(tmp_path: Path,
         assert [(lv["clients"], lv["requests"], lv["errors"]) for lv in res[kind]["levels"]] \
             == [(1, 24, 0), (4, 24, 0)]
     assert res["batched"]["soak"]["requests"] == 40 and res["batched"]["soak"]["errors"] == 0
+    assert res["naive-default"]["threads"] == torch.get_num_threads()  # as told: untuned
+    assert list(res["naive"]["threads"]) == ["<=1"]  # batches of one, chosen by now
     assert sorted(res["bare"]["rates"], key=int) == ["1", "2", "4"]
     table = capsys.readouterr().out
     assert "(batched/naive)" in table and "(batched/it)" in table and "p50/bare b1" in table

@@ -144,6 +144,16 @@ def load(addr: str, body: bytes, headers: dict[str, str], clients: int, requests
             "images_per_s": len(lat) / wall, "p50_ms": pick(0.5), "p99_ms": pick(0.99)}
 
 
+def _served_threads(addr: str) -> Any:
+    """The server's intra-op thread choice, as GET /v1/models shows it."""
+    c = http.client.HTTPConnection(addr, timeout=30)
+    try:
+        c.request("GET", "/v1/models")
+        return json.loads(c.getresponse().read())[0].get("threads")
+    finally:
+        c.close()
+
+
 def bare(weights: Path, backend: str, precision: str, max_batch: int) -> dict[str, Any]:
     """The backend alone, in this process, in a hot loop: images/s by batch size and the
     batch-1 latency, each the best over one thread and all cores (torch backend)."""
@@ -203,9 +213,11 @@ def run_model(name: str, args: argparse.Namespace, say: Any) -> dict[str, Any]:
                             "rss_mb_before": before, "rss_mb_after": _rss_mb(server.proc.pid)}
                     say(f"{name} soak: {s['requests']} requests, {s['errors']} errors, RSS "
                         f"{before:.0f} -> {soak['rss_mb_after']:.0f} MB")
+                threads = _served_threads(server.addr)
+                say(f"{name} {kind}: intra-op threads by batch size {threads}")
             finally:
                 code = server.stop()
-            out[kind] = {"levels": rows, "soak": soak, "exit_code": code}
+            out[kind] = {"levels": rows, "soak": soak, "threads": threads, "exit_code": code}
         return out
 
 
