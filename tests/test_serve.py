@@ -4,6 +4,7 @@ answering correctly."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import io
@@ -27,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from resnetlab.deploy.predict import Predictor
 from resnetlab.serve import Metrics, ServedModel, best_batch, build_app
+from resnetlab.serve.batcher import Batcher, BatchStats
 from resnetlab.serve.model import ThreadChoice
 
 from .test_eval_predict import _image_files
@@ -272,6 +274,31 @@ def test_concurrent_requests_share_batches_and_metrics_count_them(run_dir: Path)
     assert images == 32 and batches < 32  # some requests shared a forward pass
     assert samples[("resnetlab_queue_depth", (("model", "smoke"),))] == 0
     assert samples[("resnetlab_request_seconds_count", (("endpoint", "v2_infer"),))] == 32
+
+
+def test_a_batch_waits_only_for_the_clients_that_are_about() -> None:
+    """8 clients, each sending its next request once answered: every batch holds all 8, and
+    none waits out max_wait_ms for a 9th that never comes (with the 60 s wait, one such wait
+    would run past the 10 s bound)."""
+    sizes: list[int] = []
+
+    async def clients() -> None:
+        batcher = Batcher(lambda x: np.zeros((len(x), 2), np.float32), max_batch=32,
+                          max_wait_ms=60_000, stats=BatchStats(on_batch=sizes.append))
+        batcher.start()
+
+        async def client() -> None:
+            for _ in range(20):
+                out = await batcher.submit(np.zeros((1, 1, 2, 2), np.float32))
+                assert out.shape == (1, 2)
+
+        try:
+            await asyncio.wait_for(asyncio.gather(*(client() for _ in range(8))), 10)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(clients())
+    assert sizes == [8] * 20
 
 
 def test_served_batches_choose_their_thread_count(run_dir: Path) -> None:
