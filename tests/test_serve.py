@@ -502,6 +502,25 @@ def test_models_are_named_after_their_runs_or_as_told(run_dir: Path) -> None:
         build_app([m, m])
 
 
+def test_the_bench_client_reads_statuses_and_reconnects(addr: str) -> None:
+    """bench serve's load generator: each reply's status over one keep-alive connection,
+    and an OSError (counted as an error) when the connection fails, then a new one."""
+    from resnetlab.benchmarks.serve import Connection, infer_body
+
+    body, headers = infer_body((1, 28, 28))
+    good = Connection(addr, "/v2/models/smoke/infer", body, headers)
+    bad = Connection(addr, "/v2/models/nobody/infer", body, headers)
+    assert [good.call(), bad.call(), good.call()] == [200, 404, 200]
+    sock = good.sock
+    assert sock is not None
+    sock.shutdown(socket.SHUT_WR)  # as if the server had gone: the reply never comes
+    with pytest.raises(OSError):
+        good.call()
+    assert good.sock is None and good.call() == 200  # reconnected
+    good.close()
+    bad.close()
+
+
 def test_bench_serve_compares_batched_naive_and_bare(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """`resnetlab bench serve` end to end at toy size: both servers answer every request,

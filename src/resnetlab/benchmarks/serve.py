@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httptools
 import numpy as np
 import torch
 
@@ -95,6 +97,48 @@ def infer_body(chw: tuple[int, ...]) -> tuple[bytes, dict[str, str]]:
                       "content-type": "application/octet-stream"}
 
 
+class Connection:
+    """One keep-alive connection that sends a request prepared once and reads each reply
+    with httptools' parser (uvicorn's own). On loopback the clients share the server's
+    cores: with http.client, which builds and parses every message in Python, resnet20's
+    servers (torch) answered 8-13% fewer requests at 32 clients, and 0.3 ms later at 1."""
+
+    def __init__(self, addr: str, path: str, body: bytes, headers: dict[str, str]) -> None:
+        host, port = addr.rsplit(":", 1)
+        self.address = (host, int(port))
+        head = "".join(f"{k}: {v}\r\n" for k, v in
+                       {"host": addr, "content-length": str(len(body)), **headers}.items())
+        self.request = f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + body
+        self.sock: socket.socket | None = None
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    def call(self) -> int:
+        """The reply's status; OSError when the connection fails (it reconnects next call)."""
+        try:
+            if self.sock is None:
+                self.sock = socket.create_connection(self.address, timeout=60)
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.parser = httptools.HttpResponseParser(self)
+            self.complete = False
+            self.sock.sendall(self.request)
+            while not self.complete:
+                data = self.sock.recv(1 << 16)
+                if not data:
+                    raise ConnectionResetError("the server closed the connection")
+                self.parser.feed_data(data)
+            return int(self.parser.get_status_code())
+        except (OSError, httptools.HttpParserError) as e:
+            self.close()
+            raise OSError(str(e)) from e
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 def load(addr: str, body: bytes, headers: dict[str, str], clients: int, requests: int,
          seconds: float) -> dict[str, Any]:
     """`clients` threads, each on one keep-alive connection, until `requests` are sent or
@@ -106,7 +150,7 @@ def load(addr: str, body: bytes, headers: dict[str, str], clients: int, requests
     stop_at = time.monotonic() + seconds
 
     def client() -> None:
-        conn = http.client.HTTPConnection(addr, timeout=60)
+        conn = Connection(addr, "/v2/models/m/infer", body, headers)
         while True:
             with lock:
                 if sent[0] >= requests or time.monotonic() > stop_at:
@@ -114,14 +158,9 @@ def load(addr: str, body: bytes, headers: dict[str, str], clients: int, requests
                 sent[0] += 1
             t = time.perf_counter()
             try:
-                conn.request("POST", "/v2/models/m/infer", body, headers)
-                r = conn.getresponse()
-                r.read()
-                ok = r.status == 200
+                ok = conn.call() == 200
             except OSError:
                 ok = False
-                conn.close()
-                conn = http.client.HTTPConnection(addr, timeout=60)
             dt = time.perf_counter() - t
             with lock:
                 if ok:
