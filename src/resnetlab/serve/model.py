@@ -49,8 +49,8 @@ def best_batch(forward: Any, shape: tuple[int, ...], max_batch: int,
     # The largest size within 5% of the best. Served, each pass also pays for its share of
     # the event loop and the hop to the inference thread, which a hot loop does not see:
     # resnet20 at 32 clients served 780 images/s in batches of 8 and 1,100 in batches of 32
-    # (torch, 2 cores), 6% apart here. Light load is not slowed by a large cap, as a batch
-    # takes only the requests that are about.
+    # (torch, 2 cores), sizes this loop found 6% apart. Light load is not slowed by a large
+    # cap, as a batch takes only the requests that are about.
     top = max(rates.values())
     return max(s for s, r in rates.items() if r >= 0.95 * top), rates
 
