@@ -28,10 +28,11 @@ def add_serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     s.add_argument("--backend", choices=backend_names(), default="auto", help=BACKEND_HELP)
     add_precision_args(s)
     s.add_argument("--max-batch", type=int, default=32,
-                   help="most images per forward pass; the server measures batch sizes up to "
-                   "this at start-up and batches up to the fastest")
+                   help="most images per forward pass; the server times batch sizes up to "
+                   "this at start-up and batches up to the largest within 5%% of the fastest")
     s.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long a request may wait for others to share its batch")
+                   help="how long a batch waits at most for the requests it expects (as "
+                   "many as were about when the last pass ended); a lone client never waits")
     s.add_argument("--max-queue", type=int, default=256,
                    help="images waiting at most; beyond, requests get 503 with Retry-After")
     s.add_argument("--max-body-mb", type=float, default=32.0)
