@@ -203,15 +203,49 @@ def test_every_bad_request_is_a_4xx_naming_the_problem(addr: str, tmp_path: Path
     assert request(addr, "GET", "/v2/health/live")[0] == 200
 
 
+def _infer(addr: str, x: np.ndarray) -> np.ndarray:
+    """The logits of one (1, C, H, W) input, sent as JSON data to /v2."""
+    body = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape),
+                                   "datatype": "FP32", "data": x.ravel().tolist()}]}).encode()
+    status, _, out = request(addr, "POST", "/v2/models/smoke/infer", body)
+    assert status == 200, out
+    return np.array(next(o for o in json.loads(out)["outputs"] if o["name"] == "logits")["data"])
+
+
 def _ok(addr: str, model: ServedModel) -> None:
     """The server still answers a good request with the model's own logits."""
     x = np.ones((1, 1, 28, 28), np.float32)
-    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28],
-                                   "datatype": "FP32", "data": x.ravel().tolist()}]}).encode()
-    status, _, out = request(addr, "POST", "/v2/models/smoke/infer", body)
-    assert status == 200
-    logits = next(o for o in json.loads(out)["outputs"] if o["name"] == "logits")["data"]
-    np.testing.assert_allclose(logits, model.forward(x)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_infer(addr, x), model.forward(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_model_metadata_says_how_to_preprocess(addr: str, model: ServedModel,
+                                                run_dir: Path) -> None:
+    """The v2 metadata's parameters are the weights' own preprocessing (pretrained_cfg, the
+    statistics of the run's training data): an image normalised by them alone, as
+    docs/serving.md shows, gets the logits /v1/predict's preprocessing gives, where [0, 1]
+    pixels do not."""
+    from resnetlab.models.factory import load_model
+    from resnetlab.train.rundir import weights_dir
+
+    p = json.loads(request(addr, "GET", "/v2/models/smoke")[2])["parameters"]
+    assert all(isinstance(v, str | int | float | bool) for v in p.values())  # the protocol's
+    cfg = load_model(weights_dir(run_dir)).pretrained_cfg
+    mean, std = json.loads(p["mean"]), json.loads(p["std"])
+    assert (mean, std) == (list(cfg["mean"]), list(cfg["std"]))
+    assert (mean, std) == model.predictor.normalize.as_lists()  # what /v1/predict applies
+    assert (1, p["input_size"], p["input_size"]) == cfg["input_size"]
+    assert (p["crop_pct"], p["interpolation"]) == (cfg["crop_pct"], cfg["interpolation"])
+    assert (p["layout"], p["datatype"], p["color"], p["pixel_range"]) == (
+        "NCHW", "FP32", "L", "0-255")
+
+    pixels = np.random.default_rng(5).integers(0, 256, (28, 28), np.uint8)
+    want = model.forward(model.preprocess(png(Image.fromarray(pixels)), "x.png"))[0]
+    chw = np.atleast_3d(pixels).transpose(2, 0, 1) / 255
+    m, s = np.array(mean).reshape(-1, 1, 1), np.array(std).reshape(-1, 1, 1)
+    x = ((chw - m) / s)[None].astype(np.float32)
+    np.testing.assert_allclose(_infer(addr, x), want, rtol=1e-4, atol=1e-4)
+    raw = _infer(addr, chw[None].astype(np.float32))  # what the issue's client sent
+    assert np.abs(raw - want).max() > 0.1
 
 
 _json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() |
@@ -240,14 +274,32 @@ _headers = st.dictionaries(st.sampled_from(["content-type", "inference-header-co
        body=_bodies, headers=_headers)
 def test_fuzzed_bodies_and_headers_never_get_a_500(addr: str, path: str, body: bytes,
                                                    headers: dict[str, str]) -> None:
+    _refused_cleanly(addr, path, body, headers)
+
+
+def _refused_cleanly(addr: str, path: str, body: bytes, headers: dict[str, str]) -> None:
     status, hdrs, out = request(addr, "POST", path, body, headers)
     assert status < 500, (status, out)
     if status >= 400:
         assert hdrs["content-type"] == "application/json" and "error" in json.loads(out)
 
 
-def test_the_server_answers_correctly_after_the_fuzz_run(addr: str, model: ServedModel) -> None:
-    _ok(addr, model)  # runs after the fuzz test in this module's order
+def test_the_server_answers_correctly_after_the_fuzz_run(addr: str, model: ServedModel,
+                                                         tmp_path: Path) -> None:
+    """Whatever ran before: its own bad requests first (every hand-written one, then 40
+    fuzzed ones drawn the same way on every run), then a good request."""
+    for path, method, body, headers, status, _ in _bad_requests(tmp_path):
+        assert request(addr, method, path, body, headers)[0] == status, (path, body[:40])
+
+    @settings(max_examples=40, derandomize=True, database=None, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(path=st.sampled_from(["/v2/models/smoke/infer", "/v1/predict"]), body=_bodies,
+           headers=_headers)
+    def fuzz(path: str, body: bytes, headers: dict[str, str]) -> None:
+        _refused_cleanly(addr, path, body, headers)
+
+    fuzz()
+    _ok(addr, model)
 
 
 def test_concurrent_requests_share_batches_and_metrics_count_them(run_dir: Path) -> None:
@@ -435,7 +487,25 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(run_dir: Path) -> None:
     out = proc.stdout.read().decode()  # type: ignore[union-attr]
     assert outcomes.count("ok") > 8 and "refused" in outcomes, outcomes
     assert set(outcomes) <= {"ok", "refused"}, outcomes
-    assert "stopped" in out, out
+    assert f"serving at http://{addr}/ (page)" in out and "stopped" in out, out
+
+
+def test_a_busy_port_is_a_one_line_error_and_nothing_is_announced(
+        run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from resnetlab.cli import main
+
+    with socket.socket() as busy:  # another server on the port, bound as uvicorn binds
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", f"smoke={run_dir}", "--port", str(port), "--backend", "torch",
+                     "--precision", "fp32", "--no-batch-probe"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert out == ""  # not "serving at", nor the model it would have loaded
+    assert err.count("\n") == 1 and f"port {port} on 127.0.0.1 is already in use" in err
+    assert "choose another --port" in err
 
 
 def chrome(width: int = 1280, height: int = 900) -> Any:

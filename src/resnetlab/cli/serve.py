@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import re
 import signal
+import socket
 from pathlib import Path
 
-from ..deploy.backends import backend_names
+from ..deploy.backends import backend_names, canonical
 from ..errors import ConfigError
 from ..train.rundir import RunDir
 from .run import BACKEND_HELP, add_precision_args
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+BACKLOG = 2048  # uvicorn's default
 
 
 def add_serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -68,6 +71,46 @@ def model_name(spec: str) -> tuple[str, str]:
     return name, path
 
 
+def bind(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address `host` resolves to, as uvicorn would bind them, or a
+    ConfigError saying why not. Bound here rather than by uvicorn so that a port in use is
+    a one-line error before the models load. They listen only once the server is about to
+    start: until then a client is refused, not left waiting while the models load."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: {e.strerror}; give an address or a name this "
+                          "machine resolves") from None
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):  # a hosts file may repeat one
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            # As uvicorn: a restarted server need not wait out its predecessor's TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # "::" must not also claim the IPv4 port
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        raise ConfigError(_bind_error(host, port, e)) from None
+    return socks
+
+
+def _bind_error(host: str, port: int, e: OSError) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return (f"port {port} on {host} is already in use (another server?): stop it, or "
+                "choose another --port")
+    if e.errno == errno.EACCES:
+        return f"no permission to listen on port {port}: choose a --port from 1024 up"
+    if e.errno == errno.EADDRNOTAVAIL:
+        return (f"--host {host} is not an address of this machine: give one of its "
+                "addresses, or 0.0.0.0 for all of them")
+    return f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port or --host"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:  # the serving stack loads only for this command
         import uvicorn
@@ -82,28 +125,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
     specs = [model_name(w) for w in args.weights]
-    models = []
-    for name, path in specs:
-        check = test_images(path) if args.precision == "auto" else None
-        models.append(ServedModel(name, path, args.backend, args.precision, check,
-                                  args.max_batch, args.max_wait_ms, args.max_queue,
-                                  probe=args.probe, threads=args.threads))
-        m = models[-1]
-        print(f"{name}: {m.config.architecture} from {m.weights} on {m.platform}, batches of "
-              f"up to {m.batcher.max_batch}")
-    app = build_app(models, Metrics(), args.max_body_mb, args.topk)
-    url = f"http://{args.host}:{args.port}"
-    print(f"serving at {url}/ (page), {url}/v2/models/{models[0].name}/infer, "
-          f"{url}/v1/predict, {url}/metrics")
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
-                                           log_level="warning", timeout_graceful_shutdown=30))
-    # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the
-    # handler it found; a no-op one lets a requested stop end as a success (exit 0).
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in STOP_SIGNALS}
+    socks = bind(args.host, args.port)
     try:
-        server.run()
+        models = []
+        backend, precision = canonical(args.backend, args.precision)  # as predict does
+        for name, path in specs:
+            check = test_images(path) if precision != "fp32" else None
+            models.append(ServedModel(name, path, backend, precision, check,
+                                      args.max_batch, args.max_wait_ms, args.max_queue,
+                                      probe=args.probe, threads=args.threads,
+                                      min_agreement=args.min_agreement))
+            m = models[-1]
+            print(f"{name}: {m.config.architecture} from {m.weights} on {m.platform}, "
+                  f"batches of up to {m.batcher.max_batch}")
+        app = build_app(models, Metrics(), args.max_body_mb, args.topk)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        url = f"http://{host}:{socks[0].getsockname()[1]}"  # the port --port 0 was given
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                               timeout_graceful_shutdown=30))
+        try:
+            for sock in socks:
+                sock.listen(BACKLOG)
+        except OSError as e:  # another server, as ours with SO_REUSEADDR, listens meanwhile
+            raise ConfigError(_bind_error(args.host, args.port, e)) from None
+        print(f"serving at {url}/ (page), {url}/v2/models/{models[0].name}/infer, "
+              f"{url}/v1/predict, {url}/metrics")
+        # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the
+        # handler it found; a no-op one lets a requested stop end as a success (exit 0).
+        previous = {sig: signal.signal(sig, lambda *_: None) for sig in STOP_SIGNALS}
+        try:
+            server.run(sockets=socks)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sock in socks:
+            sock.close()
     print("stopped")
     return 0

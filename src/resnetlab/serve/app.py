@@ -185,7 +185,7 @@ class Service:
 
     async def model_metadata(self, request: Request) -> Response:
         m = self.model(request.path_params["name"])
-        return JSONResponse(m.signature.metadata(m.name, m.platform))
+        return JSONResponse(m.signature.metadata(m.name, m.platform, m.preprocessing))
 
     async def model_ready(self, request: Request) -> Response:
         m = self.model(request.path_params["name"])

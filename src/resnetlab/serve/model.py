@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..deploy.agreement import MIN_AGREEMENT
 from ..deploy.backends import ImageSource
 from ..deploy.predict import Predictor
 from ..models.complexity import count_params
+from ..models.config import ModelConfig
 from ..models.factory import create_model
 from ..train.report import MetricsLog
 from ..train.rundir import RunDir, weights_dir
@@ -53,6 +55,19 @@ def best_batch(forward: Any, shape: tuple[int, ...], max_batch: int,
     # cap, as a batch takes only the requests that are about.
     top = max(rates.values())
     return max(s for s, r in rates.items() if r >= 0.95 * top), rates
+
+
+def preprocessing(cfg: ModelConfig) -> dict[str, str | float]:
+    """How an image becomes the v2 input: what Predictor.preprocess does, for clients that
+    preprocess themselves (the v2 model metadata's `parameters`). The protocol allows only
+    strings, numbers and booleans there, so mean and std are JSON: [C] per channel, or
+    [C, H, W] for the paper's per-pixel mean."""
+    return {"layout": "NCHW", "datatype": "FP32",
+            "color": {1: "L", 3: "RGB"}.get(cfg.in_chans, f"R repeated {cfg.in_chans} times"),
+            "input_size": cfg.input_size, "crop_pct": cfg.resolved_crop_pct,
+            "interpolation": cfg.interpolation, "pixel_range": "0-255",
+            "normalization": "x = (pixel / 255 - mean) / std",
+            "mean": json.dumps(cfg.mean), "std": json.dumps(cfg.std)}
 
 
 class ThreadChoice:
@@ -103,17 +118,19 @@ class ServedModel:
     def __init__(self, name: str, weights: str | os.PathLike[str], backend: str = "auto",
                  precision: str = "auto", check: ImageSource | None = None,
                  max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
-                 probe: bool = True, threads: int | None = None) -> None:
+                 probe: bool = True, threads: int | None = None,
+                 min_agreement: float = MIN_AGREEMENT) -> None:
         """`threads`: the torch backend's intra-op threads; None chooses them per batch size
         while serving (ThreadChoice), 0 leaves torch's own setting. Other backends keep
-        their runtime's threads."""
+        their runtime's threads. `min_agreement`: the bar a reduced precision must pass."""
         self.name, self.weights = name, weights_dir(weights)
-        self.predictor = Predictor(self.weights, backend, precision, check)
+        self.predictor = Predictor(self.weights, backend, precision, check, min_agreement)
         self.threads: ThreadChoice | int = 0
         cfg = self.predictor.model.model_config
         self.config = cfg
         self.signature = Signature((cfg.in_chans, cfg.input_size, cfg.input_size),
                                    cfg.num_classes)
+        self.preprocessing = preprocessing(cfg)
         self.batch_rates: dict[int, float] = {}
         batch = max_batch
         if probe and max_batch > 1:

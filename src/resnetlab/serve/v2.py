@@ -6,6 +6,8 @@ applied, as `resnetlab predict` does before its forward pass). Two outputs: `log
 with the binary tensor data extension, as raw little-endian bytes after the JSON header
 (`Inference-Header-Content-Length`), which is what tritonclient sends by default.
 Everything a request can get wrong raises ProtocolError, which the app answers with a 4xx.
+The model metadata's `parameters` say how to preprocess (layout, mean, std, pixel range...),
+as the protocol's parameters allow: strings, numbers and booleans, mean and std as JSON.
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ class Signature:
     chw: tuple[int, int, int]
     classes: int
 
-    def metadata(self, name: str, platform: str) -> dict[str, Any]:
+    def metadata(self, name: str, platform: str, parameters: dict[str, Any]
+                 ) -> dict[str, Any]:
         return {"name": name, "versions": ["1"], "platform": platform,
                 "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, *self.chw]}],
                 "outputs": [{"name": o, "datatype": "FP32", "shape": [-1, self.classes]}
-                            for o in OUTPUTS]}
+                            for o in OUTPUTS],
+                "parameters": parameters}
 
 
 @dataclass
