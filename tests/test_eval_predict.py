@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +192,55 @@ def test_eval_shows_a_progress_bar_when_asked(run_dir: Path, tmp_path: Path,
                      batch_size=64, out=tmp_path / f"{shown}.json", progress=shown)
         err = capsys.readouterr().err
         assert ("test, tta=multiscale" in err and "4/4" in err) == shown, err
+
+
+def test_eval_reports_of_other_backends_and_precisions_are_kept_apart(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every backend and precision wrote eval-test-center.json, the last one overwriting
+    the others; and a first agreement check was shown twice (logged and printed)."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    caplog.set_level("INFO")
+    assert main(["eval", str(run), "--backend", "torch", "--precision", "fp32"]) == 0
+    reference = run / "final" / "eval-test-center.json"  # the name PyTorch fp32 keeps
+    before = reference.read_bytes()
+    assert json.loads(before)["precision"] == "fp32"
+    for first in (True, False):  # the check is measured, then read from its record
+        capsys.readouterr()
+        caplog.clear()
+        assert main(["eval", str(run), "--backend", "torch", "--precision", "bf16",
+                     "--min-agreement", "0"]) == 0
+        out, err = capsys.readouterr()
+        shown = "\n".join([out, err, *(r.getMessage() for r in caplog.records)])
+        assert shown.count("torch bf16: top-1 agrees with fp32 on") == 1, (first, shown)
+        assert ("checking torch bf16 against fp32" in shown) == first
+    bf16 = run / "final" / "eval-test-center-torch-bf16.json"
+    report = json.loads(bf16.read_text())
+    assert (report["backend"], report["precision"]) == ("torch", "bf16")
+    assert 0 < report["agreement_with_fp32"] <= 1
+    assert f"results: {bf16}" in out and bf16.with_suffix(".png").exists()
+    assert reference.read_bytes() == before  # the fp32 report is still fp32's
+
+
+@pytest.mark.parametrize("topk", ["0", "-1", "2.5", "many"])
+def test_predict_refuses_a_topk_below_one(run_dir: Path, tmp_path: Path, topk: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """--topk 0 and -1 were silently top-1 (serve answers 400 for them): argparse refuses
+    them, in one line after its usage, before anything is loaded."""
+    image = _image_files(tmp_path)["rgb.jpg"]
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(run_dir), str(image), "--topk", topk])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines()[-1] == \
+        f"resnetlab predict: error: argument --topk: '{topk}': give a whole number >= 1"
+
+
+def test_predict_topk_one_is_one_class(run_dir: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    image = _image_files(tmp_path)["rgb.jpg"]
+    assert main(["predict", str(run_dir), str(image), "--topk", "1", "--json", "--backend",
+                 "torch", "--precision", "fp32"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["predictions"]) == 1

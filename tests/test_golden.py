@@ -12,6 +12,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import nn
 
+from resnetlab.errors import ConfigError, ResNetLabError
 from resnetlab.evaluation.evaluate import (
     PAPER_SCALES,
     EvalResult,
@@ -94,8 +95,11 @@ def test_evaluate_reports_progress_and_refuses_nothing_to_score() -> None:
                    num_classes=2, progress=seen.append)
     assert seen == [1, 1, 1, 2] and res.count == 5 and res.top1_error == 0.0
     assert evaluate(CertainOrNot(), one, num_classes=2).count == 1  # a single image is enough
-    with pytest.raises(ValueError, match=r"^evaluation got no examples$"):
+    # Nothing to score is the user's data, not a bug: a ResNetLabError, which the CLI prints
+    # as one line saying what to check (it was a bare ValueError: a traceback).
+    with pytest.raises(ResNetLabError, match=r"^evaluation got no examples: .*--data-dir") as e:
         evaluate(CertainOrNot(), [], num_classes=2)
+    assert isinstance(e.value, ConfigError) and len(str(e.value).splitlines()) == 1
 
 
 def test_the_model_device_is_where_its_parameters_are() -> None:

@@ -317,3 +317,19 @@ def test_jobs_train_sub_runs_in_worker_processes_to_the_same_result(
     assert results["train_minutes"]["plain14"] == [seconds / 60]
     with pytest.raises(resnetlab.ConfigError, match="--jobs must be at least 1"):
         run_experiment("degradation", "smoke", tmp_path, str(fashion_dir), SETS, jobs=0)
+
+
+def test_a_report_states_the_lr_the_sub_runs_used(tmp_path: Path) -> None:
+    """Reports wrote "lr 0.1" whatever --set optim.lr said; they read the sub-runs' config."""
+    from resnetlab.reproduce.common import Context, write_report
+
+    def head(sets: tuple[str, ...]) -> str:
+        ctx = Context(SCALES["smoke"], tmp_path, sets=sets)
+        folder = ctx.report_dir(f"lr-{len(sets)}")
+        path = write_report(folder, "A report", [], {}, ctx)
+        return path.read_text().splitlines()[2]
+
+    assert "(lr 0.1, /10 at 3 and 5)" in head(SETS)  # the paper's recipe
+    changed = head((*SETS, "optim.lr=0.05", "schedule.milestones=[4]"))
+    assert "(lr 0.05, /10 at 4)" in changed and "lr 0.1" not in changed
+    assert "--set optim.lr=0.05" in changed

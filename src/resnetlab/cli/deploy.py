@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..benchmarks import BENCHMARKS, run_benchmark
+from ..deploy.agreement import MIN_AGREEMENT, MIN_CALIBRATION_AGREEMENT
 from ..deploy.export import export
 from ..deploy.quantize import quantize_run
 from ..deploy.runtimes import formats
@@ -24,8 +25,12 @@ def add_deploy_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     x.add_argument("--out", help="folder for the graph (default <weights>/export)")
     x.add_argument("--tolerance", type=float, default=1e-3)
     x.add_argument("--calibration-images", type=int, default=512, help="onnx-int8 only")
-    x.add_argument("--min-agreement", type=float, default=0.95,
-                   help="onnx-int8: least top-1 agreement with fp32 on the calibration images")
+    x.add_argument("--min-agreement", type=float, default=MIN_CALIBRATION_AGREEMENT,
+                   help="onnx-int8: least top-1 agreement with fp32 on the calibration (training) "
+                   "images for the graph to be written (default %(default)s: a floor against a "
+                   "broken calibration). Using int8 is a second check, on the run's test images, "
+                   f"against eval/predict's --min-agreement (default {MIN_AGREEMENT}): the bar "
+                   "that counts, so this one is lower")
     x.add_argument("--data", help="onnx-int8: data set, when the weights are not in a run")
     x.add_argument("--data-dir", help="onnx-int8: folder holding the data set's files")
     x.set_defaults(func=cmd_export)

@@ -36,13 +36,24 @@ from .runtimes import INT8_FILE, RUNTIMES, ExportError, Runtime, TorchRunner, se
 log = logging.getLogger(__name__)
 STAMP = "source.sha256"
 ImageSource = Callable[[], Iterable[torch.Tensor]]  # batches of preprocessed test images
+INT8_ALIAS = "onnxruntime-int8"  # the older spelling of onnxruntime at int8, still accepted
 
 
 def backend_names() -> list[str]:
-    """What `--backend` accepts: auto, each served runtime, and "onnxruntime-int8", the older
-    spelling of onnxruntime at int8."""
+    """What `--backend` accepts: auto, each served runtime, and INT8_ALIAS."""
     return ["auto", *(r.name for r in RUNTIMES.values() if r.auto_rank is not None),
-            "onnxruntime-int8"]
+            INT8_ALIAS]
+
+
+def canonical(backend: str, precision: str) -> tuple[str, str]:
+    """(backend, precision) in the one spelling everything after it sees: INT8_ALIAS is
+    onnxruntime at int8, so both spellings take one path and one agreement rule."""
+    if backend != INT8_ALIAS:
+        return backend, precision
+    if precision not in ("auto", "int8"):
+        raise ConfigError(f"--backend {INT8_ALIAS} is --backend onnxruntime --precision int8; "
+                          f"for {precision} use --backend onnxruntime --precision {precision}")
+    return "onnxruntime", "int8"
 
 
 class Backend(nn.Module):
@@ -110,7 +121,7 @@ def exported(weights: Path, runtime: Runtime) -> Path:
             raise ExportError(f"{seen.get('error', 'export failed')} (recorded in {failed}; "
                               "not retried until the weights or the runtime change)",
                               recorded=True)
-    log.info("exporting %s to %s (once per weights)", weights, fmt)
+    log.info("exporting %s to %s in %s (once per weights)", weights, fmt, folder)
     try:
         export(weights, fmt, folder)
     except ExportError as e:
@@ -154,14 +165,20 @@ def check_precision(weights: str | os.PathLike[str], backend: str, precision: st
 
 def _precisions(wdir: Path, runtime: Runtime, requested: str, check: ImageSource | None,
                 min_agreement: float) -> list[str]:
-    """The precisions to try for `runtime`, in order. `auto`: the fastest native ones
-    whose agreement check passes (run now if `check` gives images and none is recorded),
-    then fp32. An explicit reduced precision whose recorded check failed is refused."""
+    """The precisions to try for `runtime`, in order. A reduced precision is checked (once
+    per weights, now if `check` gives images and none is recorded) before it is used:
+    `auto` takes the fastest native ones whose check passes, then fp32; an explicit one
+    whose check fails is refused."""
     name, digest, folder = runtime.name, _digest(wdir / WEIGHTS_FILE), export_folder(wdir)
+    if requested == "fp32":
+        return [requested]
     if requested != "auto":
-        found = None if requested == "fp32" else lookup(folder, name, requested, digest,
-                                                        min_agreement)
-        if found is not None and not found.passed:
+        found = lookup(folder, name, requested, digest, min_agreement)
+        if found is None and check is not None:
+            found = check_precision(wdir, name, requested, check(), min_agreement)
+        if found is None:  # no images given (weights outside a run, a benchmark)
+            log.debug("%s %s runs unchecked for %s", name, requested, wdir)
+        elif not found.passed:
             raise ConfigError(f"{found.line()}: use --precision fp32, or accept it with a "
                               "lower --min-agreement")
         return [requested]
@@ -188,16 +205,16 @@ def load_backend(weights: str | os.PathLike[str], backend: str = "auto", threads
                  min_agreement: float = MIN_AGREEMENT) -> Backend:
     """The model in the weights directory `weights`, on `backend` (backend_names()) at
     `precision` (fp32, bf16, int8, or auto: the fastest this CPU runs natively whose
-    top-1 agreement with fp32 passes `min_agreement`; `check` gives the images to check
-    it on when no check is recorded yet)."""
+    top-1 agreement with fp32 passes `min_agreement`). A reduced precision, asked for or
+    chosen by auto, is checked on the images `check` gives when no check is recorded yet,
+    and not used if it fails."""
     if backend not in backend_names():
         raise ConfigError(f"backend must be one of {', '.join(backend_names())}, "
                           f"got {backend!r}")
     if precision not in INFER_PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(INFER_PRECISIONS)}, "
                           f"got {precision!r}")
-    if backend == "onnxruntime-int8":
-        backend, precision = "onnxruntime", "int8"
+    backend, precision = canonical(backend, precision)
     wdir = Path(weights)
     ModelConfig.from_json(wdir / CONFIG_FILE)  # not weights: say so before exporting
     runtimes = [r for r in served() if r.available()] if backend == "auto" \

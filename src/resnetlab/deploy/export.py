@@ -9,7 +9,6 @@ converted from the ONNX graph, so ONNX Runtime and OpenVINO run the same graph.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import tempfile
 import time
@@ -24,8 +23,6 @@ from ..models.resnet import ResNet
 from ..train.rundir import export_dir
 from .fold import fold_batchnorm
 from .runtimes import ExportError, by_format
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,5 +82,4 @@ def export(weights: str | Path, fmt: str, out: str | Path | None = None,
         for f in Path(tmp).iterdir():  # ONNX may add model.onnx.data beside big graphs
             if f.name.startswith(runtime.files):
                 shutil.move(str(f), folder / f.name)
-    log.info("%s: %s (max |logit diff| %.1e)", fmt, path, diff)
     return ExportResult(path, fmt, diff, agree, time.perf_counter() - t0)

@@ -3,13 +3,14 @@
 Static quantisation (QDQ format): weights per output channel in int8, activations in
 uint8 with ranges from running the fp32 graph over the calibration images (min-max).
 The result is not held to the fp32 tolerance; instead the top-1 agreement with the fp32
-model on the calibration images must reach `min_agreement`, and `resnetlab eval
---backend onnxruntime-int8` reports the accuracy it actually has.
+model on the calibration images must reach `min_agreement` (agreement.py's
+MIN_CALIBRATION_AGREEMENT: a floor against a broken calibration), and `resnetlab eval
+--precision int8` checks it against MIN_AGREEMENT on the test images and reports the
+accuracy it actually has.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from collections.abc import Iterable
@@ -20,19 +21,18 @@ import torch
 
 from ..errors import ConfigError
 from ..train.rundir import run_data, weights_dir
+from .agreement import MIN_CALIBRATION_AGREEMENT
 from .backends import export_folder, exported
 from .export import run_exported
 from .runtimes import INPUT, INT8_FILE, RUNTIMES, ExportError
-
-log = logging.getLogger(__name__)
 
 
 def int8_path(weights: Path) -> Path:
     return export_folder(weights) / INT8_FILE
 
 
-def quantize_int8(weights: str | Path, calibration: Iterable[torch.Tensor],
-                  images: int = 512, min_agreement: float = 0.95) -> tuple[Path, float]:
+def quantize_int8(weights: str | Path, calibration: Iterable[torch.Tensor], images: int = 512,
+                  min_agreement: float = MIN_CALIBRATION_AGREEMENT) -> tuple[Path, float]:
     """Write `<export>/model.int8.onnx`; returns (path, top-1 agreement with fp32)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -76,13 +76,11 @@ def quantize_int8(weights: str | Path, calibration: Iterable[torch.Tensor],
                               f"{len(x)} calibration images (< {100 * min_agreement:.0f}%); "
                               "nothing was written")
         staged.replace(out)
-    log.info("int8: %s (top-1 agreement with fp32 %.1f%% on %d images)", out, 100 * agree,
-             len(x))
-    return out, agree
+    return out, agree  # the caller reports them (`resnetlab export` prints both)
 
 
 def quantize_run(weights: str | os.PathLike[str], images: int = 512,
-                 min_agreement: float = 0.95, dataset: str | None = None,
+                 min_agreement: float = MIN_CALIBRATION_AGREEMENT, dataset: str | None = None,
                  data_dir: str | None = None) -> tuple[Path, float]:
     """`quantize_int8` of a run's weights (or a weights directory), calibrated on the
     un-augmented training images of its data set (`dataset` outside a run)."""

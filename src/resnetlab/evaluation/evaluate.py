@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
+from ..errors import ConfigError
 from ..files import write_atomic
 
 TTA_MODES = ("center", "10crop", "multiscale")
@@ -146,7 +147,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     confusion, sums = confusion.cpu(), sums.cpu()
     n = int(confusion.sum())
     if n == 0:
-        raise ValueError("evaluation got no examples")
+        raise ConfigError("evaluation got no examples: the split being scored holds no "
+                          "images; check that the data set's files (--data-dir) hold some for it")
     correct = confusion.diag()
     per_class = (correct.float() / confusion.sum(1).clamp_min(1)).tolist()
     return EvalResult(1 - correct.sum().item() / n, 1 - sums[0].item() / n, sums[1].item() / n,

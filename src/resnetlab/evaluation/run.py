@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..data.config import DataConfig
 from ..data.memory import Normalize
 from ..deploy.agreement import MIN_AGREEMENT, Agreement
-from ..deploy.backends import ImageSource, check_precision, load_backend
+from ..deploy.backends import ImageSource, canonical, check_precision, load_backend
 from ..errors import ConfigError
 from ..models.config import CONFIG_FILE, ModelConfig
 from ..models.factory import load_model
@@ -76,8 +76,10 @@ def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str 
                  progress: bool | None = None) -> RunEval:
     """Score the weights of a run (or a weights directory) on `split` with test-time views
     `tta`; `recompute`: re-estimate BN statistics on training images first (PyTorch, fp32).
-    Writes the report (default: beside the weights) and its confusion matrix. `progress`:
-    a progress bar (default: when stderr is a terminal)."""
+    Writes the report (default: beside the weights, named by split, views, backend and
+    precision) and its confusion matrix. `progress`: a progress bar (default: when stderr is
+    a terminal)."""
+    backend, precision = canonical(backend, precision)
     cfg = run_config(weights, dataset, data_dir)
     data = run_data(weights, batch_size, dataset, data_dir, strict)
     wdir = weights_dir(weights)
@@ -100,7 +102,7 @@ def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str 
         loaded = load_backend(wdir, backend, precision=precision, check=check,
                               min_agreement=min_agreement)
         model, backend, precision = loaded, loaded.name, loaded.precision
-        if precision != "fp32":  # the trade made, on the very images scored here
+        if precision != "fp32":  # the trade made (checked before use), reported here
             checked = check_precision(wdir, backend, precision, check(), min_agreement,
                                       reuse=True)
     t0 = time.perf_counter()
@@ -110,7 +112,7 @@ def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str 
     res = evaluate(model, batches, mc.num_classes, tta, pad_crop=_pad_crop(cfg.data, mc))
     seconds = time.perf_counter() - t0
     names = mc.class_names or data.classes
-    path = Path(out) if out else eval_report_path(wdir, split, tta)
+    path = Path(out) if out else eval_report_path(wdir, split, tta, backend, precision)
     res.save(path, names, weights=str(wdir), split=split, tta=tta, recompute_bn=recompute,
              backend=backend, precision=precision,
              agreement_with_fp32=None if checked is None else checked.agreement,

@@ -12,6 +12,8 @@ import re
 
 import torch
 
+from ..errors import WeightsError
+
 # (torchvision key prefix, resnetlab key prefix); "BLOCK" stands for a block's own prefix
 # (layer<i>.<j>). Each direction of the map is a bijection on ResNet keys.
 _PREFIXES = [
@@ -134,8 +136,18 @@ def to_timm(state: dict[str, torch.Tensor], preact: bool = False,
 _AKAMASTER = [("conv1.", "stem.conv."), ("bn1.", "stem.bn."), ("linear.", "head.fc.")]
 
 
+# akamaster's trainer saves `model.state_dict()` of an nn.DataParallel: every key begins so.
+_DATA_PARALLEL = "module."
+
+
+def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without DataParallel's `module.` key prefixes (a plain state as it is)."""
+    return {k.removeprefix(_DATA_PARALLEL): v for k, v in state.items()}
+
+
 def is_akamaster(state: dict[str, torch.Tensor]) -> bool:
-    return "linear.weight" in state and "layer1.0.conv1.weight" in state
+    keys = _unwrapped(state)
+    return "linear.weight" in keys and "layer1.0.conv1.weight" in keys
 
 
 def _stream_perms(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -187,9 +199,14 @@ def _permute_akamaster(state: dict[str, torch.Tensor], inverse: bool) -> dict[st
 
 
 def from_akamaster(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An akamaster CIFAR ResNet state_dict (`module.` prefixes already stripped) for the
-    resnetlab model of the same depth (resnet20 .. resnet1202, option A)."""
-    return _permute_akamaster(_rename(state, [_rule(a, o) for a, o in _AKAMASTER]),
+    """An akamaster CIFAR ResNet state_dict, as its trainer saves it (`checkpoint
+    ["state_dict"]`, DataParallel's `module.` prefixes and all) or without the prefixes, for
+    the resnetlab model of the same depth (resnet20 .. resnet1202, option A)."""
+    if not is_akamaster(state):
+        raise WeightsError("not an akamaster CIFAR ResNet state_dict (it has no linear.weight "
+                           "and layer1.0.conv1.weight): pass checkpoint['state_dict'] of "
+                           "pytorch_resnet_cifar10's trainer")
+    return _permute_akamaster(_rename(_unwrapped(state), [_rule(a, o) for a, o in _AKAMASTER]),
                               inverse=False)
 
 

@@ -341,9 +341,17 @@ def pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}"
 
 
-def trained_sizes(scale: Scale) -> str:
-    return (f"{scale.dataset}, {scale.iterations:,} iterations of batch {scale.batch_size} per "
-            f"network (lr 0.1, /10 at {' and '.join(f'{m:,}' for m in scale.milestones)})")
+def trained_sizes(ctx: Context) -> str:
+    """What each sub-run trained with, read from its resolved config, so that a --set (say
+    optim.lr) shows as what was used. The recipe and the --sets are the same for every
+    network, but for the warm-up of the deepest (WARMUP_DEPTH), so the shallowest stands
+    for all."""
+    cfg = ctx.config(CifarNet(min(ctx.scale.depths)))
+    sched = cfg.schedule
+    steps = (f", /{1 / sched.gamma:g} at {' and '.join(f'{m:,}' for m in sched.milestones)}"
+             if sched.kind == "multistep" and sched.milestones else f", {sched.kind}")
+    return (f"{cfg.data.dataset}, {sched.iterations:,} iterations of batch {cfg.batch_size} "
+            f"per network (lr {cfg.optim.lr:g}{steps})")
 
 
 def write_report(folder: Path, title: str, body: Sequence[str], results: dict[str, Any],
@@ -361,7 +369,7 @@ def write_report(folder: Path, title: str, body: Sequence[str], results: dict[st
     trained = ("" if precision is None else
                f"; {precision} training{' (as the paper)' if precision == 'fp32' else ''}")
     head = [f"# {title}", "",
-            f"Scale `{scale.name}`: {sizes or trained_sizes(scale)}{runs}{trained}; made by "
+            f"Scale `{scale.name}`: {sizes or trained_sizes(ctx)}{runs}{trained}; made by "
             f"`resnetlab reproduce {folder.name} --scale {scale.name}{flag}`. "
             "Raw numbers: [results.json](results.json).", ""]
     path = folder / "report.md"

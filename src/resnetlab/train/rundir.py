@@ -177,9 +177,13 @@ def export_dir(weights: str | os.PathLike[str]) -> Path:
     return Path(weights) / _EXPORT
 
 
-def eval_report_path(weights: str | os.PathLike[str], split: str, tta: str) -> Path:
-    """Where `resnetlab eval` reports on a weights directory by default."""
-    return Path(weights) / f"eval-{split}-{tta}.json"
+def eval_report_path(weights: str | os.PathLike[str], split: str, tta: str,
+                     backend: str = "torch", precision: str = "fp32") -> Path:
+    """Where `resnetlab eval` reports on a weights directory by default: one file per split,
+    views, backend and precision, so that scoring another way never overwrites a report.
+    The reference, PyTorch fp32 (the defaults), keeps the plain eval-<split>-<tta>.json."""
+    scored_by = "" if (backend, precision) == ("torch", "fp32") else f"-{backend}-{precision}"
+    return Path(weights) / f"eval-{split}-{tta}{scored_by}.json"
 
 
 def run_config(weights: str | os.PathLike[str], dataset: str | None = None,
