@@ -2,17 +2,80 @@ import gzip
 import json
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+# `make test-robust` (docs/testing.md) reruns the tests marked `stochastic` under other
+# seeds, the other training precision and a narrower instruction set. The first two reach a
+# test only through the `variant` fixture, which every stochastic test must take; with
+# RECORD_ENV set, each also appends what it measured to that file (JSON lines), from which
+# tools/threshold_spread.py builds the distributions its thresholds are set against.
+SEED_OFFSET_ENV = "RESNETLAB_TEST_SEED_OFFSET"
+PRECISION_ENV = "RESNETLAB_TEST_PRECISION"
+RECORD_ENV = "RESNETLAB_TEST_RECORD"
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The seed and training precision a stochastic test runs with. By default seed 0 and
+    fp32 on every CPU, so that `precision=auto` (bf16 on AMX and AVX512-BF16 CPUs) never
+    decides what the default suite measures; `make test-robust` changes both."""
+
+    seed: int
+    precision: str
+    test: str = ""
+
+    @property
+    def sets(self) -> list[str]:
+        """The `--set` pairs that train with this variant."""
+        return [f"seed={self.seed}", f"precision={self.precision}"]
+
+    def record(self, **measured: float) -> None:
+        """Note what the test measured, before it asserts on it."""
+        path = os.environ.get(RECORD_ENV)
+        if not path:
+            return
+        isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"test": self.test, "seed": self.seed,
+                                "precision": self.precision, "isa": isa, **measured}) + "\n")
+
+
+def _variant(test: str = "") -> Variant:
+    precision = os.environ.get(PRECISION_ENV, "fp32")
+    if precision not in PRECISIONS:
+        raise pytest.UsageError(f"{PRECISION_ENV} must be one of {', '.join(PRECISIONS)}")
+    return Variant(int(os.environ.get(SEED_OFFSET_ENV, "0")), precision, test)
+
+
+@pytest.fixture
+def variant(request: pytest.FixtureRequest) -> Variant:
+    """`@pytest.mark.stochastic(precisions=["fp32"])` pins a test to the precisions named
+    (its docstring says why); under another it is skipped."""
+    v = _variant(request.node.nodeid)
+    marker = request.node.get_closest_marker("stochastic")
+    allowed = marker.kwargs.get("precisions", PRECISIONS) if marker else PRECISIONS
+    if v.precision not in allowed:
+        pytest.skip(f"pinned to {', '.join(allowed)}")
+    return v
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under `make mutation`, fastest tests first. mutmut stops a mutant's run at its first
+    """A stochastic test that ignored the variant would pass `make test-robust` unchanged,
+    so one that does not take the fixture is a collection error.
+
+    Under `make mutation`, fastest tests first. mutmut stops a mutant's run at its first
     failing test, so a mutant that a quick test kills no longer waits for slow tests that
     came first by chance; only survivors pay for every test."""
+    blind = [i.nodeid for i in items if i.get_closest_marker("stochastic")
+             and "variant" not in getattr(i, "fixturenames", ())]
+    if blind:
+        raise pytest.UsageError(f"stochastic tests must take the `variant` fixture: {blind}")
     stats = Path("mutmut-stats.json")  # mutmut runs the tests from mutants/, beside it
     if "MUTANT_UNDER_TEST" not in os.environ or not stats.exists():
         return
@@ -22,7 +85,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
-    torch.manual_seed(0)
+    torch.manual_seed(_variant().seed)
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
@@ -48,12 +111,33 @@ def synthetic_images(n: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.
     return images, labels
 
 
+def brightness_images(n: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """10 classes a net that pools globally learns within 100 steps: class k is noise on a
+    background of brightness 22k. (The bands of synthetic_images tell classes apart by
+    position alone, which global pooling hides: 40 smoke steps left 38-70% test error.)"""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = rng.integers(0, 40, (n, size, size)) + 22 * labels[:, None, None]
+    return images.astype(np.uint8), labels
+
+
 @pytest.fixture(scope="session")
 def fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small data set in the official Fashion-MNIST file layout (IDX, gzipped)."""
     root = tmp_path_factory.mktemp("fashion")
     for split, n, seed in (("train", 640, 1), ("t10k", 256, 2)):
         images, labels = synthetic_images(n, seed)
+        write_idx(root / f"{split}-images-idx3-ubyte", images)
+        write_idx(root / f"{split}-labels-idx1-ubyte", labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def brightness_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """brightness_images in the Fashion-MNIST file layout, as fashion_dir."""
+    root = tmp_path_factory.mktemp("brightness")
+    for split, n, seed in (("train", 640, 1), ("t10k", 256, 2)):
+        images, labels = brightness_images(n, seed)
         write_idx(root / f"{split}-images-idx3-ubyte", images)
         write_idx(root / f"{split}-labels-idx1-ubyte", labels)
     return root

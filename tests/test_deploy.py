@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ import resnetlab
 from resnetlab.cli import main
 from resnetlab.deploy import ExportError, export, fold_batchnorm, load_backend
 from resnetlab.deploy.export import run_exported
+
+from .conftest import Variant, _variant
+from .test_train import LEARN_ITERATIONS
 
 # Every test here may load ONNX Runtime or OpenVINO, so `make test` runs them in a process of
 # their own: with them loaded, a later test in the same process (test_distributed's
@@ -58,33 +62,46 @@ def test_folding_is_exact(name: str) -> None:
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # original untouched
 
 
-def test_folding_float32_within_1e5() -> None:
+@pytest.mark.stochastic(precisions=["fp32"])
+def test_folding_float32_within_1e5(variant: Variant) -> None:
+    """float32 rounding of folded against unfolded convolutions (fp32 is what it tests).
+    Measured over the weights and inputs of 10 seeds: docs/testing.md."""
     model = _realistic_bn(resnetlab.create_model("resnet50"), 64)
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
-        assert (fold_batchnorm(model)(x) - model(x)).abs().max() < 1e-5
+        diff = float((fold_batchnorm(model)(x) - model(x)).abs().max())
+    variant.record(max_abs_diff=diff)
+    assert diff < 1e-5
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("deploy") / "weights"
+    torch.manual_seed(_variant().seed)  # module scope: before the per-test seeding
     model = _realistic_bn(resnetlab.create_model("resnet8", in_chans=1), 28)
     resnetlab.save_weights(model, out, class_names=[f"c{i}" for i in range(10)])
     return out
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino", "torchscript"])
+@pytest.mark.stochastic(precisions=["fp32"])
 def test_export_checks_parity_with_a_dynamic_batch(weights: Path, tmp_path: Path,
-                                                   fmt: str) -> None:
+                                                   fmt: str, variant: Variant) -> None:
+    """fp32 graphs against eager fp32: rounding of other kernels, measured over 10 seeds'
+    weights and inputs in docs/testing.md."""
     res = export(weights, fmt, tmp_path)
-    assert res.path.is_file() and res.top1_agree and res.max_abs_diff < 1e-4
+    assert res.path.is_file() and res.top1_agree
     model = resnetlab.load_model(weights).eval()
+    diffs = [res.max_abs_diff]
     for batch in (1, 9):
         x = torch.randn(batch, 1, 28, 28)
         with torch.no_grad():
             ref = model(x).numpy()
         got = run_exported(res.path, fmt, x.numpy())
-        assert got.shape == (batch, 10) and np.abs(got - ref).max() < 1e-4
+        assert got.shape == (batch, 10)
+        diffs.append(float(np.abs(got - ref).max()))
+    variant.record(max_abs_diff=max(diffs))
+    assert max(diffs) < 1e-4
 
 
 def test_export_refuses_a_graph_that_disagrees(weights: Path, tmp_path: Path,
@@ -98,14 +115,19 @@ def test_export_refuses_a_graph_that_disagrees(weights: Path, tmp_path: Path,
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
-def test_backends_match_eager(weights: Path, backend: str) -> None:
+@pytest.mark.stochastic(precisions=["fp32"])
+def test_backends_match_eager(weights: Path, backend: str, variant: Variant) -> None:
+    """Each backend at fp32 against eager fp32 (measured as the export parity above)."""
     model = resnetlab.load_model(weights).eval()
     be = load_backend(weights, backend)
     assert be.name == backend
+    diffs = []
     for shape in ((6, 1, 28, 28), (2, 1, 40, 36)):  # native, and a multi-scale size
         x = torch.randn(shape)
         with torch.no_grad():
-            assert (be(x) - model(x)).abs().max() < 1e-4
+            diffs.append(float((be(x) - model(x)).abs().max()))
+    variant.record(max_abs_diff=max(diffs))
+    assert max(diffs) < 1e-4
 
 
 def test_auto_backend_and_stale_exports(tmp_path: Path) -> None:
@@ -125,10 +147,15 @@ def test_auto_backend_and_stale_exports(tmp_path: Path) -> None:
 
 
 def test_export_and_predict_cli(weights: Path, tmp_path: Path,
-                                capsys: pytest.CaptureFixture[str]) -> None:
+                                capsys: pytest.CaptureFixture[str],
+                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
     assert main(["export", str(weights), "--format", "onnx", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert f"onnx: {tmp_path / 'model.onnx'}" in out and "top-1 identical" in out
+    # The path is said once: export logged it too, and the CLI printed it again.
+    shown = "\n".join([out, err, *(r.getMessage() for r in caplog.records)])
+    assert shown.count(str(tmp_path / "model.onnx")) == 1, shown
     img = tmp_path / "x.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), np.uint8)).save(img)
     probs = {}
@@ -148,26 +175,43 @@ def _agreement(out: str) -> float:
     return float(out.split("top-1 agrees with fp32 on ")[1].split("%")[0]) / 100
 
 
+# The least top-1 agreement of int8 with fp32 on the test images, for a net that has
+# learned (test_train's LEARN_ITERATIONS on brightness_images); measured: docs/testing.md.
+INT8_TEST_AGREEMENT = 0.5
+
+
+@pytest.mark.stochastic
 def test_int8_export_calibrates_on_the_runs_training_images(
-        tmp_path: Path, fashion_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, brightness_dir: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture, variant: Variant) -> None:
+    """The export's bar is set from the agreement this machine measures, and the int8-fp32
+    error gap is bounded by the images on which they disagree: properties on any CPU. The
+    one threshold, int8's agreement on the test images of a net that has learned, is set
+    against its spread over 10 seeds x fp32/bf16 training (docs/testing.md)."""
     run = tmp_path / "run"
-    assert main(["train", "--preset", "smoke", "--data-dir", str(fashion_dir), "--set",
-                 "data.verify=false", "--set", "schedule.iterations=150", "--out", str(run)]) == 0
+    assert main(["train", "--preset", "smoke", "--data-dir", str(brightness_dir), "--set",
+                 "data.verify=false", "--set", f"schedule.iterations={LEARN_ITERATIONS}",
+                 "--out", str(run), *(f"--set={s}" for s in variant.sets)]) == 0
     with pytest.raises(resnetlab.ConfigError, match="export RUN_DIR --format onnx-int8"):
         load_backend(run / "final", "onnxruntime", precision="int8")
     argv = ["export", str(run), "--format", "onnx-int8", "--calibration-images", "256"]
     # The bar is set from the agreement this machine measures, so the outcome does not
     # depend on how int8 rounds on this CPU: any bar above it refuses, the bar itself passes.
+    caplog.set_level("INFO")
     assert main([*argv, "--min-agreement", "0"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "onnx-int8: " in out
+    int8_graph = str(run / "final" / "export" / "model.int8.onnx")
+    shown = "\n".join([out, err, *(r.getMessage() for r in caplog.records)])
+    assert shown.count(int8_graph) == 1, shown  # printed, no longer logged as well
+    # Printed to 0.1%: the true agreement (k/256, steps of 0.39%) is within 0.05% of it.
     measured = _agreement(out)
     if measured < 1:
-        assert main([*argv, "--min-agreement", str(measured + 1e-3)]) == 2
+        assert main([*argv, "--min-agreement", str(measured + 0.0005 + 1e-6)]) == 2
         assert "nothing was written" in capsys.readouterr().err
-    assert main([*argv, "--min-agreement", str(measured)]) == 0
+    assert main([*argv, "--min-agreement", str(measured - 0.0005)]) == 0
     assert _agreement(capsys.readouterr().out) == measured  # calibration is deterministic
-    errors = {}
+    errors, agrees = {}, {}
     for backend, prec in (("onnxruntime", "int8"), ("openvino", "int8"), ("onnxruntime", "fp32")):
         out_json = tmp_path / f"{backend}-{prec}.json"
         assert main(["eval", str(run), "--backend", backend, "--precision", prec,
@@ -177,8 +221,15 @@ def test_int8_export_calibrates_on_the_runs_training_images(
         errors[backend, prec] = report["top1_error"]
         if prec == "int8":  # the trade is shown on the very test images
             assert 0 < report["agreement_with_fp32"] <= 1
-    # On the test images (in distribution, unlike random tensors) int8 stays close to fp32.
-    assert abs(errors["onnxruntime", "int8"] - errors["onnxruntime", "fp32"]) < 0.1
+            agrees[backend] = report["agreement_with_fp32"]
+    # Errors can differ only on images where the predictions differ (one more for an
+    # fp32 near-tie that ONNX Runtime's fp32 breaks the other way than PyTorch).
+    gap = abs(errors["onnxruntime", "int8"] - errors["onnxruntime", "fp32"])
+    assert gap <= 1 - agrees["onnxruntime"] + 1 / 256 + 1e-9
+    # On the test images (in distribution, unlike random tensors) int8 agrees with fp32.
+    variant.record(calibration_agreement=measured, int8_error_gap=gap,
+                   test_agreement=min(agrees.values()))
+    assert min(agrees.values()) >= INT8_TEST_AGREEMENT
 
 
 def test_int8_that_must_flip_is_refused(tmp_path: Path) -> None:
@@ -274,9 +325,13 @@ SKIP_OV_BF16 = "OpenVINO cannot compile bf16 under ONEDNN_MAX_CPU_ISA below bf16
 
 
 @pytest.mark.parametrize("backend", ["openvino", "torch"])
-def test_bf16_backends_run_and_stay_near_fp32(weights: Path, backend: str) -> None:
+@pytest.mark.stochastic(precisions=["fp32"])
+def test_bf16_backends_run_and_stay_near_fp32(weights: Path, backend: str,
+                                              variant: Variant) -> None:
     """The bf16 path runs on every CPU (where bf16 is not native the runtime may compute it
-    in fp32 or emulate it); its logits stay within bf16's rounding of fp32's."""
+    in fp32 or emulate it); its logits stay within bf16's rounding of fp32's. Inference
+    precision is what it tests, so it runs once per seed (as the fp32 variant); the
+    measured spread of its ratio to the bound is in docs/testing.md."""
     if backend == "openvino" and OV_BF16_EMULATED:
         with pytest.raises(ExportError, match=r"could not compile model\.xml at bf16"):
             load_backend(weights, backend, precision="bf16")  # one line, not a traceback
@@ -289,7 +344,9 @@ def test_bf16_backends_run_and_stay_near_fp32(weights: Path, backend: str) -> No
         ref = model(x)
     got = be(x)
     assert got.dtype == torch.float32 and got.shape == ref.shape
-    assert (got - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
+    bound = 0.05 * float(ref.abs().max()) + 1e-3
+    variant.record(diff_over_bound=float((got - ref).abs().max()) / bound)
+    assert (got - ref).abs().max() < bound
 
 
 def test_auto_precision_uses_only_what_passed_its_check(tmp_path: Path,
@@ -352,3 +409,43 @@ def test_a_runtime_is_added_by_one_registry_entry(weights: Path, tmp_path: Path,
     capsys.readouterr()
     assert main(["predict", str(wdir), str(img), "--backend", "ort-basic"]) == 0
     assert str(img) in capsys.readouterr().out
+
+
+def test_the_int8_alias_takes_the_same_path_as_its_spelling_out(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`predict --backend onnxruntime-int8` ran int8 unchecked and recorded nothing; it is now
+    `--backend onnxruntime --precision int8`: checked on the run's test images, recorded, and
+    refused below the bar, alike."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert main(["export", str(run), "--format", "onnx-int8", "--calibration-images", "128",
+                 "--min-agreement", "0"]) == 0
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), np.uint8)).save(img)
+    record = run / "final" / "export" / "agreement.json"
+    spellings = {"alias": ["--backend", "onnxruntime-int8"],
+                 "spelled out": ["--backend", "onnxruntime", "--precision", "int8"]}
+    recorded, predicted, refused = {}, {}, {}
+    for name, flags in spellings.items():
+        record.unlink(missing_ok=True)
+        capsys.readouterr()
+        # An impossible bar: checked now, recorded, and refused in one line naming the check.
+        assert main(["predict", str(run), str(img), *flags, "--min-agreement", "1.01"]) == 2
+        refused[name] = capsys.readouterr().err.strip().splitlines()
+        recorded[name] = json.loads(record.read_text())
+        # No bar: the same record passes (not measured again) and int8 predicts.
+        assert main(["predict", str(run), str(img), "--json", *flags, "--min-agreement",
+                     "0"]) == 0
+        predicted[name] = json.loads(capsys.readouterr().out)["predictions"]
+        assert json.loads(record.read_text()) == recorded[name]
+    assert list(recorded["alias"]) == ["onnxruntime/int8"]
+    assert recorded["alias"] == recorded["spelled out"]
+    assert recorded["alias"]["onnxruntime/int8"]["images"] == 256  # the run's test split
+    assert predicted["alias"] == predicted["spelled out"]
+    assert refused["alias"] == refused["spelled out"]
+    assert len(refused["alias"]) == 1 and "FAILS the 101.0% bar" in refused["alias"][0]
+    # The alias is int8: another precision with it is one line naming the spelling to use.
+    assert main(["predict", str(run), str(img), "--backend", "onnxruntime-int8",
+                 "--precision", "fp32"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --backend onnxruntime-int8 is --backend " \
+        "onnxruntime --precision int8; for fp32 use --backend onnxruntime --precision fp32"

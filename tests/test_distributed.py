@@ -1,6 +1,7 @@
 """Data-parallel training under torchrun: 2 CPU processes on gloo."""
 
 import copy
+import hashlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import distributed as dist
 from torch import nn
 
@@ -20,8 +22,9 @@ from resnetlab.train.config import resolve
 from resnetlab.train.distributed import CPUSyncBatchNorm, convert_sync_bn
 from resnetlab.train.loop import train
 
-# fp32 on every CPU: the tolerance below is fp32's (bf16, which precision=auto picks on CPUs
-# with AVX512-BF16 or AMX, rounds each product to 8 bits and measured 2.9e-3 here).
+from .conftest import Variant, _variant
+
+# fp32 on every CPU: the tolerance below is fp32's.
 SETS = ["batch_size=128", "schedule.iterations=4", "eval_every=2", "log_every=2",
         "optim.lr=0.02", "sync_bn=true", "data.limit_test=255", "data.verify=false",
         "precision=fp32"]
@@ -46,7 +49,9 @@ def _ddp_train(fashion_dir: Path, out: Path, *extra: str) -> Path:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory, fashion_dir: Path) -> Path:
-    return _ddp_train(fashion_dir, tmp_path_factory.mktemp("ddp") / "run")
+    """Trained with the seed of the variant (module scope: read from the environment)."""
+    return _ddp_train(fashion_dir, tmp_path_factory.mktemp("ddp") / "run",
+                      f"seed={_variant().seed}")
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -57,30 +62,35 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 # Tolerance: one process and two ranks see the same examples with the same augmentation from
 # the same initial weights; only the order of float32 additions differs (the all-reduce of
 # gradients, the per-rank partial sums of SyncBN). Those ~1e-7 relative differences compound
-# over 4 momentum steps to about 1e-4 at most (measured: 1.3e-4, in a BN running variance).
-# Per-rank BN statistics instead of SyncBN differ by about 3e-2 (measured), which the test
-# also checks, so 1e-3 separates "same computation" from "a different one" both ways.
-TOLERANCE = 1e-3
+# over 4 momentum steps to at most 4.0e-4 over seeds 0-9 (AMD EPYC Zen 2); per-rank BN
+# statistics instead of SyncBN, a different computation, differed by 7.5e-3 at least. 2e-3
+# lies 5x above the one and 3.8x below the other (docs/testing.md).
+TOLERANCE = 2e-3
 
 
+@pytest.mark.stochastic(precisions=["fp32"])
 def test_two_ranks_of_64_match_one_process_of_128(ddp_run: Path, fashion_dir: Path,
-                                                  tmp_path: Path) -> None:
-    cfg = resolve("smoke", sets=[f"data.data_dir={fashion_dir}", *SETS])
+                                                  tmp_path: Path, variant: Variant) -> None:
+    """fp32 only: the tolerance is float32's (bf16, which precision=auto picks on CPUs with
+    AVX512-BF16 or AMX, rounds each product to 8 bits and measured 2.9e-3 here)."""
+    cfg = resolve("smoke", sets=[f"data.data_dir={fashion_dir}", *SETS, *variant.sets])
     single = train(cfg, tmp_path / "single", progress=False)
     a = resnetlab.load_model(single.weights).state_dict()
     b = resnetlab.load_model(ddp_run / "final").state_dict()
     assert a.keys() == b.keys()
-    assert _max_diff(a, b) < TOLERANCE
-    assert all(torch.equal(a[k], b[k]) for k in a if not a[k].is_floating_point())
     # The negative control, launched through the `--nproc` shortcut (which runs torchrun).
     out = tmp_path / "no-sync"
     proc = subprocess.run([sys.executable, "-m", "resnetlab", "train", "--nproc", "2",
                            "--preset", "smoke", "--data-dir", str(fashion_dir), "--out", str(out),
-                           *[f"--set={s}" for s in SETS], "--set=sync_bn=false"],
-                          capture_output=True, text=True, timeout=240)
+                           *[f"--set={s}" for s in [*SETS, *variant.sets]],
+                           "--set=sync_bn=false"], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test accuracy" in proc.stdout
-    assert _max_diff(a, resnetlab.load_model(out / "final").state_dict()) > TOLERANCE
+    other = _max_diff(a, resnetlab.load_model(out / "final").state_dict())
+    variant.record(same=_max_diff(a, b), per_rank_bn=other)
+    assert _max_diff(a, b) < TOLERANCE
+    assert all(torch.equal(a[k], b[k]) for k in a if not a[k].is_floating_point())
+    assert other > TOLERANCE
 
 
 def test_only_rank_0_writes_and_eval_equals_single_process(ddp_run: Path,
@@ -98,6 +108,61 @@ def test_only_rank_0_writes_and_eval_equals_single_process(ddp_run: Path,
     assert single.count == distributed["count"] == 255  # 255 does not divide by 2 ranks
     assert single.top1_error == distributed["top1_error"]
     assert single.top5_error == distributed["top5_error"]
+
+
+# Loaded into every rank (as sitecustomize, by PYTHONPATH): each rank records the digest
+# of its model right after finetune.init is loaded into it.
+INIT_HOOK = """
+import os
+if "RANK" in os.environ:
+    import hashlib
+    from resnetlab.train import setup
+    load = setup.init_from
+    def recorded(model, source, name):
+        load(model, source, name)
+        digest = hashlib.sha256()
+        for t in model.state_dict().values():
+            digest.update(t.detach().contiguous().numpy().tobytes())
+        with open(os.environ["INIT_RECORD"], "a") as f:
+            f.write(f"{os.environ['RANK']} {source} {digest.hexdigest()}\\n")
+    setup.init_from = recorded
+"""
+
+
+def test_nproc_starts_every_rank_from_the_init_weights(tmp_path: Path,
+                                                       fashion_dir: Path) -> None:
+    """`train --nproc 2 --init W`: each rank's model holds W's weights before its first
+    step, and the --set that freezes the backbone reached the ranks too: the final backbone
+    is W's, bit for bit, BatchNorm statistics included (random ones here)."""
+    model = resnetlab.create_model("resnet8", in_chans=1, num_classes=10)
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    w = tmp_path / "w"
+    resnetlab.save_weights(model, w)
+    digest = hashlib.sha256()
+    for t in model.state_dict().values():
+        digest.update(t.contiguous().numpy().tobytes())
+    hook, record = tmp_path / "hook", tmp_path / "init-record.txt"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(INIT_HOOK)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "resnetlab", "train", "--nproc", "2",
+                           "--preset", "smoke", "--data-dir", str(fashion_dir), "--init", str(w),
+                           "--out", str(out), *[f"--set={s}" for s in SETS],
+                           "--set=finetune.freeze=backbone", "--set=schedule.iterations=2"],
+                          capture_output=True, text=True, timeout=240,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(hook),
+                                   INIT_RECORD=str(record)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(record.read_text().splitlines()) == [f"{rank} {w} {digest.hexdigest()}"
+                                                       for rank in (0, 1)]
+    start = load_file(w / "model.safetensors")
+    final = load_file(out / "final" / "model.safetensors")
+    backbone = [k for k in start if not k.startswith("head.")]
+    assert len(backbone) > 20 and all(torch.equal(final[k], start[k]) for k in backbone)
+    assert not torch.equal(final["head.fc.weight"], start["head.fc.weight"])  # it trained
 
 
 LAUNCHER = '''

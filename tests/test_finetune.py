@@ -19,6 +19,7 @@ from resnetlab.train.config import resolve
 from resnetlab.train.finetune import init_from, read_source
 from resnetlab.train.setup import make_optimizer
 
+from .conftest import Variant
 from .test_convert import perturb
 
 FOLDER_SETS = ["--set", "data.dataset=folder", "--set", "data.image_size=32", "--set",
@@ -81,7 +82,9 @@ def test_timm_file_and_hub_folder_load_exactly(tmp_path: Path) -> None:
             assert torch.equal(ours.eval()(x), theirs(x))
 
 
-def test_resnetlab_weights_and_a_grayscale_first_conv(tmp_path: Path) -> None:
+@pytest.mark.stochastic(precisions=["fp32"])
+def test_resnetlab_weights_and_a_grayscale_first_conv(tmp_path: Path, variant: Variant) -> None:
+    """Images of the variant's seed; fp32 rounding is what the tolerance covers."""
     src = perturb(resnetlab.create_model("resnet20"))
     resnetlab.save_weights(src, tmp_path / "w")
     gray = resnetlab.create_model("resnet20", in_chans=1, num_classes=3)
@@ -90,10 +93,12 @@ def test_resnetlab_weights_and_a_grayscale_first_conv(tmp_path: Path) -> None:
     assert torch.equal(gray.state_dict()["stem.conv.weight"], summed)
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():  # a gray image is the RGB image with three equal channels (up to
-        # the order of the first conv's sums: 5e-5 seen)
-        torch.testing.assert_close(gray.eval().forward_features(x),
-                                   src.eval().forward_features(x.expand(-1, 3, -1, -1)),
-                                   rtol=1e-4, atol=1e-4)
+        # the order of the first conv's sums: 0.59 of a 1e-4 tolerance at worst over seeds
+        # 0-9, so 5e-4, 8x that; a first conv not summed is off by O(1))
+        a = gray.eval().forward_features(x)
+        b = src.eval().forward_features(x.expand(-1, 3, -1, -1))
+    variant.record(diff_over_tolerance=float(((a - b).abs() / (5e-4 + 5e-4 * b.abs())).max()))
+    torch.testing.assert_close(a, b, rtol=5e-4, atol=5e-4)
 
 
 def test_wrong_architecture_and_unsafe_or_foreign_files_are_one_line(

@@ -41,6 +41,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _wait_for_store(port: int, host: subprocess.Popen[str], timeout_s: float = 120) -> None:
+    """Until `host` listens on `port`. A fixed wait lost the race on a loaded machine: the
+    second agent bound the store first, and the elastic test then killed the store with it."""
+    deadline = time.monotonic() + timeout_s
+    while host.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"the first torchrun agent never listened on port {port}")
+
+
 def _agents(argv: list[str], cwd: Path, nnodes: str = "2", restarts: int = 0,
             env: dict[str, str] | None = None, env_b: dict[str, str] | None = None
             ) -> list[subprocess.CompletedProcess[str]]:
@@ -53,7 +66,7 @@ def _agents(argv: list[str], cwd: Path, nnodes: str = "2", restarts: int = 0,
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     procs = [subprocess.Popen(base, env=env, cwd=cwd, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)]
-    time.sleep(1.0)  # the first agent hosts the rendezvous store, as node1 would
+    _wait_for_store(port, procs[0])  # the first agent hosts the rendezvous store, as node1
     procs.append(subprocess.Popen(base, env={**env, **(env_b or {})}, cwd=cwd,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     done = []

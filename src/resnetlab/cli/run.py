@@ -7,32 +7,47 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from ..deploy.agreement import MIN_AGREEMENT
-from ..deploy.backends import backend_names
+from ..deploy.backends import INT8_ALIAS, backend_names, canonical
 from ..deploy.predict import Prediction, Predictor
 from ..evaluation.evaluate import TTA_MODES
 from ..evaluation.run import evaluate_run, test_images
 from ..precision import INFER_PRECISIONS
 from ..tables import format_duration
-from ..train.config import PRESETS, override, resolve, to_yaml
+from ..train.config import PRESETS, TrainConfig, override, resolve, to_yaml
 from ..train.loop import train
 from ..train.rundir import RunDir
 
 BACKEND_HELP = ("inference runtime; auto: the fastest installed (openvino, onnxruntime, then "
-                "torch); the first use of a graph runtime exports the weights once")
+                "torch); the first use of a graph runtime exports the weights once; "
+                f"{INT8_ALIAS} is the older spelling of onnxruntime --precision int8")
 PRECISION_HELP = ("fp32, bf16 (openvino, torch), int8 (openvino, onnxruntime; after `export "
-                  "--format onnx-int8`), or auto: the fastest this CPU runs natively whose "
-                  "top-1 agrees with fp32 on >= --min-agreement of the run's test images "
-                  "(checked once per weights)")
+                  "--format onnx-int8`), or auto: the fastest this CPU runs natively. bf16 and "
+                  "int8, asked for or chosen, are used only if their top-1 agrees with fp32 on "
+                  ">= --min-agreement of the run's test images (checked once per weights)")
 
 
 def add_precision_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=INFER_PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT,
-                   help="least top-1 agreement with fp32 for bf16/int8 (default %(default)s)")
+                   help="least top-1 agreement with fp32 on the run's test images for bf16/int8 "
+                   "to be used (default %(default)s; `export --format onnx-int8` has its own, "
+                   "lower, floor on the calibration images: export --help)")
+
+
+def positive_int(value: str) -> int:
+    """An argparse type: a whole number >= 1 (a count that 0 or less would make meaningless)."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a whole number >= 1")
+    return number
 
 
 def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -81,24 +96,24 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     p = sub.add_parser("predict", parents=[common], help="classify image files")
     p.add_argument("weights", help="run directory or weights directory")
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, BMP, ...)")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=positive_int, default=5, help="classes shown per image")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--backend", choices=backend_names(), default="auto", help=BACKEND_HELP)
     add_precision_args(p)
     p.set_defaults(func=cmd_predict)
 
 
-def _torchrun(args: argparse.Namespace, out: Path) -> int:
-    """`--nproc N`: relaunch this same command under torchrun with N local processes."""
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={args.nproc}", "-m", "resnetlab", "train", "--out", str(out),
-            "--resume", args.resume]
-    for flag, value in (("--preset", args.preset), ("--config", args.config),
-                        ("--data-dir", args.data_dir)):
-        if value:
-            argv += [flag, value]
-    argv += [f"--set={s}" for s in args.sets]
-    return subprocess.run(argv).returncode
+def _torchrun(cfg: TrainConfig, nproc: int, out: Path, resume: str) -> int:
+    """`--nproc N`: train `cfg` under torchrun with N local processes. The ranks read the
+    resolved configuration from a file, so every flag and --set reaches them as resolved
+    here (re-typing flags once lost --init: each rank trained from scratch)."""
+    with tempfile.TemporaryDirectory(prefix="resnetlab-nproc-") as tmp:
+        resolved = Path(tmp) / "config.yaml"
+        resolved.write_text(to_yaml(cfg))
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={nproc}", "-m", "resnetlab", "train", "--config",
+                str(resolved), "--out", str(out), "--resume", resume]
+        return subprocess.run(argv).returncode
 
 
 def _own_config(args: argparse.Namespace) -> str | None:
@@ -125,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else \
         Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _torchrun(args, out)
+        return _torchrun(cfg, args.nproc, out, args.resume)
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank:
         print(f"training {cfg.model.name} ({cfg.preset} preset, {cfg.schedule.iterations} "
@@ -159,8 +174,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{res.count / ev.seconds:,.0f} images/s")
     print(f"top-1 error {100 * res.top1_error:.2f}%   top-5 error {100 * res.top5_error:.2f}%"
           f"   accuracy {100 * (1 - res.top1_error):.2f}%")
-    if ev.agreement is not None:
-        print(ev.agreement.line() + ("" if ev.agreement.passed else "; auto will not use it"))
+    if ev.agreement is not None:  # a failing check refuses the precision before scoring
+        print(ev.agreement.line())
     width = max(len(n) for n in ev.classes)
     for name, acc in zip(ev.classes, res.per_class_accuracy, strict=True):
         print(f"  {name:<{width}}  {100 * acc:6.2f}%")
@@ -169,9 +184,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    check = test_images(args.weights) if args.precision == "auto" else None
-    predictor = Predictor(args.weights, args.backend, args.precision, check,
-                          args.min_agreement)
+    # One spelling from here on (the int8 alias is onnxruntime at int8), and a reduced
+    # precision, asked for or chosen by auto, is checked on the run's test images first.
+    backend, precision = canonical(args.backend, args.precision)
+    check = test_images(args.weights) if precision != "fp32" else None
+    predictor = Predictor(args.weights, backend, precision, check, args.min_agreement)
     failed = 0
     for res in predictor.predict(args.images, args.topk):
         if not isinstance(res, Prediction):
