@@ -2,6 +2,7 @@ import gzip
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,26 +122,27 @@ def brightness_images(n: int, seed: int, size: int = 28) -> tuple[np.ndarray, np
     return images.astype(np.uint8), labels
 
 
-@pytest.fixture(scope="session")
-def fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small data set in the official Fashion-MNIST file layout (IDX, gzipped)."""
-    root = tmp_path_factory.mktemp("fashion")
+def write_fashion_files(root: Path, make: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+                        ) -> Path:
+    """640 training and 256 test images from `make(n, seed)`, in the official
+    Fashion-MNIST file layout (IDX, gzipped)."""
     for split, n, seed in (("train", 640, 1), ("t10k", 256, 2)):
-        images, labels = synthetic_images(n, seed)
+        images, labels = make(n, seed)
         write_idx(root / f"{split}-images-idx3-ubyte", images)
         write_idx(root / f"{split}-labels-idx1-ubyte", labels)
     return root
+
+
+@pytest.fixture(scope="session")
+def fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """synthetic_images as a small Fashion-MNIST."""
+    return write_fashion_files(tmp_path_factory.mktemp("fashion"), synthetic_images)
 
 
 @pytest.fixture(scope="session")
 def brightness_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """brightness_images in the Fashion-MNIST file layout, as fashion_dir."""
-    root = tmp_path_factory.mktemp("brightness")
-    for split, n, seed in (("train", 640, 1), ("t10k", 256, 2)):
-        images, labels = brightness_images(n, seed)
-        write_idx(root / f"{split}-images-idx3-ubyte", images)
-        write_idx(root / f"{split}-labels-idx1-ubyte", labels)
-    return root
+    """brightness_images as a small Fashion-MNIST: a data set the smoke recipe learns."""
+    return write_fashion_files(tmp_path_factory.mktemp("brightness"), brightness_images)
 
 
 @pytest.fixture

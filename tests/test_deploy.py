@@ -176,8 +176,11 @@ def _agreement(out: str) -> float:
 
 
 # The least top-1 agreement of int8 with fp32 on the test images, for a net that has
-# learned (test_train's LEARN_ITERATIONS on brightness_images); measured: docs/testing.md.
-INT8_TEST_AGREEMENT = 0.5
+# learned (test_train's LEARN_ITERATIONS on brightness_images). Over seeds 0-9 (AMD EPYC
+# Zen 2, AVX2, no VNNI) ONNX Runtime's int8 agreed on 71-100% after fp32 training and 78-100%
+# after bf16 (it loses whole brightness classes; OpenVINO's int8 agreed on 100%); a broken
+# graph agrees by chance, about 10%. 0.3 sits 0.41 below the one and 0.2 above the other.
+INT8_TEST_AGREEMENT = 0.3
 
 
 @pytest.mark.stochastic

@@ -143,7 +143,8 @@ GRAD = 0.1
     # the v2 stem is a bare conv; the final BN-ReLU before the head is the +1
     ("preact_resnet110", 8, 54 * 2 + 1, 1e-5, GRAD),
     # An untrained ResNet-50 amplifies float32 rounding in its loss and statistics too.
-    ("resnet50", 32, 1 + 16 * 3, 1e-3, GRAD)])
+    ("resnet50", 32, 1 + 16 * 3, 1e-3, GRAD)],
+    ids=["resnet20", "plain20", "preact_resnet110", "resnet50"])
 @pytest.mark.stochastic(precisions=["fp32"])
 def test_fused_model_is_as_exact_as_float32_allows(name: str, size: int, pairs: int,
                                                    fwd: float, grad: float,

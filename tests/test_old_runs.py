@@ -31,7 +31,7 @@ from resnetlab.train.rundir import STATE_FILE, RunDir, weights_dir
 from resnetlab.train.schedule import LRSchedule
 from resnetlab.train.setup import TrainState, make_optimizer
 
-from .conftest import synthetic_images, write_idx
+from .conftest import synthetic_images, write_fashion_files
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run-0.1.0"
 SETS = ["data.data_dir=fashion-data", "data.verify=false", "precision=fp32",
@@ -41,12 +41,8 @@ SETS = ["data.data_dir=fashion-data", "data.verify=false", "precision=fp32",
 @pytest.fixture
 def old_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> RunDir:
     """A copy of the old run directory, beside the data it was trained on."""
-    data = tmp_path / "fashion-data"
-    data.mkdir()
-    for split, n, seed in (("train", 640, 1), ("t10k", 256, 2)):
-        images, labels = synthetic_images(n, seed)
-        write_idx(data / f"{split}-images-idx3-ubyte", images)
-        write_idx(data / f"{split}-labels-idx1-ubyte", labels)
+    (tmp_path / "fashion-data").mkdir()
+    write_fashion_files(tmp_path / "fashion-data", synthetic_images)
     shutil.copytree(FIXTURE, tmp_path / "run")
     monkeypatch.chdir(tmp_path)
     return RunDir(tmp_path / "run")
@@ -122,7 +118,7 @@ def test_old_run_resumes_with_every_saved_tensor_restored(
     (weights and BN statistics, every momentum buffer, RNG, iteration, schedule), and its
     next step is the step that state defines, up to float32 rounding: recomputed here from
     the checkpoint's files alone, on whatever CPU runs the test. Guards a resume that drops
-    any of them (e.g. SGD.load_state_dict as a no-op: no momentum, an update 8-10x off)."""
+    any of them (e.g. SGD.load_state_dict as a no-op: no momentum, steps 75-100% off)."""
     ckpt = FIXTURE / "checkpoints" / "ckpt-00000010"  # the copy's is pruned as it resumes
     saved = torch.load(ckpt / STATE_FILE, weights_only=True)
     seen = _watch_the_resume(monkeypatch)

@@ -47,7 +47,7 @@ def _warmup_ends_at(monkeypatch: pytest.MonkeyPatch, iteration: int) -> None:
 def test_overfits_a_tiny_batch(variant: Variant) -> None:
     """60 steps memorise 16 noise images (weights and images drawn from the variant's seed;
     the step in its precision, as `train` runs it). Measured over seeds 0-9 x fp32/bf16
-    (AMD EPYC Zen 2, AVX2; bf16 emulated): see THRESHOLDS in docs/testing.md."""
+    (AMD EPYC Zen 2, AVX2; bf16 emulated): docs/testing.md."""
     model = resnetlab.create_model("resnet8", in_chans=1)
     cfg = resolve("smoke", sets=["optim.weight_decay=0"])
     opt = make_optimizer(model, cfg)
