@@ -8,7 +8,8 @@
       checkpoints/ckpt-<it>/    its weights (model.safetensors + config.json), trainer_state.pt
       final/                    the weights to ship, as `save_weights` writes them
       final/export/             graphs of those weights and their precision checks (deploy/)
-      final/eval-<split>-<tta>.json   reports of `resnetlab eval`
+      final/eval-<split>-<tta>[-<backend>-<precision>].json   reports of `resnetlab eval`
+                                (the suffix unless PyTorch fp32 scored it)
       eval.json                 the final test report; confusion.png, curves.png its figures
       .lock                     who is training in it now (RunDir.lock)
 
