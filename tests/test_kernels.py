@@ -129,8 +129,9 @@ def _relative_error(grads: dict[str, torch.Tensor], exact: dict[str, torch.Tenso
     return float(diff / sum(g.square().sum() for g in exact.values()) ** 0.5)
 
 
-# Gradients: an untrained net amplifies float32 rounding, and now and then a pre-activation
-# within rounding of zero passes the ReLU in one precision and not the other. Over seeds 0-9
+# Gradients: an untrained net amplifies float32 rounding, with a heavy tail (likely, not
+# verified: a pre-activation within rounding of zero that passes the ReLU in one precision
+# and not in the other). Over seeds 0-9
 # (AMD EPYC Zen 2) the relative gradient error was 1e-6 on most draws but reached 1.8e-3
 # (resnet20), 8.9e-3 (preact_resnet110) and 3.1e-2 (resnet50), so GRAD = 0.1 for all; each
 # kernel on its own is held to 1e-5 of float64 above (test_fused_matches_float64).
