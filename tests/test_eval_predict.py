@@ -238,6 +238,16 @@ def test_predict_refuses_a_topk_below_one(run_dir: Path, tmp_path: Path, topk: s
         f"resnetlab predict: error: argument --topk: '{topk}': give a whole number >= 1"
 
 
+def test_train_refuses_fewer_than_one_process(capsys: pytest.CaptureFixture[str]) -> None:
+    """--nproc 0 or -1 trained one process without a word."""
+    for nproc in ("0", "-1"):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--preset", "smoke", "--nproc", nproc])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == \
+            f"resnetlab train: error: argument --nproc: '{nproc}': give a whole number >= 1"
+
+
 def test_predict_topk_one_is_one_class(run_dir: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     image = _image_files(tmp_path)["rgb.jpg"]

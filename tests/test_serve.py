@@ -506,6 +506,10 @@ def test_a_busy_port_is_a_one_line_error_and_nothing_is_announced(
     assert out == ""  # not "serving at", nor the model it would have loaded
     assert err.count("\n") == 1 and f"port {port} on 127.0.0.1 is already in use" in err
     assert "choose another --port" in err
+    # getaddrinfo wraps a port past 65535 round (70000 is 4464): refused, not served there
+    assert main(["serve", f"smoke={run_dir}", "--port", "70000"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == "error: --port 70000: ports go up to 65535"
 
 
 def chrome(width: int = 1280, height: int = 900) -> Any:

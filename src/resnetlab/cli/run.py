@@ -71,7 +71,7 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
                    "if any (without --preset or --config: with the run's own config.yaml); a "
                    "finished run is re-reported")
     t.add_argument("--print-config", action="store_true", help="print the resolved config")
-    t.add_argument("--nproc", type=int, default=1,
+    t.add_argument("--nproc", type=positive_int, default=1,
                    help="data-parallel processes on this machine (runs torchrun for you)")
     t.set_defaults(func=cmd_train)
 

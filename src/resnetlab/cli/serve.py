@@ -85,6 +85,8 @@ def bind(host: str, port: int) -> list[socket.socket]:
     socks: list[socket.socket] = []
     try:
         for family, kind, proto, _, addr in dict.fromkeys(infos):  # a hosts file may repeat one
+            if port == 0 and socks:  # every address on the one port the system chose
+                addr = (addr[0], socks[0].getsockname()[1], *addr[2:])
             sock = socket.socket(family, kind, proto)
             socks.append(sock)
             # As uvicorn: a restarted server need not wait out its predecessor's TIME_WAIT.
@@ -124,6 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for flag in ("max_batch", "max_queue", "topk", "port"):
         if getattr(args, flag) < (0 if flag == "port" else 1):
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive")
+    if args.port > 65535:  # getaddrinfo would wrap it round to another port
+        raise ConfigError(f"--port {args.port}: ports go up to 65535")
     specs = [model_name(w) for w in args.weights]
     socks = bind(args.host, args.port)
     try:
