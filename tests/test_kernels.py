@@ -129,21 +129,23 @@ def _relative_error(grads: dict[str, torch.Tensor], exact: dict[str, torch.Tenso
     return float(diff / sum(g.square().sum() for g in exact.values()) ** 0.5)
 
 
-# Gradients: an untrained net amplifies float32 rounding, with a heavy tail (likely, not
-# verified: a pre-activation within rounding of zero that passes the ReLU in one precision
-# and not in the other). Over seeds 0-9 (AMD EPYC Zen 2) the relative gradient error was
-# 1e-6 on most draws, at worst 1.8e-3 (resnet20), 4.4e-6 (plain20), 8.9e-3
-# (preact_resnet110) and 3.1e-2 (resnet50); each bound below is 3-20x that worst draw. Each
-# kernel on its own is held to 1e-5 of float64 above (test_fused_matches_float64).
+# Gradients: an untrained net amplifies float32 rounding, with a heavy tail shared by every
+# model (likely, not verified: a pre-activation within rounding of zero that passes the ReLU
+# in one precision and not in the other). Over seeds 0-9 (AMD EPYC Zen 2) the relative
+# gradient error was 1e-6 on most draws and at worst 3.1e-2 (resnet50); bounds fitted per
+# model failed out of sample (plain20: 4.4e-6 at worst over seeds 0-9, then 2.7e-2 at seed
+# 13). So one bound, GRAD = 0.1, 3.2x the worst draw of any model; each kernel on its own
+# is held to 1e-5 of float64 above (test_fused_matches_float64).
+GRAD = 0.1
 
 
 @needs_cc
 @pytest.mark.parametrize("name,size,pairs,fwd,grad", [
-    ("resnet20", 16, 1 + 9 * 2, 1e-5, 1e-2), ("plain20", 16, 1 + 9 * 2, 1e-5, 1e-4),
+    ("resnet20", 16, 1 + 9 * 2, 1e-5, GRAD), ("plain20", 16, 1 + 9 * 2, 1e-5, GRAD),
     # the v2 stem is a bare conv; the final BN-ReLU before the head is the +1
-    ("preact_resnet110", 8, 54 * 2 + 1, 1e-5, 5e-2),
+    ("preact_resnet110", 8, 54 * 2 + 1, 1e-5, GRAD),
     # An untrained ResNet-50 amplifies float32 rounding in its loss and statistics too.
-    ("resnet50", 32, 1 + 16 * 3, 1e-3, 1e-1)],
+    ("resnet50", 32, 1 + 16 * 3, 1e-3, GRAD)],
     ids=["resnet20", "plain20", "preact_resnet110", "resnet50"])
 @pytest.mark.stochastic(precisions=["fp32"])
 def test_fused_model_is_as_exact_as_float32_allows(name: str, size: int, pairs: int,
