@@ -140,13 +140,13 @@ _AKAMASTER = [("conv1.", "stem.conv."), ("bn1.", "stem.bn."), ("linear.", "head.
 _DATA_PARALLEL = "module."
 
 
-def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unwrap_data_parallel(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state` without DataParallel's `module.` key prefixes (a plain state as it is)."""
     return {k.removeprefix(_DATA_PARALLEL): v for k, v in state.items()}
 
 
 def is_akamaster(state: dict[str, torch.Tensor]) -> bool:
-    keys = _unwrapped(state)
+    keys = unwrap_data_parallel(state)
     return "linear.weight" in keys and "layer1.0.conv1.weight" in keys
 
 
@@ -206,8 +206,8 @@ def from_akamaster(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise WeightsError("not an akamaster CIFAR ResNet state_dict (it has no linear.weight "
                            "and layer1.0.conv1.weight): pass checkpoint['state_dict'] of "
                            "pytorch_resnet_cifar10's trainer")
-    return _permute_akamaster(_rename(_unwrapped(state), [_rule(a, o) for a, o in _AKAMASTER]),
-                              inverse=False)
+    renamed = _rename(unwrap_data_parallel(state), [_rule(a, o) for a, o in _AKAMASTER])
+    return _permute_akamaster(renamed, inverse=False)
 
 
 def to_akamaster(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

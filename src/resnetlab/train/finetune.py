@@ -24,7 +24,13 @@ from torch import nn
 
 from ..errors import ConfigError, UnknownModelError, WeightsError
 from ..models.config import CONFIG_FILE, WEIGHTS_FILE
-from ..models.convert import from_akamaster, from_timm, is_akamaster, is_timm_v2
+from ..models.convert import (
+    from_akamaster,
+    from_timm,
+    is_akamaster,
+    is_timm_v2,
+    unwrap_data_parallel,
+)
 from ..models.factory import check_state_dict
 from ..models.registry import get_spec
 from ..models.resnet import ResNet
@@ -58,7 +64,7 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path} holds no state_dict (a mapping of names to tensors)")
-    return {re.sub(r"^module\.", "", k): v for k, v in obj.items()}
+    return unwrap_data_parallel(obj)
 
 
 def _blocks(keys: list[str], pattern: str) -> list[int]:
