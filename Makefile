@@ -97,7 +97,7 @@ test-all: lint browser
 # docs/testing.md, equivalent mutants excused by tools/mutation_equivalents.txt;
 # `.venv/bin/mutmut show NAME` prints one mutant's diff.
 MUTANTS := 'resnetlab.evaluation.evaluate.*' 'resnetlab.train.schedule.*' 'resnetlab.train.checkpoint.*' \
-	'resnetlab.train.rundir.*' \
+	'resnetlab.runs.*' \
 	'resnetlab.data.x_holdout*' 'resnetlab.data.x_build_data*' 'resnetlab.data.x__build_folder*' \
 	'resnetlab.data.memory.xǁNormalizeǁ*' 'resnetlab.models.layers.x__subsample*' \
 	'resnetlab.models.layers.xǁZeroPadShortcutǁ*' 'resnetlab.models.layers.xǁProjectionǁ*' \

@@ -1,5 +1,8 @@
 """Golden numbers from the paper and torchvision, and the structure each variant promises."""
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -174,3 +177,42 @@ def test_make_shortcut_passes_every_choice_on() -> None:
     assert torch.equal(ZeroPadShortcut(4, 4, 2)(x), x[:, :, ::2, ::2])  # subsampling only
     with pytest.raises(ValueError, match=r"^option A cannot reduce channels \(4 -> 3\)$"):
         ZeroPadShortcut(4, 3, 1)
+
+
+SRC = Path(resnetlab.__file__).parent.parent
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of the resnetlab modules a source file imports (relative ones resolved)."""
+    package = ".".join(path.relative_to(SRC).parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            if node.level:
+                base = base[:len(base) - node.level + 1]
+                name = ".".join([*base, node.module] if node.module else base)
+            else:
+                name = node.module or ""
+            found.add(name)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {n for n in found if n.startswith("resnetlab")}
+
+
+@pytest.mark.parametrize("layer", ["deploy", "serve", "evaluation", "models", "data"])
+def test_lower_layers_do_not_import_the_trainer(layer: str) -> None:
+    """Scoring, exporting and serving a run read its files through resnetlab.runs and
+    resnetlab.config; the trainer sits above them (docs/architecture.md)."""
+    files = sorted((SRC / "resnetlab" / layer).glob("*.py"))
+    assert files
+    wrong = {f.name: sorted(n for n in _imports(f) if n.startswith("resnetlab.train"))
+             for f in files}
+    assert {k: v for k, v in wrong.items() if v} == {}
+
+
+def test_the_import_check_sees_relative_imports() -> None:
+    """The check above reads `from ..train.loop import x` as resnetlab.train.loop."""
+    names = _imports(SRC / "resnetlab" / "cli" / "run.py")
+    assert "resnetlab.train.loop" in names
+    assert "resnetlab.config" in names

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from resnetlab.config import PRESETS, ScheduleConfig, parse_set, resolve, to_yaml
 from resnetlab.errors import ConfigError
 from resnetlab.models.factory import create_model
+from resnetlab.recipes import CifarNet, cifar_recipe
 from resnetlab.reproduce.common import get_scale
-from resnetlab.train.config import PRESETS, ScheduleConfig, parse_set, resolve, to_yaml
-from resnetlab.train.recipes import CifarNet, cifar_recipe
 from resnetlab.train.schedule import LRSchedule
 
 

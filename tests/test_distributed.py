@@ -16,9 +16,9 @@ from torch import distributed as dist
 from torch import nn
 
 import resnetlab
+from resnetlab.config import resolve
 from resnetlab.data import build_data
 from resnetlab.evaluation.evaluate import evaluate
-from resnetlab.train.config import resolve
 from resnetlab.train.distributed import CPUSyncBatchNorm, convert_sync_bn
 from resnetlab.train.loop import train
 

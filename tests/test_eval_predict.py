@@ -12,11 +12,11 @@ from PIL import Image
 
 import resnetlab
 from resnetlab.cli import main
+from resnetlab.config import resolve
 from resnetlab.data import build_data
 from resnetlab.data.images import ImageError, load_image
 from resnetlab.data.memory import Normalize
 from resnetlab.evaluation.evaluate import PadCrop, evaluate
-from resnetlab.train.config import resolve
 
 
 def test_evaluate_counts_errors() -> None:

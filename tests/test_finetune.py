@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import resnetlab
 from resnetlab import kernels
 from resnetlab.cli import main
-from resnetlab.train.config import resolve
+from resnetlab.config import resolve
 from resnetlab.train.finetune import init_from, read_source
 from resnetlab.train.setup import make_optimizer
 

@@ -7,9 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from resnetlab.config import parse_set, resolve
 from resnetlab.data.images import ImageError, load_image
 from resnetlab.errors import ConfigError
-from resnetlab.train.config import parse_set, resolve
 
 FAST = settings(max_examples=150, deadline=2000,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 import resnetlab
+from resnetlab.config import resolve
+from resnetlab.report import MetricsLog
+from resnetlab.runs import RunDir
 from resnetlab.train.checkpoint import load_checkpoint
-from resnetlab.train.config import resolve
 from resnetlab.train.loop import KILL_AT_ENV, train
-from resnetlab.train.report import MetricsLog
-from resnetlab.train.rundir import RunDir
 
 # 16 batches an epoch (512 examples, batch 32): checkpoints every 3 iterations fall
 # mid-epoch, and the evaluation at each epoch end (16, 32) saves one on the boundary.
@@ -118,7 +118,7 @@ import sys, torch
 from pathlib import Path
 import resnetlab
 from resnetlab.train.checkpoint import save_checkpoint
-from resnetlab.train.rundir import RunDir
+from resnetlab.runs import RunDir
 run = RunDir(sys.argv[1])
 model = resnetlab.create_model("resnet8")
 i = int(sys.argv[2])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import resnetlab
-from resnetlab.train.config import resolve
+from resnetlab.config import resolve
 from resnetlab.train.loop import train
 
 from .test_distributed import SETS, TOLERANCE, _leftovers, _max_diff

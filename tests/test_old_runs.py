@@ -22,12 +22,12 @@ from torch import nn
 
 import resnetlab
 from resnetlab.cli import main
+from resnetlab.config import resolve
 from resnetlab.deploy.predict import Predictor
+from resnetlab.report import MetricsLog
+from resnetlab.runs import STATE_FILE, RunDir, weights_dir
 from resnetlab.train import loop
 from resnetlab.train.checkpoint import load_checkpoint
-from resnetlab.train.config import resolve
-from resnetlab.train.report import MetricsLog
-from resnetlab.train.rundir import STATE_FILE, RunDir, weights_dir
 from resnetlab.train.schedule import LRSchedule
 from resnetlab.train.setup import TrainState, make_optimizer
 

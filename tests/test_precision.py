@@ -12,9 +12,9 @@ import torch
 import yaml
 
 from resnetlab import ConfigError, precision
+from resnetlab.config import resolve, saved_config
 from resnetlab.deploy.runtimes import RUNTIMES
 from resnetlab.precision import CPU, infer_candidates, this_cpu, train_precision
-from resnetlab.train.config import resolve, saved_config
 from resnetlab.train.loop import train
 
 from .conftest import interrupt_at

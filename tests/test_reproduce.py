@@ -13,14 +13,14 @@ from PIL import Image
 
 import resnetlab
 from resnetlab.cli import main
+from resnetlab.recipes import CifarNet
+from resnetlab.report import MetricsLog
 from resnetlab.reproduce import EXPERIMENTS, run_experiment
 from resnetlab.reproduce.common import SCALES, get_scale
 from resnetlab.reproduce.gradients import conv_grad_norms
 from resnetlab.reproduce.lesion import blocks, deletable, delete
 from resnetlab.reproduce.responses import response_layers, response_stds
-from resnetlab.train.recipes import CifarNet
-from resnetlab.train.report import MetricsLog
-from resnetlab.train.rundir import RunDir
+from resnetlab.runs import RunDir
 
 from .conftest import interrupt_at
 

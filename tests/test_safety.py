@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import resnetlab
+from resnetlab.runs import RunDir
 from resnetlab.train.checkpoint import (
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
 )
-from resnetlab.train.rundir import RunDir
 
 SRC = Path(resnetlab.__file__).parent
 

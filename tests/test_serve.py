@@ -225,7 +225,7 @@ def test_model_metadata_says_how_to_preprocess(addr: str, model: ServedModel,
     docs/serving.md shows, gets the logits /v1/predict's preprocessing gives, where [0, 1]
     pixels do not."""
     from resnetlab.models.factory import load_model
-    from resnetlab.train.rundir import weights_dir
+    from resnetlab.runs import weights_dir
 
     p = json.loads(request(addr, "GET", "/v2/models/smoke")[2])["parameters"]
     assert all(isinstance(v, str | int | float | bool) for v in p.values())  # the protocol's

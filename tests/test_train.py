@@ -11,12 +11,12 @@ from torch import nn
 
 import resnetlab
 from resnetlab.cli import main
+from resnetlab.config import resolve
 from resnetlab.errors import ConfigError
+from resnetlab.report import MetricsLog
+from resnetlab.runs import RunDir
 from resnetlab.train.checkpoint import load_checkpoint
-from resnetlab.train.config import resolve
 from resnetlab.train.loop import NonFiniteLossError, make_optimizer, train
-from resnetlab.train.report import MetricsLog
-from resnetlab.train.rundir import RunDir
 from resnetlab.train.schedule import LRSchedule
 
 from .conftest import Variant, interrupt_at

@@ -17,8 +17,8 @@ import statistics
 from pathlib import Path
 
 from resnetlab.precision import this_cpu
+from resnetlab.recipes import CifarNet
 from resnetlab.reproduce.common import Context, Spread, compare, ensure_seeds, get_scale
-from resnetlab.train.recipes import CifarNet
 
 
 def cpu_name(model: str) -> str:

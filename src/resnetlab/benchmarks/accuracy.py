@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..train.report import MetricsLog
-from ..train.rundir import RunDir
+from ..report import MetricsLog
+from ..runs import RunDir
 from .common import machine
 
 

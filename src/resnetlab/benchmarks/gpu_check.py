@@ -28,7 +28,7 @@ import torchvision
 
 from ..cli import main as cli
 from ..models.factory import create_model
-from ..train.rundir import RunDir
+from ..runs import RunDir
 from ..train.setup import maybe_compile
 from .common import machine
 

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from ..config import TrainConfig
 from ..data.memory import BatchAugment, InMemoryLoader, Normalize
 from ..data.sources import ArrayDataset
 from ..kernels.fuse import fuse_bn_act
@@ -34,7 +35,6 @@ from ..models.factory import create_model
 from ..precision import this_cpu
 from ..tables import format_table
 from ..train.allocator import keep_freed_memory
-from ..train.config import TrainConfig
 from ..train.loop import make_optimizer, train_step
 from .common import alternate, machine, ratio, save, sgemm_gflops
 from .inputs import PILDataset, synthetic_arrays

@@ -9,7 +9,7 @@ from ..deploy.agreement import MIN_AGREEMENT, MIN_CALIBRATION_AGREEMENT
 from ..deploy.export import export
 from ..deploy.quantize import quantize_run
 from ..deploy.runtimes import formats
-from ..train.rundir import weights_dir
+from ..runs import weights_dir
 
 
 def add_deploy_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -11,16 +11,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..config import PRESETS, TrainConfig, override, resolve, to_yaml
 from ..deploy.agreement import MIN_AGREEMENT
 from ..deploy.backends import INT8_ALIAS, backend_names, canonical
 from ..deploy.predict import Prediction, Predictor
 from ..evaluation.evaluate import TTA_MODES
 from ..evaluation.run import evaluate_run, test_images
 from ..precision import INFER_PRECISIONS
+from ..runs import RunDir
 from ..tables import format_duration
-from ..train.config import PRESETS, TrainConfig, override, resolve, to_yaml
 from ..train.loop import train
-from ..train.rundir import RunDir
 
 BACKEND_HELP = ("inference runtime; auto: the fastest installed (openvino, onnxruntime, then "
                 "torch); the first use of a graph runtime exports the weights once; "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..deploy.backends import backend_names, canonical
 from ..errors import ConfigError
-from ..train.rundir import RunDir
+from ..runs import RunDir
 from .run import BACKEND_HELP, add_precision_args
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -27,7 +27,7 @@ from ..files import cache_dir
 from ..models.config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from ..models.factory import load_model
 from ..precision import INFER_PRECISIONS, infer_candidates
-from ..train.rundir import export_dir
+from ..runs import export_dir
 from . import agreement
 from .agreement import MIN_AGREEMENT, Agreement, lookup
 from .export import export

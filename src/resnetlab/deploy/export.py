@@ -20,7 +20,7 @@ import torch
 
 from ..models.factory import load_model
 from ..models.resnet import ResNet
-from ..train.rundir import export_dir
+from ..runs import export_dir
 from .fold import fold_batchnorm
 from .runtimes import ExportError, by_format
 

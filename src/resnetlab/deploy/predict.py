@@ -10,7 +10,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..data.images import ImageError, load_image
 from ..data.memory import Normalize
-from ..train.rundir import weights_dir
+from ..runs import weights_dir
 from .agreement import MIN_AGREEMENT
 from .backends import ImageSource, load_backend
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..train.rundir import run_data, weights_dir
+from ..runs import run_data, weights_dir
 from .agreement import MIN_CALIBRATION_AGREEMENT
 from .backends import export_folder, exported
 from .export import run_exported

@@ -25,8 +25,8 @@ from ..deploy.backends import ImageSource, canonical, check_precision, load_back
 from ..errors import ConfigError
 from ..models.config import CONFIG_FILE, ModelConfig
 from ..models.factory import load_model
-from ..train.report import plot_confusion
-from ..train.rundir import eval_report_path, run_config, run_data, weights_dir
+from ..report import plot_confusion
+from ..runs import eval_report_path, run_config, run_data, weights_dir
 from .evaluate import EvalResult, PadCrop, evaluate, recompute_bn
 
 

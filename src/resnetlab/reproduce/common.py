@@ -22,15 +22,15 @@ from typing import Any
 
 import torch
 
+from ..config import TrainConfig, resolve, saved_config
 from ..data import build_data
 from ..errors import ConfigError
 from ..models.factory import load_model
 from ..models.resnet import ResNet
-from ..train.config import TrainConfig, resolve, saved_config
+from ..recipes import CifarNet, cifar_recipe
+from ..report import MetricsLog
+from ..runs import RunDir
 from ..train.loop import train
-from ..train.recipes import CifarNet, cifar_recipe
-from ..train.report import MetricsLog
-from ..train.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

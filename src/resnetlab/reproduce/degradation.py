@@ -12,8 +12,8 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ..recipes import CifarNet
 from ..tables import format_table
-from ..train.recipes import CifarNet
 from .common import (
     Context,
     Spread,

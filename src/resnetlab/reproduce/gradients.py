@@ -19,9 +19,9 @@ from torch import nn
 
 from ..data import build_data
 from ..models.factory import create_model
+from ..recipes import CifarNet
 from ..tables import format_table
 from ..train.loop import make_optimizer, train_step
-from ..train.recipes import CifarNet
 from .common import Context, write_report
 
 

@@ -20,8 +20,8 @@ from torch import nn
 
 from ..models.blocks import BasicBlock
 from ..models.resnet import ResNet
+from ..recipes import CifarNet
 from ..tables import format_table
-from ..train.recipes import CifarNet
 from .common import (
     Context,
     analysis_tensors,

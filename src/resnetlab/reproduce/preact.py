@@ -10,8 +10,8 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
+from ..recipes import CifarNet
 from ..tables import format_table
-from ..train.recipes import CifarNet
 from .common import (
     Context,
     Spread,

@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
+from ..recipes import CifarNet
 from ..tables import format_table
-from ..train.recipes import CifarNet
 from .common import Context, analysis_tensors, ensure_trained, precision_of, write_report
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from ..models.complexity import count_params
+from ..recipes import CifarNet
 from ..tables import format_table
-from ..train.recipes import CifarNet
 from .common import (
     Context,
     Spread,

@@ -19,8 +19,8 @@ from ..deploy.predict import Predictor
 from ..models.complexity import count_params
 from ..models.config import ModelConfig
 from ..models.factory import create_model
-from ..train.report import MetricsLog
-from ..train.rundir import RunDir, weights_dir
+from ..report import MetricsLog
+from ..runs import RunDir, weights_dir
 from .batcher import Batcher
 from .v2 import Signature
 

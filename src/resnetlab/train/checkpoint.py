@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import ResNetLabError
 from ..files import write_atomic
 from ..models.factory import load_weights, save_weights
-from .rundir import STATE_FILE, RunDir
+from ..runs import STATE_FILE, RunDir
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from ..config import frozen_parts
 from ..errors import ConfigError, UnknownModelError, WeightsError
 from ..models.config import CONFIG_FILE, WEIGHTS_FILE
 from ..models.convert import (
@@ -34,8 +35,7 @@ from ..models.convert import (
 from ..models.factory import check_state_dict
 from ..models.registry import get_spec
 from ..models.resnet import ResNet
-from .config import frozen_parts
-from .rundir import RunDir
+from ..runs import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -24,15 +24,15 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..config import TrainConfig
 from ..data import DataBundle
 from ..errors import ResNetLabError
 from ..evaluation.evaluate import EvalResult, evaluate
 from ..models.factory import save_weights
+from ..report import MetricsLog, plot_confusion, plot_curves
+from ..runs import RunDir
 from ..tables import format_duration
-from .config import TrainConfig
 from .distributed import SINGLE_PROCESS, DistInfo, init_from_env, shutdown
-from .report import MetricsLog, plot_confusion, plot_curves
-from .rundir import RunDir
 from .setup import TrainState, checked_config, make_optimizer, start
 
 log = logging.getLogger(__name__)

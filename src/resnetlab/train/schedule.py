@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import ScheduleConfig
+from ..config import ScheduleConfig
 
 
 @dataclass

@@ -19,18 +19,18 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ..config import TrainConfig, saved_config, to_yaml
 from ..data import DataBundle, build_data
 from ..errors import ConfigError
 from ..kernels.fuse import fuse_bn_act
 from ..models import ResNet
 from ..models.factory import create_model
 from ..precision import Choice, train_precision
+from ..runs import RunDir
 from .allocator import keep_freed_memory
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig, saved_config, to_yaml
 from .distributed import DistInfo, convert_sync_bn
 from .finetune import freeze, init_from
-from .rundir import RunDir
 from .schedule import LRSchedule
 
 log = logging.getLogger(__name__)

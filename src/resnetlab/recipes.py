@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..models.registry import CIFAR_DEPTHS, CIFAR_PLAIN_DEPTHS, IMAGENET_DEPTHS
+from .models.registry import CIFAR_DEPTHS, CIFAR_PLAIN_DEPTHS, IMAGENET_DEPTHS
 
 # Paper sec. 4.2: "we use 0.01 to warm up the training until the training error is below
 # 80%" for the 110-layer net, whose start at 0.1 is "slightly too large". The rule holds for

@@ -5,7 +5,7 @@
       metrics.jsonl             one line per logged step and per evaluation (report.py)
       summary.csv               one row per evaluation
       checkpoints/latest        names the newest complete checkpoint (checkpoint.py)
-      checkpoints/ckpt-<it>/    its weights (model.safetensors + config.json), trainer_state.pt
+      checkpoints/ckpt-<it>/    its weights (model.safetensors + config.json), trainer_state.pt (train/checkpoint.py)
       final/                    the weights to ship, as `save_weights` writes them
       final/export/             graphs of those weights and their precision checks (deploy/)
       final/eval-<split>-<tta>[-<backend>-<precision>].json   reports of `resnetlab eval`
@@ -29,10 +29,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import DataBundle, build_data
-from ..errors import ConfigError, WeightsError
-from ..models.config import CONFIG_FILE, ModelConfig
 from .config import TrainConfig, override, resolve
+from .data import DataBundle, build_data
+from .errors import ConfigError, WeightsError
+from .models.config import CONFIG_FILE, ModelConfig
 
 STATE_FILE = "trainer_state.pt"  # inside each checkpoint, beside its weights
 _EXPORT = "export"

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import yaml
 
-from ..data import DATASETS, DataConfig
-from ..errors import ConfigError
-from ..models.registry import ARCH_KEYS, build_model, get_spec
-from ..precision import TRAIN_PRECISIONS
+from .data import DATASETS, DataConfig
+from .errors import ConfigError
+from .models.registry import ARCH_KEYS, build_model, get_spec
+from .precision import TRAIN_PRECISIONS
 from .recipes import PRESETS
 
 SCHEDULES = ("multistep", "cosine", "onecycle", "constant")

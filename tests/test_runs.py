@@ -13,13 +13,12 @@ import torch
 from PIL import Image
 
 import resnetlab
+from resnetlab.config import resolve, to_yaml
 from resnetlab.data.images import ImageError
 from resnetlab.data.sources import DataError
 from resnetlab.errors import ConfigError
 from resnetlab.evaluation.evaluate import EvalResult
-from resnetlab.train.checkpoint import save_checkpoint
-from resnetlab.train.config import resolve, to_yaml
-from resnetlab.train.rundir import (
+from resnetlab.runs import (
     RunDir,
     eval_report_path,
     export_dir,
@@ -27,6 +26,7 @@ from resnetlab.train.rundir import (
     run_data,
     weights_dir,
 )
+from resnetlab.train.checkpoint import save_checkpoint
 
 
 def test_the_layout_is_the_documented_one(tmp_path: Path) -> None:
@@ -100,7 +100,7 @@ def test_the_lock_refuses_a_second_holder_and_dies_with_its_holder(tmp_path: Pat
         pass
     assert run.lock_file.read_text() == ""  # released, and the holder's line cleared
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from resnetlab.train.rundir import RunDir\n"
+        [sys.executable, "-c", "import sys, time; from resnetlab.runs import RunDir\n"
          "with RunDir(sys.argv[1]).lock():\n    print('held', flush=True); time.sleep(60)",
          str(run.path)], stdout=subprocess.PIPE, text=True)
     try:

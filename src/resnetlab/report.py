@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from .rundir import RunDir
+from .runs import RunDir
 
 SUMMARY_FIELDS = ["iteration", "epoch", "train_loss", "train_error", "val_error", "test_error",
                   "lr", "images_per_s", "elapsed_s"]
