@@ -73,6 +73,11 @@ class FinetuneConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = False  # also write TensorBoard scalars to RUN/tensorboard/
+
+
+@dataclass
 class TrainConfig:
     preset: str = "custom"
     seed: int = 0
@@ -87,6 +92,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # iterations between extra checkpoints (each evaluation saves one)
     ema_decay: float = 0.0  # > 0: evaluate and ship an exponential moving average of weights
     log_every: int = 50  # iterations between metric lines
+    log: LogConfig = field(default_factory=LogConfig)
     test_curve: bool = True  # also score the test set at each evaluation, for the curve only
     # > 0: the curve's evaluations score only the first N test images, so a curve can have
     # many points; the last evaluation always scores the whole split

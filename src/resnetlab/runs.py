@@ -1,7 +1,9 @@
 """The run directory: every file a training run leaves, by name, in this one place.
 
     RUN/
-      config.yaml               the resolved TrainConfig; `--config` reads it back
+      config.yaml               the resolved TrainConfig as asked (precision: auto stays auto);
+                                `--config` reads it back
+      choices.json              what `auto` settings became on this machine, and why
       metrics.jsonl             one line per logged step and per evaluation (report.py)
       summary.csv               one row per evaluation
       checkpoints/latest        names the newest complete checkpoint (checkpoint.py)
@@ -11,6 +13,7 @@
       final/eval-<split>-<tta>[-<backend>-<precision>].json   reports of `resnetlab eval`
                                 (the suffix unless PyTorch fp32 scored it)
       eval.json                 the final test report; confusion.png, curves.png its figures
+      tensorboard/              TensorBoard event files (log.tensorboard=true; report.py)
       .lock                     who is training in it now (RunDir.lock)
 
 A weights directory outside any run (`save_weights`) has the same `export/` and eval reports.
@@ -60,6 +63,7 @@ class RunDir:
 
     path: Path
     config = _In("config.yaml")
+    choices = _In("choices.json")  # {"precision": ..., "reason": ...}: auto resolved here
     metrics = _In("metrics.jsonl")
     summary = _In("summary.csv")
     checkpoints = _In("checkpoints")
@@ -68,6 +72,7 @@ class RunDir:
     eval_report = _In("eval.json")
     curves = _In("curves.png")
     confusion = _In("confusion.png")
+    tensorboard = _In("tensorboard")
     lock_file = _In(".lock")  # who holds the run (see lock())
 
     def __init__(self, path: str | os.PathLike[str]) -> None:

@@ -12,6 +12,7 @@ class DataConfig:
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     val_split: int = 5000  # examples held out of the training set for choices
+    stratified: bool = False  # folder data sets: the held-out examples in class proportions
     normalize: str = "channel"  # "channel" mean/std, or "pixel": the paper's per-pixel mean
     pad: int = 4  # random crop of the image zero-padded by this much (0: no crop)
     flip: bool = True
