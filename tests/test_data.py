@@ -300,15 +300,14 @@ def _image_folders(root: Path, broken: int) -> Path:
 
 def test_build_data_for_image_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = _image_folders(tmp_path, 1)
-    (root / "train" / "empty-class").mkdir()
-    (root / "val" / "empty-class").mkdir()
+    (root / "val" / "empty-class").mkdir()  # labels nothing: no problem
     cfg = DataConfig(dataset="folder", data_dir=str(root), val_split=0,
                      image_size=24, workers=0, max_bad_fraction=0.2)
-    data = build_data(cfg, batch_size=4, eval_batch_size=4, seed=0)
-    assert data.classes == ["cat", "dog", "empty-class"]
-    with caplog.at_level("WARNING"):
-        seen = [(x.shape, y.tolist()) for x, y in data.train.batches(0)]
+    with caplog.at_level("WARNING"):  # the scan names the bad file before training
+        data = build_data(cfg, batch_size=4, eval_batch_size=4, seed=0)
+    assert data.classes == ["cat", "dog"]
     assert str(root / "train" / "cat" / "broken0.jpg") in caplog.text
+    seen = [(x.shape, y.tolist()) for x, y in data.train.batches(0)]
     assert all(s[1:] == (3, 24, 24) for s, _ in seen)
     assert sum(len(y) for _, y in seen) >= 8  # the broken file is skipped, not fatal
     xs, ys = next(iter(data.test.batches(0)))
@@ -320,19 +319,22 @@ def test_build_data_for_image_folders(tmp_path: Path, caplog: pytest.LogCaptureF
 def test_too_many_unreadable_files_stop_with_a_count(tmp_path: Path) -> None:
     cfg = DataConfig(dataset="folder", data_dir=str(_image_folders(tmp_path, 6)), val_split=0,
                      image_size=24, workers=2)
-    data = build_data(cfg, batch_size=4, eval_batch_size=4, seed=0)
-    with pytest.raises(DataError, match=r"of 1[68] images could not be read"):
-        list(data.train.batches(0))
+    # 6 broken in train/ and 1 in val/, of 23 files: the scan stops it before training.
+    with pytest.raises(DataError, match=r"7 of 23 image files cannot be read, more than "
+                       r"data.max_bad_fraction=0.01 "):
+        build_data(cfg, batch_size=4, eval_batch_size=4, seed=0)
 
 
 def test_strict_evaluation_names_the_first_bad_file(tmp_path: Path) -> None:
     cfg = DataConfig(dataset="folder", data_dir=str(_image_folders(tmp_path, 0)), val_split=0,
-                     image_size=24, workers=2)
-    data = build_data(cfg, batch_size=4, eval_batch_size=4, seed=0, strict=True)
-    with pytest.raises(ImageError) as err:
-        list(data.test.batches(0))
-    assert str(err.value) == f"{tmp_path / 'val' / 'dog' / 'zz-broken.png'}: not a recognised " \
-        "image format"
+                     image_size=24, workers=2, max_bad_fraction=0.5)
+    # The scan finds it before any loader runs; --strict refuses even one.
+    with pytest.raises(DataError) as err:
+        build_data(cfg, batch_size=4, eval_batch_size=4, seed=0, strict=True)
+    bad = tmp_path / "val" / "dog" / "zz-broken.png"
+    assert str(err.value) == f"{tmp_path} has 1 problem:\n- --strict stops at any " \
+        f"unreadable file, and 1 of 17 cannot be read ({bad}: not a recognised image " \
+        "format): fix or remove them, or run without --strict"
 
 
 def test_build_data_for_mnist_idx(tmp_path: Path) -> None:
@@ -364,7 +366,7 @@ def test_folder_loaders_follow_the_settings(tmp_path: Path, folder_dir: Path) ->
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in (x, xe))
     steps = data.train.dataset.dataset.transform.transforms
     assert [t.alphastd for t in steps if isinstance(t, Lighting)] == [0.3]
-    assert data.val is None  # val_split=0: nothing held out
+    assert data.val is data.test  # val_split=0: val/ validates and tests, one loader
     # What trained weights record, so that evaluation and serving normalise alike.
     assert (data.in_chans, data.input_size) == (3, 28)
     assert (data.mean, data.std) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
@@ -372,7 +374,11 @@ def test_folder_loaders_follow_the_settings(tmp_path: Path, folder_dir: Path) ->
 
 def test_strict_applies_to_evaluation_of_the_training_split_not_to_training(
         tmp_path: Path) -> None:
-    root = _image_folders(tmp_path, 1)
+    root = _image_folders(tmp_path, 0)
+    (root / "val" / "dog" / "zz-broken.png").unlink()
+    # A truncated file: its header reads, so only the loader meets the fault.
+    whole = (root / "train" / "cat" / "0.jpg").read_bytes()
+    (root / "train" / "cat" / "broken0.jpg").write_bytes(whole[:-8])
     cfg = DataConfig(dataset="folder", data_dir=str(root), val_split=0, image_size=24,
                      workers=0, max_bad_fraction=0.5)
     data = build_data(cfg, batch_size=4, eval_batch_size=13, seed=0, strict=True)
@@ -387,7 +393,8 @@ def test_folder_setting_errors_say_what_to_do(tmp_path: Path) -> None:
         build_data(DataConfig(dataset="folder"), 4, 4, 0)
     root = _image_folders(tmp_path, 0)
     (root / "val" / "cat").rename(root / "val" / "cow")
-    with pytest.raises(DataError, match=r"val has classes \['cow', 'dog'\], train has \['cat'"):
+    with pytest.raises(DataError, match=r"val has classes \['cow'\] that train/ lacks: "
+                       r"rename or remove them"):
         build_data(DataConfig(dataset="folder", data_dir=str(root), val_split=0), 4, 4, 0)
 
 

@@ -14,7 +14,6 @@ from PIL import Image
 
 import resnetlab
 from resnetlab.config import resolve, to_yaml
-from resnetlab.data.images import ImageError
 from resnetlab.data.sources import DataError
 from resnetlab.errors import ConfigError
 from resnetlab.evaluation.evaluate import EvalResult
@@ -97,6 +96,11 @@ def test_the_lock_refuses_a_second_holder_and_dies_with_its_holder(tmp_path: Pat
     with run.lock(), pytest.raises(ConfigError, match=rf"run is in use by pid {os.getpid()} on "
                        rf"{socket.gethostname()} since .*; wait for it to end or choose "
                        "another --out$"), run.lock():
+        pass
+    assert not run.path.exists()  # a run that never wrote its config leaves nothing
+    run.make()
+    run.config.write_text("seed: 0\n")
+    with run.lock():
         pass
     assert run.lock_file.read_text() == ""  # released, and the holder's line cleared
     holder = subprocess.Popen(
@@ -182,8 +186,8 @@ def test_run_data_uses_the_weights_statistics_and_the_given_settings(
         "model.name=resnet18"])))
     resnetlab.save_weights(resnetlab.create_model("resnet18", num_classes=2), pictures.final)
     assert sum(len(y) for _, y in run_data(pictures.final, 4).test.batches(0)) == 6
-    with pytest.raises(ImageError, match=r"zz-broken\.png"):
-        list(run_data(pictures.final, 4, strict=True).test.batches(0))
+    with pytest.raises(DataError, match=r"--strict .*zz-broken\.png"):  # before any batch
+        run_data(pictures.final, 4, strict=True)
 
 
 def test_an_eval_report_is_indented_json_written_whole(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ No ImageNet weights can be had here, so the "pretrained" weights are made first:
 resnet18 and a resnet18d trained on Fashion-MNIST classes 0-4, saved as torchvision's
 `.pth` and as a timm Hugging Face style folder. Each is then fine-tuned on a small
 folder of the other five classes (20 training images each, 200 test images each) for
-the same iterations as a net trained from scratch with the same recipe.
+the folder recipe `resnetlab train FOLDER` chooses, against the same net from scratch.
 
     .venv/bin/python tools/finetune_demo.py [--out runs/finetune-demo]
 
@@ -76,6 +76,17 @@ def train(out: Path, data: Path, iterations: int, *extra: str) -> dict[str, floa
             "minutes": float(report.get("train_seconds") or 0) / 60}
 
 
+def folder_run(out: Path, data: Path, *extra: str) -> dict[str, float]:
+    """`resnetlab train DATA [extra]`: the folder recipe, resumed or re-reported if there."""
+    assert main(["train", str(data), *extra, "--out", str(out), "--resume", "auto"]) == 0
+    report = json.loads((out / "eval.json").read_text())
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    return {"test_accuracy": 1 - report["top1_error"],
+            "minutes": float(report.get("train_seconds") or 0) / 60,
+            "iterations": report["iterations"], "lr": cfg["optim"]["lr"],
+            "batch_size": cfg["batch_size"], "epochs": cfg["schedule"]["epochs"]}
+
+
 def run(out: Path) -> dict[str, dict[str, dict[str, float]]]:
     source = write_folder(out / "source", range(0, 5), SOURCE_IMAGES, 100)
     target = write_folder(out / "target", range(5, 10), 20, 200)
@@ -95,19 +106,21 @@ def run(out: Path) -> dict[str, dict[str, dict[str, float]]]:
     save_file({k: v.contiguous() for k, v in state.items()}, hub / "model.safetensors")
     (hub / "config.json").write_text(json.dumps({"architecture": "resnet18d",
                                                  "num_classes": 5}))
-    ft = ["--set", "optim.lr=0.05"]
+    # The target runs are `resnetlab train FOLDER [--init W]` as a user types it: the
+    # recipe sized from the folder (fine-tuning when --init is given); the scratch rows name
+    # the model only, so that both sides train the same net.
     rows = {
-        "resnet18 from scratch": ("resnet18", []),
-        "resnet18 from the torchvision .pth": ("resnet18", ["--init", str(tv_file)]),
-        "resnet18 from the .pth, backbone lr x0.1": (
-            "resnet18", ["--init", str(tv_file), "--set", "finetune.backbone_lr=0.1"]),
-        "resnet18 from the .pth, linear probe": (
-            "resnet18", ["--init", str(tv_file), "--set", "finetune.freeze=backbone"]),
-        "resnet18d from scratch": ("resnet18d", []),
-        "resnet18d from the timm hub folder": ("resnet18d", ["--init", str(hub)]),
+        "resnet18 from scratch": ["--set", "model.name=resnet18"],
+        "resnet18 from the torchvision .pth": ["--init", str(tv_file)],
+        "resnet18 from the .pth, backbone lr x0.1": [
+            "--init", str(tv_file), "--set", "finetune.backbone_lr=0.1"],
+        "resnet18 from the .pth, linear probe": [
+            "--init", str(tv_file), "--set", "finetune.freeze=backbone"],
+        "resnet18d from scratch": ["--set", "model.name=resnet18d"],
+        "resnet18d from the timm hub folder": ["--init", str(hub)],
     }
-    tuned = {label: train(out / f"target-{i}", target, 150, *ft, "--set", f"model.name={name}",
-                          *extra) for i, (label, (name, extra)) in enumerate(rows.items())}
+    tuned = {label: folder_run(out / f"target-{i}", target, *extra)
+             for i, (label, extra) in enumerate(rows.items())}
     return {"pretraining": pre, "fine-tuning on classes 5-9": tuned}
 
 
@@ -121,23 +134,29 @@ def _cpu() -> str:
 def report(results: dict[str, dict[str, dict[str, float]]], folder: Path, out: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     cpu = _cpu()
-    precision = yaml.safe_load((out / "target-0" / "config.yaml").read_text())["precision"]
+    precision = json.loads((out / "target-0" / "choices.json").read_text())["precision"]
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Fine-tuning from torchvision and timm files against training from scratch", "",
              "Made by `.venv/bin/python tools/finetune_demo.py`: resnet18 and resnet18d "
              f"trained on Fashion-MNIST classes 0-4 ({SOURCE_IMAGES:,} images each, "
              f"{SOURCE_ITERATIONS} iterations, lr 0.05 after an 80-iteration warm-up) stand in "
              "for ImageNet weights (none can be downloaded here); saved as torchvision's "
-             "`.pth` and a timm Hugging Face style folder; then trained for 150 iterations "
-             "(batch 32, lr 0.05, cosine) on a folder of the other five classes with 20 "
-             "training images each, tested on 200 test-split images each. Same recipe "
-             f"for every row; 32 px, {precision}, {torch.get_num_threads()} thread(s) "
+             "`.pth` and a timm Hugging Face style folder. Then `resnetlab train FOLDER` "
+             "on a folder of the other five classes with 20 training images each (val/: 200 "
+             "test-split images each), with `--init W` for the fine-tuning rows and "
+             "`--set model.name=NET` for the scratch rows, and nothing else: the folder "
+             "recipe chose the rest (columns below; lr and epochs differ between scratch and "
+             f"fine-tuning by design). {precision}, {torch.get_num_threads()} thread(s) "
              f"({cpu}).", "",
-             "| run | test accuracy | minutes |", "|---|---|---|"]
+             "| run | test accuracy | minutes | iterations | batch | lr | epochs |",
+             "|---|---|---|---|---|---|---|"]
     for part, rows in results.items():
-        lines.append(f"| **{part}** | | |")
+        lines.append(f"| **{part}** | | | | | | |")
         for label, r in rows.items():
-            lines.append(f"| {label} | {100 * r['test_accuracy']:.2f}% | {r['minutes']:.1f} |")
+            extra = " | ".join(str(r.get(k, "")) for k in ("iterations", "batch_size", "lr",
+                                                             "epochs"))
+            lines.append(f"| {label} | {100 * r['test_accuracy']:.2f}% | {r['minutes']:.1f} | "
+                         f"{extra} |")
     (folder / "report.md").write_text("\n".join(lines) + "\n")
 
 

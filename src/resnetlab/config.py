@@ -1,10 +1,12 @@
 """Typed training configuration and the one override path.
 
 A run's configuration is: the dataclass defaults, then a preset (recipes.py), then settings
-mappings (a recipe's), then a YAML file (`--config`), then `--set key=value` pairs; each
-layer goes through the same checks, and
-the resolved result is saved as `config.yaml` in the run directory (which `--config` reads
-back). Every wrong key, type or value is a one-line ConfigError naming the valid choices.
+mappings (a recipe's, such as the one sized from an image folder), then a YAML file
+(`--config`), then `--set key=value` pairs, command-line flags among them (each flag is
+the pair it names); each layer goes through the same checks in `resolve`, the only entry.
+The result is saved as the run's `config.yaml`, as asked (`precision: auto` stays auto;
+what it became is the run's choices.json), and `--config` reads it back. Every wrong key,
+type or value is a one-line ConfigError naming the valid choices.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class OptimConfig:
 class ScheduleConfig:
     kind: str = "multistep"
     iterations: int = 64000
+    # > 0: the run lasts this many passes over the training set; `iterations` is then set
+    # from the data's batches per epoch when training starts (and saved so in config.yaml)
+    epochs: int = 0
     milestones: list[int] = field(default_factory=lambda: [32000, 48000])
     gamma: float = 0.1
     warmup_iters: int = 0  # linear ramp from warmup_lr to lr over these iterations
@@ -280,7 +285,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_range(0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)")
     _check_range(0 <= s.warmup_until_error < 1, "schedule.warmup_until_error must be in [0, 1)")
     _check_range(d.pad >= 0 and d.val_split >= 0, "data.pad and data.val_split must be >= 0")
+    _check_range(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]")
+    _check_range(d.image_size >= 1, "data.image_size must be >= 1")
     _check_range(s.milestones == sorted(s.milestones), "schedule.milestones must increase")
+    _check_range(s.epochs >= 0, "schedule.epochs must be >= 0")
+    _check_range(not (s.epochs and s.kind == "multistep" and s.milestones),
+                 "schedule.milestones count iterations, which schedule.epochs leaves open: "
+                 "with epochs use schedule.kind=cosine or onecycle, or set schedule.epochs=0")
     _check_range(cfg.finetune.backbone_lr > 0, "finetune.backbone_lr must be > 0 (freeze "
                  "the backbone with finetune.freeze=backbone)")
     spec = get_spec(cfg.model.name)
@@ -296,7 +307,8 @@ def resolve(preset: str | None, config_file: str | None = None,
             sets: Sequence[str] | None = None,
             settings: Sequence[Mapping[str, Any]] = ()) -> TrainConfig:
     """Defaults, then the preset, then `settings` (nested mappings such as a recipe's), then
-    the YAML file, then the --set pairs; one check for all."""
+    the YAML file, then the --set pairs; one check for all. The only way in: command-line
+    flags arrive as --set pairs (cli/run.py), recipes sized from data as `settings`."""
     cfg = TrainConfig()
     if preset is not None:
         if preset not in PRESETS:
@@ -312,11 +324,6 @@ def resolve(preset: str | None, config_file: str | None = None,
     return validate(cfg)
 
 
-def override(cfg: TrainConfig, settings: Mapping[str, Any]) -> TrainConfig:
-    """`cfg` with a nested mapping of settings applied on top, checked as `resolve` checks."""
-    return validate(_merge(cfg, dict(settings)))
-
-
 def saved_config(path: str | Path) -> dict[str, Any]:
     """A run's saved config.yaml read through today's schema (keys added since then take
     their defaults, so older runs still resume), as a plain mapping. One that cannot be read
@@ -326,6 +333,30 @@ def saved_config(path: str | Path) -> dict[str, Any]:
     except ConfigError as e:
         raise ConfigError(f"the run's config is unreadable ({e}); nothing was changed: "
                           "restore it, or choose another --out") from None
+
+
+def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}: what a changed setting is called."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v and k != "options":
+            out.update(leaves(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def changes(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
+    """What `cfg` asks differently from a run's saved config, as `key old -> new`. A request
+    for `auto` precision matches whatever the run settled on (resuming keeps it), and with
+    schedule.epochs the saved iterations are what those epochs came to."""
+    old, new = leaves(saved), leaves(asdict(cfg))
+    if new["precision"] == "auto":
+        new["precision"] = old.get("precision")
+    if new.get("schedule.epochs") and new.get("schedule.epochs") == old.get("schedule.epochs"):
+        new["schedule.iterations"] = old.get("schedule.iterations")
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)]
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .data.scan import FolderScan
+from .models.complexity import meta_model
 from .models.registry import CIFAR_DEPTHS, CIFAR_PLAIN_DEPTHS, IMAGENET_DEPTHS
 
 # Paper sec. 4.2: "we use 0.01 to warm up the training until the training error is below
@@ -75,6 +77,62 @@ def imagenet_recipe(depth: int) -> dict[str, Any]:
             "schedule": {"kind": "multistep", "iterations": 600000,
                          "milestones": [150000, 300000, 450000]},
             "eval_every": 5000, "test_curve": False}
+
+
+# A folder of the user's own images (`resnetlab train DIR`). Sized from the data: small
+# images keep their size and get a CIFAR-style net (paper sec. 4.2), photos are cut to the
+# ImageNet nets' 224 (sec. 3.4); a tenth held out when there is no val/ folder.
+SMALL_IMAGES = 64  # px, shorter side: at most this, a CIFAR-style net
+PHOTO_SIZE = 224
+HOLDOUT_FRACTION = 0.1
+MAX_BATCH = 64
+EPOCHS = {"scratch": 40, "finetune": 20}
+# lr per 128 images of batch, scaled linearly (Goyal et al. 2017); fine-tuning moves
+# pretrained weights, so it starts lower and warms up.
+LR_PER_128 = {"scratch": 0.1, "finetune": 0.02}
+
+
+def total_stride(model: str, options: dict[str, Any] | None = None) -> int:
+    """How many pixels of input one position of the last feature map spans: the least
+    image size the net still sees as an image."""
+    return int(meta_model(model, **(options or {})).feature_info[-1]["reduction"])
+
+
+def folder_recipe(scan: FolderScan, asked: dict[str, Any], init_arch: str | None = None
+                  ) -> dict[str, Any]:
+    """Settings for training on the image folder `scan` describes, given what the user
+    asked for (`asked`: --set pairs as a nested mapping; they are applied after this, and
+    are read here only where other choices follow from them: the model, batch size,
+    epochs). `init_arch`: the architecture of --init's weights, which the model must be."""
+    kind = "finetune" if init_arch else "scratch"
+    size = min(scan.image_size, PHOTO_SIZE)
+    model = asked.get("model", {}).get("name") or init_arch or \
+        ("resnet20" if size <= SMALL_IMAGES else "resnet18")
+    size = max(size, total_stride(model, asked.get("model", {}).get("options")))
+    holdout = 0 if scan.val else max(len(scan.classes),
+                                      round(HOLDOUT_FRACTION * scan.n_train))
+    n = scan.n_train - holdout
+    batch = asked.get("batch_size") or min(MAX_BATCH, _power_of_two(max(n // 4, 1)))
+    steps = max(n // batch, 1)
+    epochs = asked.get("schedule", {}).get("epochs") or EPOCHS[kind]
+    return {
+        "preset": "folder",
+        "data": {"dataset": "folder", "data_dir": str(scan.root), "val_split": holdout,
+                 "stratified": True, "image_size": size,
+                 "lighting": 0.1 if size > SMALL_IMAGES else 0.0},
+        "model": {"name": model},
+        "batch_size": batch, "eval_batch_size": 250 if size > SMALL_IMAGES else 500,
+        "optim": {"lr": round(LR_PER_128[kind] * batch / 128, 6), "nesterov": True,
+                  "weight_decay": 1e-4 if init_arch else 5e-4, "label_smoothing": 0.1},
+        "schedule": {"kind": "cosine", "epochs": epochs, "milestones": [],
+                     "warmup_iters": steps, "warmup_lr": 0.0},
+        "log_every": min(50, steps),
+    }
+
+
+def _power_of_two(n: int) -> int:
+    """The largest power of two <= n (n >= 1)."""
+    return 1 << (n.bit_length() - 1)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

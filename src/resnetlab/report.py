@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,17 +14,33 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from .errors import ConfigError
 from .runs import RunDir
+
+log = logging.getLogger(__name__)
 
 SUMMARY_FIELDS = ["iteration", "epoch", "train_loss", "train_error", "val_error", "test_error",
                   "lr", "images_per_s", "elapsed_s"]
+# TensorBoard tag of each record field, by record kind (log.tensorboard=true)
+SCALARS = {
+    "train": {"loss": "train/loss", "train_error": "train/error", "lr": "train/lr",
+              "images_per_s": "train/images_per_s"},
+    "eval": {"val_error": "eval/val_error", "test_error": "eval/test_error"},
+}
 
 
 class MetricsLog:
-    """Appends one JSON object per line; on resume, lines past the checkpoint are dropped."""
+    """Appends one JSON object per line; on resume, lines past the checkpoint are dropped.
 
-    def __init__(self, run: RunDir) -> None:
-        self.path, self.csv_path = run.metrics, run.summary
+    With `tensorboard`, each record written is also a set of TensorBoard scalars under
+    RUN/tensorboard/ (SCALARS names them), at global step = its iteration.
+    """
+
+    def __init__(self, run: RunDir, tensorboard: bool = False) -> None:
+        self.path, self.csv_path, self.tb_dir = run.metrics, run.summary, run.tensorboard
+        self._writer: Any = None  # a SummaryWriter, opened at the first write
+        self._purge_step: int | None = None
+        self._writer_class: Any = _summary_writer() if tensorboard else None
 
     def truncate_after(self, iteration: int) -> None:
         """Forget records of iterations a resumed run will redo."""
@@ -31,6 +48,11 @@ class MetricsLog:
             if path.exists():
                 lines = path.read_text().splitlines(keepends=True)
                 path.write_text("".join(ln for i, ln in enumerate(lines) if keep(i, ln, iteration)))
+        if self._writer_class is not None:
+            # Event files are append-only: the next writer opens with a purge mark, which
+            # makes readers drop every earlier event at this step or later.
+            self.close()
+            self._purge_step = iteration + 1
 
     @staticmethod
     def _keep_json(_: int, line: str, iteration: int) -> bool:
@@ -53,11 +75,43 @@ class MetricsLog:
                 if new:
                     w.writeheader()
                 w.writerow(record)
+        if self._writer_class is not None:
+            self._write_scalars(record)
+
+    def _write_scalars(self, record: dict[str, Any]) -> None:
+        tags = SCALARS.get(record.get("kind", ""), {})
+        values = {tag: record[key] for key, tag in tags.items() if record.get(key) is not None}
+        if not values:
+            return
+        if self._writer is None:
+            self._writer = self._writer_class(str(self.tb_dir), purge_step=self._purge_step)
+            self._purge_step = None
+            log.info("TensorBoard scalars go to %s (tensorboard --logdir %s)", self.tb_dir,
+                     self.tb_dir)
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, float(value), global_step=int(record["iteration"]))
+        self._writer.flush()  # a killed run keeps the scalars it logged
+
+    def close(self) -> None:
+        """Close the TensorBoard writer, if one is open; writing again opens another."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     def records(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
         return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+
+
+def _summary_writer() -> Any:
+    """torch's SummaryWriter class, or a one-line error if tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("log.tensorboard=true needs the tensorboard package: "
+                          "pip install tensorboard") from None
+    return SummaryWriter
 
 
 def plot_curves(records: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:

@@ -6,8 +6,8 @@
       choices.json              what `auto` settings became on this machine, and why
       metrics.jsonl             one line per logged step and per evaluation (report.py)
       summary.csv               one row per evaluation
-      checkpoints/latest        names the newest complete checkpoint (checkpoint.py)
-      checkpoints/ckpt-<it>/    its weights (model.safetensors + config.json), trainer_state.pt (train/checkpoint.py)
+      checkpoints/latest        names the newest complete checkpoint (train/checkpoint.py)
+      checkpoints/ckpt-<it>/    its weights (model.safetensors + config.json), trainer_state.pt
       final/                    the weights to ship, as `save_weights` writes them
       final/export/             graphs of those weights and their precision checks (deploy/)
       final/eval-<split>-<tta>[-<backend>-<precision>].json   reports of `resnetlab eval`
@@ -28,11 +28,12 @@ import fcntl
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
-from .config import TrainConfig, override, resolve
+from .config import TrainConfig, load_yaml, resolve
 from .data import DataBundle, build_data
 from .errors import ConfigError, WeightsError
 from .models.config import CONFIG_FILE, ModelConfig
@@ -108,31 +109,52 @@ class RunDir:
         Such locks do not exclude the process that holds them, so this process's own holds
         are kept in _HELD; and closing any descriptor of the file would drop the lock, so
         nothing else here opens it while it is held.
+
+        A run that never got as far as writing its config.yaml (a refused start) leaves
+        nothing: the lock file and the directory go again if this call created them.
         """
+        created = [p for p in (self.path, self.lock_file) if not p.exists()]
         self.make()
         key = self.lock_file.resolve()
         if key in _HELD:
             raise _in_use(self.path, _HELD[key])
-        with open(self.lock_file, "a+") as f:
-            try:
-                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise
-                f.seek(0)
-                raise _in_use(self.path, f.read().strip() or "another process") from None
-            holder = (f"pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        try:
+            with open(self.lock_file, "a+") as f:
+                yield from self._hold(f, key)
+        finally:
+            if not self.config.exists():
+                self._remove_if_created(created)
+
+    @staticmethod
+    def _hold(f: IO[str], key: Path) -> Iterator[None]:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             f.seek(0)
-            f.truncate()
-            f.write(holder + "\n")
-            f.flush()
-            _HELD[key] = holder
-            try:
-                yield
-            finally:
-                del _HELD[key]
-                f.truncate(0)
+            raise _in_use(Path(f.name).parent, f.read().strip() or "another process") from None
+        holder = (f"pid {os.getpid()} on {socket.gethostname()} since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.seek(0)
+        f.truncate()
+        f.write(holder + "\n")
+        f.flush()
+        _HELD[key] = holder
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            f.truncate(0)
+
+    def _remove_if_created(self, created: list[Path]) -> None:
+        """Undo what `lock` made for a run that did not start: only paths it created, and
+        the directory only if nothing else was put in it meanwhile."""
+        if self.lock_file in created:
+            self.lock_file.unlink(missing_ok=True)
+        if self.path in created:
+            with contextlib.suppress(OSError):  # not empty: someone else's files stay
+                self.path.rmdir()
 
     def make(self) -> None:
         """Create the run directory, or say in one line why it cannot be one."""
@@ -193,24 +215,25 @@ def eval_report_path(weights: str | os.PathLike[str], split: str, tta: str,
 
 
 def run_config(weights: str | os.PathLike[str], dataset: str | None = None,
-               data_dir: str | None = None) -> TrainConfig:
-    """The config of the run the weights belong to, or one for `dataset` if given."""
+               data_dir: str | None = None, sets: Sequence[str] = ()) -> TrainConfig:
+    """The config of the run the weights belong to, or one for `dataset` if given; then
+    `data_dir` and the --set pairs `sets` (e.g. data.max_bad_fraction=0.05) on top."""
+    given = [{"data": {k: v for k, v in (("dataset", dataset), ("data_dir", data_dir)) if v}}]
     if dataset:
-        cfg = resolve(None, settings=[{"data": {"dataset": dataset}}])
-    else:
-        run = RunDir.around(weights)
-        if run is None:
-            raise ConfigError(f"{weights} is not inside a run directory: say which data set "
-                              "with --data (fashion-mnist, mnist, cifar10, cifar100, folder)")
-        cfg = resolve(None, str(run.config))
-    return override(cfg, {"data": {"data_dir": data_dir}}) if data_dir else cfg
+        return resolve(None, None, sets, settings=given)
+    run = RunDir.around(weights)
+    if run is None:
+        raise ConfigError(f"{weights} is not inside a run directory: say which data set "
+                          "with --data (fashion-mnist, mnist, cifar10, cifar100, folder)")
+    # The run's own file first, then what this call changes of it.
+    return resolve(None, None, sets, settings=[load_yaml(run.config), *given])
 
 
 def run_data(weights: str | os.PathLike[str], batch_size: int = 500,
              dataset: str | None = None, data_dir: str | None = None,
-             strict: bool = False) -> DataBundle:
+             strict: bool = False, sets: Sequence[str] = ()) -> DataBundle:
     """The run's data, normalised with the statistics saved beside the weights."""
-    cfg = run_config(weights, dataset, data_dir)
+    cfg = run_config(weights, dataset, data_dir, sets)
     mc = ModelConfig.from_json(weights_dir(weights) / CONFIG_FILE)
     return build_data(cfg.data, cfg.batch_size, batch_size, cfg.seed,
                       stats=(mc.mean, mc.std), strict=strict)

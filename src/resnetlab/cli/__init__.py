@@ -13,6 +13,7 @@ from .deploy import add_deploy_parser
 from .models import add_model_parsers
 from .reproduce import add_reproduce_parser
 from .run import add_train_parser
+from .runs import add_runs_parser
 from .serve import add_serve_parser
 
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_reproduce_parser(sub, common)
     add_deploy_parser(sub, common)
     add_serve_parser(sub, common)
+    add_runs_parser(sub, common)
     return p
 
 

@@ -11,16 +11,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..config import PRESETS, TrainConfig, override, resolve, to_yaml
+from ..config import PRESETS, TrainConfig, to_yaml
+from ..data.scan import FolderScan
 from ..deploy.agreement import MIN_AGREEMENT
 from ..deploy.backends import INT8_ALIAS, backend_names, canonical
 from ..deploy.predict import Prediction, Predictor
+from ..errors import ConfigError
 from ..evaluation.evaluate import TTA_MODES
 from ..evaluation.run import evaluate_run, test_images
 from ..precision import INFER_PRECISIONS
 from ..runs import RunDir
 from ..tables import format_duration
 from ..train.loop import train
+from ..train.request import train_config
 
 BACKEND_HELP = ("inference runtime; auto: the fastest installed (openvino, onnxruntime, then "
                 "torch); the first use of a graph runtime exports the weights once; "
@@ -52,19 +55,28 @@ def positive_int(value: str) -> int:
 
 def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", parents=[common],
-                       help="train a model (default: the fashion-mnist preset)",
-                       description="Train with a preset, a YAML config and --set overrides, "
-                       "in that order. Presets: " + ", ".join(PRESETS))
-    t.add_argument("--preset", help="a shipped recipe (default fashion-mnist unless --config)")
+                       help="train a model: on a folder of your images (resnetlab train DIR), "
+                       "or a preset (default fashion-mnist)",
+                       description="Train on a folder of images (DIR/train/<class>/ and "
+                       "optionally DIR/val/<class>/, or DIR/<class>/) with a recipe sized from "
+                       "it, or with a preset; then a YAML config and --set overrides, in that "
+                       "order. Every flag is the --set pair it names. Presets: "
+                       + ", ".join(PRESETS))
+    t.add_argument("data", nargs="?", metavar="DATA_DIR",
+                   help="folder of your images (same as --data-dir)")
+    t.add_argument("--preset", help="a shipped recipe (default: the folder recipe for an image "
+                   "folder, else fashion-mnist; none with --config)")
     t.add_argument("--config", help="YAML file of settings (e.g. a run's config.yaml)")
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set optim.lr=0.05 (repeatable)")
-    t.add_argument("--data-dir", help="shortcut for --set data.data_dir=DIR")
+    t.add_argument("--data-dir", help="--set data.data_dir=DIR: an image folder, or where a "
+                   "preset's data set files are")
     t.add_argument("--init", metavar="SOURCE",
-                   help="start from these weights (shortcut for --set finetune.init=SOURCE): "
-                   "a resnetlab weights directory or run, a torchvision or timm .pth or "
-                   ".safetensors file, a Hugging Face style folder (config.json + "
-                   "model.safetensors); see also finetune.freeze and finetune.backbone_lr")
+                   help="--set finetune.init=SOURCE: start from these weights (a resnetlab "
+                   "weights directory or run, a torchvision or timm .pth or .safetensors file, "
+                   "a Hugging Face style folder (config.json + model.safetensors)); with an "
+                   "image folder, the recipe becomes a fine-tuning one; see also "
+                   "finetune.freeze and finetune.backbone_lr")
     t.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
     t.add_argument("--resume", choices=["auto", "no"], default="no",
                    help="auto: continue from the run directory's newest complete checkpoint, "
@@ -86,6 +98,9 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     e.add_argument("--recompute-bn", action="store_true",
                    help="re-estimate BatchNorm statistics on training data first")
     e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one setting of the run's config for this evaluation, e.g. "
+                   "--set data.max_bad_fraction=0.05 (repeatable)")
     e.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image file (folder data sets)")
     e.add_argument("--out", help="JSON file for the results (default: next to the weights)")
@@ -125,15 +140,44 @@ def _own_config(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _as_set(key: str, value: str) -> str:
+    """A flag's value as a --set pair; JSON quoting keeps a path a string in YAML."""
+    return f"{key}={json.dumps(value)}"
+
+
+def train_sets(args: argparse.Namespace) -> list[str]:
+    """Every `train` flag that names a setting, as its --set pair, before the user's own
+    --set pairs (which come later, so they win)."""
+    if args.data and args.data_dir and args.data != args.data_dir:
+        raise ConfigError(f"two data directories: {args.data} and --data-dir {args.data_dir}; "
+                          "give one")
+    flags = {"data.data_dir": args.data or args.data_dir, "finetune.init": args.init}
+    return [*(_as_set(k, v) for k, v in flags.items() if v), *args.sets]
+
+
+def _recipe_block(cfg: TrainConfig, scan: FolderScan) -> str:
+    """The folder recipe as chosen, in a few lines: what was found, what will be done."""
+    d, s = cfg.data, cfg.schedule
+    where = f"val/ ({sum(scan.val_counts.values()):,} images)" if d.val_split == 0 and \
+        scan.val else f"{d.val_split:,} training images held out, every class"
+    tested = "test/" if scan.test else "val/" if scan.val else "the held-out images"
+    start = f"from {cfg.finetune.init} (fine-tuning)" if cfg.finetune.init else "from scratch"
+    steps = max((scan.n_train - d.val_split) // cfg.batch_size, 1)
+    length = f"{s.epochs} epochs of {steps} batches of {cfg.batch_size}" if s.epochs else \
+        f"{s.iterations:,} iterations of batch {cfg.batch_size}"
+    return "\n".join([
+        f"{scan.root}: {len(scan.classes)} classes ({', '.join(scan.classes[:6])}"
+        f"{', ...' if len(scan.classes) > 6 else ''}), {scan.n_train:,} training images "
+        f"of about {scan.image_size} px",
+        "recipe (change any part with --set KEY=VALUE; --print-config shows all):",
+        f"  {cfg.model.name} at {d.image_size} px, {start}",
+        f"  {length}, {s.kind} lr {cfg.optim.lr:g} after {s.warmup_iters} warm-up iterations",
+        f"  validation: {where}; test: {tested}; precision {cfg.precision}"])
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     own = _own_config(args)
-    config = own or args.config
-    preset = args.preset or (None if config else "fashion-mnist")
-    cfg = resolve(preset, config, args.sets)
-    if args.data_dir:
-        cfg = override(cfg, {"data": {"data_dir": args.data_dir}})
-    if args.init:
-        cfg = override(cfg, {"finetune": {"init": args.init}})
+    cfg, scan = train_config(args.preset, own or args.config, train_sets(args))
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -143,8 +187,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _torchrun(cfg, args.nproc, out, args.resume)
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank:
-        print(f"training {cfg.model.name} ({cfg.preset} preset, {cfg.schedule.iterations} "
-              f"iterations) into {out}{' with its own config.yaml' if own else ''}", flush=True)
+        if scan is not None:
+            print(_recipe_block(cfg, scan), flush=True)
+        recipe = "its own config.yaml" if own else "the folder recipe above" \
+            if cfg.preset == "folder" else "the config given" if cfg.preset == "custom" \
+            else f"the {cfg.preset} preset"
+        length = f"{cfg.schedule.epochs} epochs" if cfg.schedule.epochs else \
+            f"{cfg.schedule.iterations:,} iterations"
+        print(f"training {cfg.model.name} on {cfg.data.dataset} ({length}) into {out} with "
+              f"{recipe}", flush=True)
     res = train(cfg, out, resume=args.resume == "auto")
     if not main_rank:
         return 0
@@ -166,7 +217,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       precision=args.precision, min_agreement=args.min_agreement,
                       recompute=args.recompute_bn, batch_size=args.batch_size,
                       strict=args.strict, dataset=args.data, data_dir=args.data_dir,
-                      out=args.out)
+                      out=args.out, sets=args.sets)
     res = ev.result
     print(f"{ev.config.architecture} on the {args.split} split ({res.count:,} images, "
           f"tta={args.tta}, backend {ev.backend} {ev.precision}"

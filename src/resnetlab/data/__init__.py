@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,10 @@ from .folder import (
     SeededSubset,
     eval_transform,
     train_transform,
+    warn_once,
 )
 from .memory import BatchAugment, InMemoryLoader, Normalize
+from .scan import FolderScan, folder_problems, looks_like_folder, name_some, scan_folder
 from .sources import (
     CIFAR10_MD5,
     CIFAR100_MD5,
@@ -84,18 +89,21 @@ def _limit(data: ArrayDataset, n: int) -> ArrayDataset:
 
 def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int,
                channels_last: bool = False, stats: tuple[list, list] | None = None,
-               rank: int = 0, world: int = 1, strict: bool = False) -> DataBundle:
+               rank: int = 0, world: int = 1, strict: bool = False,
+               min_size: int = 1) -> DataBundle:
     """Loaders for a `DataConfig` (data/config.py).
 
     `stats` = (mean, std) of trained weights; by default they are fitted on the training
     split. `rank`/`world`: this process's share in data-parallel training. `strict`: an
     unreadable image file in a folder data set is an error instead of being skipped.
+    `min_size`: the least image size the model can take (its total stride); a folder data
+    set whose data.image_size is smaller is refused with its other problems.
     """
     if batch_size % world:
         raise ConfigError(f"batch_size {batch_size} must divide by the {world} processes")
     if cfg.dataset == "folder":
         return _build_folder(cfg, batch_size, eval_batch_size, seed, channels_last, stats,
-                             rank, world, strict)
+                             rank, world, strict, min_size)
     full = _limit(load_arrays(cfg.dataset, cfg.data_dir, "train", cfg.verify), cfg.limit_train)
     test = _limit(load_arrays(cfg.dataset, cfg.data_dir, "test", cfg.verify), cfg.limit_test)
     tr_idx, va_idx = holdout(len(full), cfg.val_split)
@@ -114,32 +122,121 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int
                       train.images.shape[-1], mean, std, loader(train, False))
 
 
+def _folder_checks(scan: FolderScan, cfg: DataConfig, min_size: int, strict: bool,
+                   rank: int) -> None:
+    """Every problem of the folder at once, as one DataError, before any loader is built;
+    the warnings logged (by the first process only: every rank scans the same folder)."""
+    errors, warns = folder_problems(scan, cfg.image_size, min_size, cfg.max_bad_fraction)
+    if strict and scan.unreadable:
+        errors.append(f"--strict stops at any unreadable file, and {len(scan.unreadable)} of "
+                      f"{scan.checked} cannot be read ({name_some(scan.unreadable)}): fix or "
+                      "remove them, or run without --strict")
+    if cfg.val_split == 0 and scan.val is None and scan.test is None:
+        errors.append(f"{scan.root} has no val/ or test/ folder and data.val_split is 0, so "
+                      "nothing is left to test on: add a val/ folder of class sub-folders or "
+                      "set data.val_split=N")
+    if rank == 0:
+        for message in warns:
+            warn_once(message)
+    if errors:
+        n = len(errors)
+        raise DataError(f"{scan.root} has {n} problem{'' if n == 1 else 's'}:" +
+                        "".join(f"\n- {e}" for e in errors))
+
+
+def stratified_holdout(labels: Sequence[int], val_split: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of (train, val): `val_split` examples held out in the classes' proportions,
+    at least one of every class with two or more, never a class's last; fixed."""
+    by_class: dict[int, list[int]] = defaultdict(list)
+    for i, y in enumerate(labels):
+        by_class[y].append(i)
+    ys = sorted(by_class)
+    quota = _quotas([len(by_class[y]) for y in ys], val_split)
+    gen = torch.Generator().manual_seed(SPLIT_SEED)
+    val: list[int] = []
+    for y, q in zip(ys, quota, strict=True):
+        members = by_class[y]
+        val += [members[j] for j in torch.randperm(len(members), generator=gen)[:q].tolist()]
+    held = set(val)
+    train = [i for i in range(len(labels)) if i not in held]
+    return torch.tensor(train, dtype=torch.long), torch.tensor(sorted(val), dtype=torch.long)
+
+
+def _quotas(sizes: list[int], k: int) -> list[int]:
+    """How many of each class to hold out: largest remainders of k in proportion to
+    `sizes`, at least 1 and at most size - 1 per class (none of a one-image class)."""
+    room = [n - 1 for n in sizes]
+    classes = sum(r > 0 for r in room)
+    if k < classes:
+        raise ConfigError(f"data.val_split={k} is fewer than the {classes} classes a "
+                          "stratified hold-out takes one image of; set data.val_split >= "
+                          f"{classes}")
+    if k > sum(room):
+        raise ConfigError(f"data.val_split={k} would leave a class without training images; "
+                          f"set data.val_split <= {sum(room)}")
+    exact = [k * n / sum(sizes) for n in sizes]
+    quota = [min(r, max(1, math.floor(e))) if r else 0 for e, r in zip(exact, room, strict=True)]
+    # Feasible by the checks above, so each pass moves at least one image and this ends.
+    while sum(quota) != k:
+        grow = sum(quota) < k
+        if grow:
+            order = sorted((i for i, r in enumerate(room) if quota[i] < r),
+                           key=lambda i: quota[i] - exact[i])
+        else:
+            order = sorted((i for i, q in enumerate(quota) if q > 1),
+                           key=lambda i: exact[i] - quota[i])
+        for i in order[:abs(k - sum(quota))]:
+            quota[i] += 1 if grow else -1
+    return quota
+
+
+def _folder_split(ds: ImageFolderDataset, cfg: DataConfig) -> tuple[list[int], list[int]]:
+    """Indices into `ds` of (train, held-out val)."""
+    if cfg.stratified and cfg.val_split:
+        tr, va = stratified_holdout(ds.targets, cfg.val_split)
+        return tr.tolist(), va.tolist()
+    # Drawn over torchvision's full list, as before files were left out: a run made before
+    # keeps its split; the left-out files then drop from whichever side they fell on.
+    tr, va = holdout(ds.all_count, cfg.val_split)
+    where = {orig: i for i, orig in enumerate(ds.kept)}
+    return ([where[i] for i in tr.tolist() if i in where],
+            [where[i] for i in va.tolist() if i in where])
+
+
 def _build_folder(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int,
                   channels_last: bool, stats: tuple[list, list] | None, rank: int,
-                  world: int, strict: bool) -> DataBundle:
+                  world: int, strict: bool, min_size: int) -> DataBundle:
     if not cfg.data_dir:
         raise ConfigError("dataset=folder needs --data-dir with train/ and val/ sub-folders")
-    root = Path(cfg.data_dir)
+    scan = scan_folder(cfg.data_dir)
+    _folder_checks(scan, cfg, min_size, strict, rank)
     mean, std = stats or (list(IMAGENET_MEAN), list(IMAGENET_STD))
     size = cfg.image_size
-    train_ds = ImageFolderDataset(root / "train", train_transform(size, mean, std,
-                                                                  lighting=cfg.lighting))
-    plain_ds = ImageFolderDataset(root / "train", eval_transform(size, mean, std),
-                                  strict=strict)
-    test_ds = ImageFolderDataset(root / "val", eval_transform(size, mean, std), strict=strict)
-    if test_ds.classes != train_ds.classes:
-        raise DataError(f"{root}/val has classes {test_ds.classes}, train has {train_ds.classes}")
-    tr_idx, va_idx = holdout(len(train_ds), cfg.val_split)
+    plain = eval_transform(size, mean, std)
+
+    def dataset(split: Path, transform: Any, strict_: bool) -> ImageFolderDataset:
+        # Every split is labelled by train's classes; the scan's unreadable files stay out.
+        return ImageFolderDataset(split, transform, strict=strict_, classes=scan.classes,
+                                  exclude=scan.unreadable_paths)
 
     def loader(ds: Any, training: bool) -> FolderLoader:
         return FolderLoader(ds, batch_size if training else eval_batch_size, training,
                             training, cfg.workers, seed, channels_last, rank, world,
                             cfg.max_bad_fraction)
 
-    return DataBundle(loader(SeededSubset(train_ds, tr_idx.tolist()), True),
-                      loader(SeededSubset(plain_ds, va_idx.tolist()), False) if len(va_idx)
-                      else None, loader(test_ds, False), train_ds.classes, 3, size, mean, std,
-                      loader(SeededSubset(plain_ds, tr_idx.tolist()), False))
+    train_ds = dataset(scan.train, train_transform(size, mean, std, lighting=cfg.lighting),
+                       False)
+    plain_ds = dataset(scan.train, plain, strict)
+    tr_idx, va_idx = _folder_split(train_ds, cfg)
+    held = loader(SeededSubset(plain_ds, va_idx), False) if va_idx else None
+    val_dir = loader(dataset(scan.val, plain, strict), False) if scan.val else None
+    test_dir = loader(dataset(scan.test, plain, strict), False) if scan.test else None
+    # One loader object where val and test are the same data: the trainer scores it once.
+    val = held if held is not None else val_dir
+    test = next((t for t in (test_dir, val_dir, held) if t is not None), None)
+    return DataBundle(loader(SeededSubset(train_ds, tr_idx), True), val, test, scan.classes,
+                      3, size, mean, std, loader(SeededSubset(plain_ds, tr_idx), False))
 
 
 __all__ = [
@@ -149,9 +246,14 @@ __all__ = [
     "DataBundle",
     "DataConfig",
     "DataError",
+    "FolderScan",
     "InMemoryLoader",
     "Normalize",
     "build_data",
+    "folder_problems",
     "holdout",
     "load_arrays",
+    "looks_like_folder",
+    "scan_folder",
+    "stratified_holdout",
 ]

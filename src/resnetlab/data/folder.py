@@ -1,4 +1,5 @@
 """Folders of images in the ImageNet layout (`root/train/<class>/*.jpg`, `root/val/<class>/`).
+data/scan.py checks a folder before these read it.
 
 Decoding and augmentation run in DataLoader workers with torchvision.transforms.v2.
 Training follows paper sec. 3.4: shorter side random in [256, 480], random 224 crop,
@@ -9,8 +10,10 @@ resizes the shorter side to 256 and takes the centre 224.
 from __future__ import annotations
 
 import logging
+import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,22 +73,70 @@ def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2
     ])
 
 
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Log `message` as a warning the first time this process meets it: a bad file is named
+    once, not once an epoch (one run logged the same 622 lines every epoch)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """What a dataset yields for a file it could not read: the loader counts and names it
+    in the main process (a worker's log would name it once per worker)."""
+
+    message: str
+
+
+def _hidden(path: str, prefix: str) -> bool:
+    """Whether a part of `path` below `prefix` (ending in a separator) starts with a dot."""
+    rel = path[len(prefix):]
+    return rel.startswith(".") or os.sep + "." in rel
+
+
 class ImageFolderDataset(torchvision.datasets.ImageFolder):
-    """torchvision's ImageFolder with our decoder. An unreadable file is logged with its path
-    and yields None (skipped and counted by the loader), or, with `strict`, raises."""
+    """torchvision's ImageFolder with our decoder. An unreadable file yields `Unreadable`
+    (skipped and counted by the loader), or, with `strict`, raises.
+
+    `classes`: the class list and order to label with (a val/ folder takes train's, so a
+    class it lacks changes no label); by default the sorted visible sub-folders. Hidden
+    files and folders and the files in `exclude` are left out; `kept` maps the samples to
+    torchvision's full list, whose length `all_count` is (random hold-outs index it)."""
+
+    samples: list[tuple[str, int]]
 
     def __init__(self, root: Path, transform: v2.Compose, mode: str = "RGB",
-                 strict: bool = False) -> None:
+                 strict: bool = False, classes: Sequence[str] | None = None,
+                 exclude: Collection[str] = ()) -> None:
         if not root.is_dir():
             raise DataError(f"{root} is not a folder of class sub-folders")
+        self._given = list(classes) if classes is not None else None
         try:
             super().__init__(str(root), transform=transform,
                              loader=lambda p: load_image(p, mode), allow_empty=True)
         except FileNotFoundError as e:
             raise DataError(f"{root}: {e}") from None
+        full: list[tuple[str, int]] = self.samples
+        self.all_count = len(full)
+        prefix = os.path.join(os.path.expanduser(self.root), "")
+        self.kept = [i for i, (p, _) in enumerate(full)
+                     if p not in exclude and not _hidden(p, prefix)]
+        self.samples = [full[i] for i in self.kept]
+        self.imgs, self.targets = self.samples, [t for _, t in self.samples]
         if not self.samples:
             raise DataError(f"{root} holds no images in class sub-folders")
         self.strict = strict
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = self._given if self._given is not None else sorted(
+            e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:  # as torchvision words it; __init__ makes it a DataError
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {c: i for i, c in enumerate(classes)}
 
     def __getitem__(self, index: int):  # type: ignore[override]
         try:
@@ -93,8 +144,7 @@ class ImageFolderDataset(torchvision.datasets.ImageFolder):
         except ImageError as e:
             if self.strict:
                 raise
-            log.warning("skipping unreadable %s", e)
-            return None
+            return Unreadable(str(e))
 
 
 class SeededSubset(Dataset):
@@ -112,17 +162,20 @@ class SeededSubset(Dataset):
             return self.dataset[self.indices[key]]
         i, seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # The CPU generator alone: torch.manual_seed also queues a CUDA seeding, with
+            # a stack trace, when CUDA is not yet initialised (2 ms an image on a CPU).
+            torch.default_generator.manual_seed(seed)
             return self.dataset[self.indices[i]]
 
 
-def _collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-    """(images, labels, how many files of the batch could not be read)."""
-    good = [b for b in batch if b is not None]
+def _collate(batch: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str]]:
+    """(images, labels, why each file of the batch that could not be read failed)."""
+    bad = [b.message for b in batch if isinstance(b, Unreadable)]
+    good = [b for b in batch if not isinstance(b, Unreadable)]
     if not good:
-        return None, None, len(batch)
+        return None, None, bad
     xs, ys = zip(*good, strict=True)
-    return torch.stack(xs), torch.tensor(ys), len(batch) - len(good)
+    return torch.stack(xs), torch.tensor(ys), bad
 
 
 class _EpochSampler(Sampler[int | tuple[int, int]]):
@@ -196,9 +249,11 @@ class FolderLoader:
         self.sampler.epoch, self.sampler.start = epoch, start
         bad = seen = 0
         try:
-            for x, y, skipped in self.loader:
-                bad += skipped
-                seen += skipped + (0 if y is None else len(y))
+            for x, y, failed in self.loader:
+                for message in failed:
+                    warn_once(f"skipping unreadable {message}")
+                bad += len(failed)
+                seen += len(failed) + (0 if y is None else len(y))
                 self._check(bad, seen, final=False)
                 if x is None or y is None:
                     continue

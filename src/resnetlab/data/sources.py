@@ -188,7 +188,9 @@ def locate_fashion_mnist(data_dir: str | Path | None, download: bool = True) -> 
         if complete(Path(data_dir)):
             return Path(data_dir)
         raise DataError(f"{data_dir} does not hold the Fashion-MNIST IDX files "
-                        f"({', '.join(FASHION_MNIST_GZ_MD5)})")
+                        f"({', '.join(FASHION_MNIST_GZ_MD5)}); for your own images, lay "
+                        "them out as DIR/train/<class>/ or DIR/<class>/ and run "
+                        "`resnetlab train DIR`")
     for root in (FASHION_MNIST_DEBIAN_DIR, cache_dir() / "fashion-mnist"):
         if complete(root):
             return root

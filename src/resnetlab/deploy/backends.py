@@ -57,12 +57,14 @@ def canonical(backend: str, precision: str) -> tuple[str, str]:
 
 
 class Backend(nn.Module):
-    """Logits (float32) for a float32 NCHW batch, by the runtime `name` at `precision`."""
+    """Logits (float32) for a float32 NCHW batch, by the runtime `name` at `precision`.
+    `agreement`: the check that let a reduced precision be used (None for fp32, or when
+    no images were given to check it), so callers report it without measuring again."""
 
-    def __init__(self, runtime: Runtime, weights: Path, precision: str, threads: int = 0
-                 ) -> None:
+    def __init__(self, runtime: Runtime, weights: Path, precision: str, threads: int = 0,
+                 agreement: Agreement | None = None) -> None:
         super().__init__()
-        self.name, self.precision = runtime.name, precision
+        self.name, self.precision, self.agreement = runtime.name, precision, agreement
         self.model_config = ModelConfig.from_json(weights / CONFIG_FILE)
         if runtime.open is None:  # PyTorch itself (its parameters are visible here)
             self.module: nn.Module | None = TorchRunner(weights, precision)
@@ -143,16 +145,10 @@ def int8_graph(weights: Path) -> Path:
 
 def check_precision(weights: str | os.PathLike[str], backend: str, precision: str,
                     images: Iterable[torch.Tensor], min_agreement: float = MIN_AGREEMENT,
-                    threads: int = 0, reuse: bool = False) -> Agreement:
+                    threads: int = 0) -> Agreement:
     """Run `backend` at `precision` and the fp32 PyTorch model over `images`; record and
-    return their top-1 agreement (agreement.py). `reuse`: a record for these weights is
-    returned as it is."""
+    return their top-1 agreement (agreement.py)."""
     wdir = Path(weights)
-    if reuse:
-        found = lookup(export_folder(wdir), backend, precision,
-                       _digest(wdir / WEIGHTS_FILE), min_agreement)
-        if found is not None:
-            return found
     be = Backend(RUNTIMES[backend], wdir, precision, threads)
     log.info("checking %s %s against fp32 on the run's test images (once per weights)",
              backend, precision)
@@ -164,14 +160,15 @@ def check_precision(weights: str | os.PathLike[str], backend: str, precision: st
 
 
 def _precisions(wdir: Path, runtime: Runtime, requested: str, check: ImageSource | None,
-                min_agreement: float) -> list[str]:
-    """The precisions to try for `runtime`, in order. A reduced precision is checked (once
+                min_agreement: float) -> list[tuple[str, Agreement | None]]:
+    """The precisions to try for `runtime`, in order, each with the check that admits it.
+    A reduced precision is checked (once
     per weights, now if `check` gives images and none is recorded) before it is used:
     `auto` takes the fastest native ones whose check passes, then fp32; an explicit one
     whose check fails is refused."""
     name, digest, folder = runtime.name, _digest(wdir / WEIGHTS_FILE), export_folder(wdir)
     if requested == "fp32":
-        return [requested]
+        return [(requested, None)]
     if requested != "auto":
         found = lookup(folder, name, requested, digest, min_agreement)
         if found is None and check is not None:
@@ -181,8 +178,8 @@ def _precisions(wdir: Path, runtime: Runtime, requested: str, check: ImageSource
         elif not found.passed:
             raise ConfigError(f"{found.line()}: use --precision fp32, or accept it with a "
                               "lower --min-agreement")
-        return [requested]
-    out = []
+        return [(requested, found)]
+    out: list[tuple[str, Agreement | None]] = []
     for prec in infer_candidates(runtime.precisions):
         if prec == "fp32" or (prec == "int8" and not (folder / INT8_FILE).is_file()):
             continue
@@ -194,10 +191,10 @@ def _precisions(wdir: Path, runtime: Runtime, requested: str, check: ImageSource
                      "--precision %s` checks it); using a slower precision", name, prec,
                      wdir, name, prec)
         elif found.passed:
-            out.append(prec)
+            out.append((prec, found))
         else:
             log.info("not using %s", found.line())
-    return [*out, "fp32"]
+    return [*out, ("fp32", None)]
 
 
 def load_backend(weights: str | os.PathLike[str], backend: str = "auto", threads: int = 0,
@@ -229,8 +226,9 @@ def load_backend(weights: str | os.PathLike[str], backend: str = "auto", threads
         runtimes = fit
     for runtime in runtimes:
         try:
-            for prec in _precisions(wdir, runtime, precision, check, min_agreement):
-                return Backend(runtime, wdir, prec, threads)
+            for prec, admitted in _precisions(wdir, runtime, precision, check,
+                                              min_agreement):
+                return Backend(runtime, wdir, prec, threads, admitted)
         except ExportError as e:
             if backend != "auto":
                 raise

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..data.config import DataConfig
 from ..data.memory import Normalize
 from ..deploy.agreement import MIN_AGREEMENT, Agreement
-from ..deploy.backends import ImageSource, canonical, check_precision, load_backend
+from ..deploy.backends import ImageSource, canonical, load_backend
 from ..errors import ConfigError
 from ..models.config import CONFIG_FILE, ModelConfig
 from ..models.factory import load_model
@@ -73,15 +73,15 @@ def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str 
                  min_agreement: float = MIN_AGREEMENT, recompute: bool = False,
                  batch_size: int = 500, strict: bool = False, dataset: str | None = None,
                  data_dir: str | None = None, out: str | os.PathLike[str] | None = None,
-                 progress: bool | None = None) -> RunEval:
+                 progress: bool | None = None, sets: Sequence[str] = ()) -> RunEval:
     """Score the weights of a run (or a weights directory) on `split` with test-time views
     `tta`; `recompute`: re-estimate BN statistics on training images first (PyTorch, fp32).
     Writes the report (default: beside the weights, named by split, views, backend and
     precision) and its confusion matrix. `progress`: a progress bar (default: when stderr is
-    a terminal)."""
+    a terminal). `sets`: --set pairs on top of the run's config (data.max_bad_fraction=...)."""
     backend, precision = canonical(backend, precision)
-    cfg = run_config(weights, dataset, data_dir)
-    data = run_data(weights, batch_size, dataset, data_dir, strict)
+    cfg = run_config(weights, dataset, data_dir, sets)
+    data = run_data(weights, batch_size, dataset, data_dir, strict, sets)
     wdir = weights_dir(weights)
     mc = ModelConfig.from_json(wdir / CONFIG_FILE)
     split_data = data.test if split == "test" else data.val
@@ -102,9 +102,7 @@ def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str 
         loaded = load_backend(wdir, backend, precision=precision, check=check,
                               min_agreement=min_agreement)
         model, backend, precision = loaded, loaded.name, loaded.precision
-        if precision != "fp32":  # the trade made (checked before use), reported here
-            checked = check_precision(wdir, backend, precision, check(), min_agreement,
-                                      reuse=True)
+        checked = loaded.agreement  # the trade made (checked before use), reported here
     t0 = time.perf_counter()
     batches = tqdm(split_data.batches(0), total=len(split_data), unit="batch", leave=False,
                    desc=f"{split}, tta={tta}",

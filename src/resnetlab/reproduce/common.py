@@ -16,13 +16,13 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import TrainConfig, resolve, saved_config
+from ..config import TrainConfig, changes, resolve, saved_config
 from ..data import build_data
 from ..errors import ConfigError
 from ..models.factory import load_model
@@ -167,7 +167,7 @@ class SubRun:
 def _finished(run: RunDir, cfg: TrainConfig) -> bool:
     if not run.finished():
         return False
-    if saved_config(run.config) != asdict(cfg):
+    if changes(saved_config(run.config), cfg):
         raise ConfigError(f"{run.path} holds a finished run of another configuration; "
                           "remove it or pass another --out")
     return True

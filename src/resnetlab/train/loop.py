@@ -29,6 +29,7 @@ from ..data import DataBundle
 from ..errors import ResNetLabError
 from ..evaluation.evaluate import EvalResult, evaluate
 from ..models.factory import save_weights
+from ..precision import Choice
 from ..report import MetricsLog, plot_confusion, plot_curves
 from ..runs import RunDir
 from ..tables import format_duration
@@ -105,24 +106,28 @@ def _eval_splits(model: nn.Module, data: DataBundle, n_classes: int, with_test: 
                  ) -> tuple[dict[str, Any], EvalResult | None]:
     """Val error, and test error if asked: of the first `test_images` (a fixed subset, for
     a dense curve; the batches that hold them) or, with 0, of the whole split, which is
-    then returned for the final report."""
+    then returned for the final report. A folder without a test/ split tests on its
+    validation images: they are scored once."""
     rec: dict[str, Any] = {"val_error": None, "test_error": None}
-    test = None
+    val = None
     if data.val is not None:
-        rec["val_error"] = evaluate(model, data.val.batches(0), n_classes,
-                                    reduce=dist.sum).top1_error
-    if with_test:
-        batches = data.test.batches(0)
-        if test_images:
-            per_batch = data.test.batch_size
-            batches = itertools.islice(batches, -(-test_images // per_batch))
-        res = evaluate(model, batches, n_classes, reduce=dist.sum)
-        rec["test_error"] = res.top1_error
-        if test_images:
-            rec["test_images"] = res.count
-        else:
-            test = res
-    return rec, test
+        val = evaluate(model, data.val.batches(0), n_classes, reduce=dist.sum)
+        rec["val_error"] = val.top1_error
+    if not with_test:
+        return rec, None
+    if data.test is data.val and val is not None:
+        rec["test_error"] = val.top1_error
+        return rec, val
+    batches = data.test.batches(0)
+    if test_images:
+        per_batch = data.test.batch_size
+        batches = itertools.islice(batches, -(-test_images // per_batch))
+    res = evaluate(model, batches, n_classes, reduce=dist.sum)
+    rec["test_error"] = res.top1_error
+    if test_images:
+        rec["test_images"] = res.count
+        return rec, None
+    return rec, res
 
 
 def train(cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = False,
@@ -143,12 +148,12 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = Fals
 
 def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool | None,
            dist: DistInfo) -> RunResult:
-    cfg, choice = checked_config(cfg, run, resume, dist)
+    choice = checked_config(cfg, run, resume, dist)
     if resume and run.finished():  # its checkpoints may be gone: final/ and eval.json stay
         return finished_result(run, cfg)
     s = start(cfg, choice, run, resume, dist)
     cfg, total = s.cfg, s.cfg.schedule.iterations
-    metrics = MetricsLog(run)
+    metrics = MetricsLog(run, tensorboard=cfg.log.tensorboard)
     if dist.main:
         metrics.truncate_after(s.it)
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
@@ -156,7 +161,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool | None,
     # the loss in fp32. The fused BN-ReLU kernels are fp32 only: unfused bf16 measured faster
     # than fused fp32 on an AVX512-BF16 CPU (docs/performance.md).
     autocast = torch.autocast(s.device.type, dtype=torch.bfloat16) \
-        if cfg.precision == "bf16" else contextlib.nullcontext()
+        if s.choice.precision == "bf16" else contextlib.nullcontext()
     show = sys.stderr.isatty() if progress is None else progress
     kill_at = int(os.environ.get(KILL_AT_ENV) or -1)
     bar = tqdm(total=total, initial=s.it, unit="it", disable=not (show and dist.main),
@@ -181,8 +186,9 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool | None,
         raise
     finally:
         bar.close()
+        metrics.close()
     return finish(s.scored, s.data, run, metrics, cfg, s.it, s.seconds(),
-                  log_.final_test if s.it == total else None, dist, s.precision_reason)
+                  log_.final_test if s.it == total else None, dist, s.choice)
 
 
 def _step(s: TrainState, x: torch.Tensor, y: torch.Tensor, crit: nn.Module,
@@ -302,7 +308,7 @@ def _log_train(metrics: MetricsLog | None, window: _Window, it: int, steps: int,
 def finish(model: nn.Module, data: DataBundle, run: RunDir, metrics: MetricsLog,
            cfg: TrainConfig, iterations: int, seconds: float,
            test: EvalResult | None = None, dist: DistInfo = SINGLE_PROCESS,
-           precision_reason: str = "") -> RunResult:
+           choice: Choice | None = None) -> RunResult:
     """Final weights, the test evaluation (unless the last step already made it), figures."""
     if test is None:
         test = evaluate(model, data.test.batches(0), len(data.classes), reduce=dist.sum)
@@ -311,8 +317,9 @@ def finish(model: nn.Module, data: DataBundle, run: RunDir, metrics: MetricsLog,
         return result
     save_weights(model, run.final, class_names=data.classes, input_size=data.input_size,
                  mean=data.mean, std=data.std)
+    choice = choice or Choice(cfg.precision, "asked for")
     test.save(run.eval_report, data.classes, split="test", tta="center",
-              precision=cfg.precision, precision_reason=precision_reason,
+              precision=choice.precision, precision_reason=choice.reason,
               iterations=iterations, train_seconds=round(seconds, 3))
     plot_confusion(test.confusion, data.classes, run.confusion,
                    f"{cfg.model.name}: test error {100 * test.top1_error:.2f}%")

@@ -1,31 +1,34 @@
 """What a run holds before its first step, and what a checkpoint saves of it.
 
-`start` resolves the device and precision, checks and writes the run directory's config,
-builds the data, the model (and the wrappers that step it: fused kernels, DDP, compile),
-the optimizer and the schedule, and restores them from the latest checkpoint when resuming.
-Its order matters: the seed is set before the data and the model draw random numbers.
+`checked_config` checks the request against the run directory and decides the precision,
+once; `start` builds the data, the model (and the wrappers that step it: fused kernels,
+DDP, compile), the optimizer and the schedule, restores them from the latest checkpoint
+when resuming, and only then writes the run's config. Its order matters: the seed is set
+before the data and the model draw random numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ..config import TrainConfig, saved_config, to_yaml
+from ..config import TrainConfig, changes, saved_config, to_yaml
 from ..data import DataBundle, build_data
 from ..errors import ConfigError
 from ..kernels.fuse import fuse_bn_act
 from ..models import ResNet
 from ..models.factory import create_model
 from ..precision import Choice, train_precision
+from ..recipes import total_stride
 from ..runs import RunDir
 from .allocator import keep_freed_memory
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -70,45 +73,43 @@ def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
     return cast(nn.Module, torch.compile(model))  # an OptimizedModule
 
 
-def _precision(cfg: TrainConfig, device: torch.device, run: RunDir, resume: bool) -> Choice:
-    """`auto` resolved for this device; a resumed run keeps the precision it was started
-    with (runs saved before `precision` existed trained in fp32 on the CPU, bf16 on CUDA)."""
-    saved = saved_config(run.config) if resume and run.config.exists() else None
-    if cfg.precision == "auto" and saved is not None:
-        kept = saved["precision"]
-        if kept == "auto":
-            kept = "bf16" if device.type == "cuda" else "fp32"
-        return Choice(kept, "auto: kept from the run being resumed")
-    return train_precision(cfg.precision, device)
+def _precision(cfg: TrainConfig, device: torch.device, run: RunDir,
+               saved: dict[str, Any] | None) -> Choice:
+    """`auto` resolved for this device; a resumed run (`saved`: its config) keeps the
+    precision it was started with: the one its choices.json records, or, for runs saved
+    before that file, the one its config.yaml names (runs saved before `precision`
+    existed trained in fp32 on the CPU, bf16 on CUDA)."""
+    if cfg.precision != "auto" or saved is None:
+        return train_precision(cfg.precision, device)
+    kept = saved["precision"]
+    if kept == "auto":
+        recorded = read_choice(run)
+        kept = recorded.precision if recorded else "bf16" if device.type == "cuda" else "fp32"
+    return Choice(kept, "auto: kept from the run being resumed")
 
 
-def _check_run_dir(run: RunDir, cfg: TrainConfig, resume: bool) -> None:
+def read_choice(run: RunDir) -> Choice | None:
+    """What the run's `auto` precision became, from its choices.json (None if absent)."""
+    try:
+        found = json.loads(run.choices.read_text())
+        return Choice(str(found["precision"]), str(found["reason"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_run_dir(run: RunDir, cfg: TrainConfig, resume: bool,
+                   saved: dict[str, Any] | None) -> None:
     if not run.started():
         return
     if not resume:
         raise ConfigError(f"{run.path} already holds a run; pass --resume auto to continue it "
                           "or choose another --out")
-    old, new = _leaves(saved_config(run.config)), _leaves(asdict(cfg))
-    if old.get("precision") == "auto":  # saved before `precision`: _precision resolved it
-        old["precision"] = new["precision"]
-    diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)]
+    diff = changes(saved or {}, cfg)
     if diff:
         more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
         raise ConfigError(f"{run.path} was started with another config ({', '.join(diff[:3])}"
                           f"{more}); to resume it, give no --preset, --config or --set (its "
                           "config.yaml is used), or choose another --out")
-
-
-def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}: what a changed setting is called."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v and k != "options":
-            out.update(_leaves(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 def _prepare_model(cfg: TrainConfig, n_classes: int, in_chans: int, device: torch.device,
@@ -144,7 +145,7 @@ class TrainState:
     run: RunDir
     dist: DistInfo
     device: torch.device
-    precision_reason: str
+    choice: Choice  # what the run trains in, and why (cfg.precision is what was asked)
     data: DataBundle
     model: nn.Module  # what the step calls: `core`, or a wrapper sharing its parameters
     core: ResNet
@@ -202,37 +203,54 @@ class TrainState:
         log.info("resuming %s from iteration %d", self.run.path, self.it)
 
 
-def checked_config(cfg: TrainConfig, run: RunDir, resume: bool,
-                   dist: DistInfo) -> tuple[TrainConfig, Choice]:
-    """`cfg` with its precision resolved, once checked against what `run` already holds."""
-    choice = _precision(cfg, dist.device(cfg.device), run, resume)
-    cfg = dataclasses.replace(cfg, precision=choice.precision)  # config.yaml holds the choice
-    _check_run_dir(run, cfg, resume)
-    return cfg, choice
+def checked_config(cfg: TrainConfig, run: RunDir, resume: bool, dist: DistInfo) -> Choice:
+    """The precision `cfg` trains in on this device, once `cfg` is checked against what
+    `run` already holds (its config.yaml is read here, once)."""
+    saved = saved_config(run.config) if resume and run.config.exists() else None
+    _check_run_dir(run, cfg, resume, saved)
+    return _precision(cfg, dist.device(cfg.device), run, saved)
+
+
+def _with_epochs(cfg: TrainConfig, steps: int) -> TrainConfig:
+    """schedule.epochs turned into iterations, now that the batches per epoch are known."""
+    if not cfg.schedule.epochs:
+        return cfg
+    sched = dataclasses.replace(cfg.schedule, iterations=cfg.schedule.epochs * steps)
+    return dataclasses.replace(cfg, schedule=sched)
+
+
+def _write_config(run: RunDir, cfg: TrainConfig, choice: Choice) -> None:
+    """config.yaml holds what was asked (precision auto stays auto, so --config RUN/config.yaml
+    on another CPU chooses again); choices.json what it became here."""
+    run.choices.write_text(json.dumps({"precision": choice.precision,
+                                       "reason": choice.reason}, indent=1) + "\n")
+    run.config.write_text(f"# precision: {choice.precision} ({choice.reason})\n" + to_yaml(cfg))
 
 
 def start(cfg: TrainConfig, choice: Choice, run: RunDir, resume: bool,
           dist: DistInfo) -> TrainState:
-    """Everything the first (or, resuming, the next) step needs; writes config.yaml.
-    `cfg` and `choice` are what `checked_config` returned."""
+    """Everything the first (or, resuming, the next) step needs. The data and the weights
+    are read and checked before anything is written: a run that cannot start leaves no
+    config.yaml. `choice` is what `checked_config` returned."""
     device = dist.device(cfg.device)
     log.info("precision: %s (%s)", choice.precision, choice.reason)
     if resume and run.checkpoint_dirs() and run.latest_checkpoint() is None:
         raise ConfigError(f"{run.checkpoints} holds checkpoints but none is complete; nothing "
                           "was changed: move them away to start over, or choose another --out")
-    dist.barrier()  # every rank has looked before rank 0 writes anything
-    if dist.main:
-        run.config.write_text(f"# precision: {choice.precision} ({choice.reason})\n"
-                              + to_yaml(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == "cpu":
         keep_freed_memory()  # measured 3-15% faster steps (allocator.py)
     torch.manual_seed(cfg.seed)
     data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
-                      cfg.channels_last, rank=dist.rank, world=dist.world)
+                      cfg.channels_last, rank=dist.rank, world=dist.world,
+                      min_size=total_stride(cfg.model.name, cfg.model.options))
+    if len(data.train) == 0:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set; "
+                          "set a smaller one with --set batch_size=N")
+    cfg = _with_epochs(cfg, len(data.train))
     compiled = on_device(cfg.compile, device)
-    fuse = cfg.fused_bn and device.type == "cpu" and not compiled and cfg.precision == "fp32"
+    fuse = cfg.fused_bn and device.type == "cpu" and not compiled and choice.precision == "fp32"
     fresh = not (resume and run.latest_checkpoint() is not None)
     model, core = _prepare_model(cfg, len(data.classes), data.in_chans, device, dist, fuse,
                                  fresh)
@@ -240,10 +258,11 @@ def start(cfg: TrainConfig, choice: Choice, run: RunDir, resume: bool,
     ema = AveragedModel(core, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
                         use_buffers=True) if cfg.ema_decay else None
     opt = make_optimizer(core, cfg)  # the parameters every wrapper of it steps
-    state = TrainState(cfg, run, dist, device, choice.reason, data, model, core, ema, opt,
+    state = TrainState(cfg, run, dist, device, choice, data, model, core, ema, opt,
                        LRSchedule(cfg.schedule, cfg.optim.lr))
-    if state.steps == 0:
-        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set")
     if resume:
         state.restore()
+    dist.barrier()  # every rank has read the run before rank 0 writes anything
+    if dist.main:
+        _write_config(run, cfg, choice)
     return state

@@ -1,0 +1,213 @@
+"""Issue 31: `resnetlab train DIR` on the user's own folder of images, with no other flag:
+a recipe sized from the data, problems listed before anything is written, the request
+and the choice both recorded, and every flag reaching the config by one path."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import resnetlab
+from resnetlab.cli import main
+from resnetlab.config import resolve
+from resnetlab.recipes import EPOCHS, LR_PER_128, total_stride
+from resnetlab.train.request import train_config
+
+SIZES = [(37, 45), (40, 40), (44, 36), (41, 39)]  # odd, unequal: the recipe takes the median
+
+
+def _image(rng: np.random.Generator, label: int, size: tuple[int, int]) -> Image.Image:
+    """A class told by its colour (a learnable folder), with noise, at `size`."""
+    base = np.zeros(3)
+    base[label % 3] = 80 + 60 * (label // 3)
+    pixels = np.clip(base + rng.normal(0, 25, (size[1], size[0], 3)), 0, 255)
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
+def make_folder(root: Path, classes: int, per_class: int, val: dict[str, int] | None,
+                seed: int = 0) -> Path:
+    """root/train/<class>/ (+ root/val/<class>/ for the classes `val` names, with that many
+    images each), or, with val=None, the Keras layout root/<class>/."""
+    rng = np.random.default_rng(seed)
+    train = root / "train" if val is not None else root
+    for c in range(classes):
+        d = train / f"kind{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            _image(rng, c, SIZES[i % len(SIZES)]).save(d / f"{i}.png")
+    for name, n in (val or {}).items():
+        d = root / "val" / name
+        d.mkdir(parents=True)
+        for i in range(n):
+            _image(rng, int(name[4:]), SIZES[i % len(SIZES)]).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes, 24 training images each; val/ lacks kind2."""
+    return make_folder(tmp_path_factory.mktemp("photos"), 3, 24, {"kind0": 8, "kind1": 8})
+
+
+def test_a_folder_with_no_other_flag_trains_evaluates_and_predicts(
+        photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["train", str(photos), "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "3 classes (kind0, kind1, kind2), 72 training images of about 38 px" in out
+    assert "resnet20 at 38 px, from scratch" in out
+    assert "validation: val/ (16 images); test: val/" in out
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    # Sized from the data: batch 16 (72 / 4, a power of two), the epochs the recipe names.
+    assert cfg["preset"] == "folder" and cfg["batch_size"] == 16
+    assert cfg["data"]["image_size"] == 38 and cfg["data"]["val_split"] == 0
+    assert cfg["schedule"]["epochs"] == EPOCHS["scratch"]
+    assert cfg["schedule"]["iterations"] == EPOCHS["scratch"] * (72 // 16)
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert len(evals) == EPOCHS["scratch"]  # one evaluation an epoch
+    assert all(e["val_error"] == e["test_error"] for e in evals)  # val/ is the test split
+    report = json.loads((run / "eval.json").read_text())
+    assert report["count"] == 16
+    assert list(report["per_class_accuracy"]) == ["kind0", "kind1", "kind2"]
+    assert main(["predict", str(run), str(photos / "val" / "kind1" / "0.png"), "--json",
+                 "--backend", "torch"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert {p["label"] for p in line["predictions"]} == {"kind0", "kind1", "kind2"}
+    assert main(["eval", str(run), "--backend", "torch"]) == 0
+    assert "top-1 error" in capsys.readouterr().out
+
+
+def test_a_folder_without_val_holds_out_a_tenth_of_every_class(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "keras", 4, 15, None)
+    cfg, scan = train_config(sets=[f"data.data_dir={json.dumps(str(root))}"])
+    assert scan is not None and scan.val is None and scan.n_train == 60
+    assert cfg.data.val_split == 6 and cfg.data.stratified
+    run = tmp_path / "run"
+    assert main(["train", str(root), "--out", str(run), "--set", "schedule.epochs=2"]) == 0
+    report = json.loads((run / "eval.json").read_text())
+    assert report["count"] == 6  # the hold-out is the test split too
+    assert all(v is not None for v in report["per_class_accuracy"].values())
+
+
+def test_init_from_a_torchvision_file_makes_a_fine_tuning_recipe(
+        photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    tv = tmp_path / "tv.pth"
+    torch.save(resnetlab.to_torchvision(resnetlab.create_model("resnet18").state_dict()), tv)
+    run = tmp_path / "run"
+    caplog.set_level("INFO")
+    assert main(["train", str(photos), "--init", str(tv), "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"resnet18 at 38 px, from {tv} (fine-tuning)" in out
+    cfg = resolve(None, str(run / "config.yaml"))
+    assert cfg.model.name == "resnet18" and cfg.finetune.init == str(tv)
+    per_128 = cfg.optim.lr * 128 / cfg.batch_size
+    assert per_128 == pytest.approx(LR_PER_128["finetune"])
+    assert LR_PER_128["finetune"] < LR_PER_128["scratch"]
+    assert cfg.schedule.warmup_iters == 72 // cfg.batch_size  # one epoch
+    assert cfg.schedule.epochs == EPOCHS["finetune"]
+    said = [r.message for r in caplog.records if "classifier re-initialised" in r.message]
+    assert said == [f"classifier re-initialised: {tv} has 1000 classes, this data 3"]
+
+
+def test_small_images_meet_an_imagenet_net_at_its_stride(tmp_path: Path) -> None:
+    """28 px images with resnet18 weights: the recipe takes the net's 32, not 28."""
+    root = tmp_path / "tiny"
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (28, 28), (40 * c, 0, 0)).save(root / f"c{c}" / f"{i}.png")
+    cfg, _ = train_config(sets=[f"data.data_dir={json.dumps(str(root))}",
+                                "model.name=resnet18"])
+    assert total_stride("resnet18") == 32 and cfg.data.image_size == 32
+
+
+def test_every_problem_is_listed_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_folder(tmp_path / "broken", 3, 4, {"kind0": 2, "kind9": 2})
+    for f in (root / "train" / "kind1").iterdir():
+        f.unlink()
+    for i in range(3):
+        (root / "train" / "kind2" / f"bad{i}.png").write_bytes(b"not an image")
+    run = tmp_path / "run"
+    assert main(["train", str(root), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "kind1" in err and "kind9" in err and "bad0.png" in err, err
+    assert not run.exists()  # neither config.yaml nor .lock nor the directory stays
+
+
+def test_a_folder_that_is_no_data_set_says_how_to_lay_it_out(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty, run = tmp_path / "nothing", tmp_path / "run"
+    empty.mkdir()
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    assert main(["train", "--data-dir", str(empty), "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "DIR/train/<class>/" in err
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]  # the user's file stays
+
+
+def test_config_yaml_keeps_the_request_and_choices_json_the_choice(
+        photos: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", str(photos), "--out", str(run), "--set", "schedule.epochs=1"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["precision"] == "auto"
+    chosen = json.loads((run / "choices.json").read_text())
+    assert chosen["precision"] in ("fp32", "bf16") and chosen["reason"].startswith("auto")
+    # Fed back, the request is asked again (on another CPU auto may choose otherwise).
+    assert resolve(None, str(run / "config.yaml")).precision == "auto"
+    report = json.loads((run / "eval.json").read_text())
+    assert report["precision"] == chosen["precision"]
+
+
+def test_flags_are_set_pairs_and_set_wins(photos: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--data-dir", str(photos), "--set", "batch_size=8",
+                 "--set", "model.name=resnet8", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["data"]["data_dir"] == str(photos) and cfg["batch_size"] == 8
+    assert cfg["model"]["name"] == "resnet8"
+    assert cfg["schedule"]["warmup_iters"] == (72 - 0) // 8  # sized from the asked batch
+    assert main(["train", str(photos), "--data-dir", str(tmp_path), "--print-config"]) == 2
+    assert "two data directories" in capsys.readouterr().err
+
+
+def test_eval_takes_set_for_the_data(photos: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["train", str(photos), "--out", str(run), "--set", "schedule.epochs=1"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--set", "data.max_bad_fraction=1.5"]) == 2
+    assert "max_bad_fraction" in capsys.readouterr().err
+    assert main(["eval", str(run), "--backend", "torch", "--set",
+                 "data.max_bad_fraction=0.5"]) == 0
+
+
+@pytest.mark.slow
+def test_nproc_2_sends_the_folder_the_init_and_the_sets_to_both_ranks(
+        photos: Path, tmp_path: Path) -> None:
+    """The ranks read the config resolved once, in the launcher: the folder recipe, --init
+    and --set reach both (rank 1 would otherwise train a default resnet20 from scratch)."""
+    w = tmp_path / "w"
+    resnetlab.save_weights(resnetlab.create_model("resnet8", num_classes=3), w)
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "resnetlab", "train", str(photos), "--nproc",
+                           "2", "--init", str(w), "--set", "schedule.epochs=1",
+                           "--set", "finetune.freeze=backbone", "--set", "data.workers=0",
+                           "--out", str(run)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["model"]["name"] == "resnet8" and cfg["finetune"]["freeze"] == "backbone"
+    start = resnetlab.load_model(w).state_dict()
+    final = resnetlab.load_model(run / "final").state_dict()
+    assert all(torch.equal(final[k], v) for k, v in start.items() if not k.startswith("head."))
