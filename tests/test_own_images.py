@@ -85,13 +85,21 @@ def test_a_folder_with_no_other_flag_trains_evaluates_and_predicts(
     assert "top-1 error" in capsys.readouterr().out
 
 
-def test_a_folder_without_val_holds_out_a_tenth_of_every_class(tmp_path: Path) -> None:
+def test_a_folder_without_val_holds_out_a_tenth_of_every_class(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The Keras layout (DIR/<class>/), with one corrupt file among 61: it is named once and
+    left out, and training goes on (it used to stop the run past the 1% bar, or, with the
+    bar raised, name the file again every epoch)."""
     root = make_folder(tmp_path / "keras", 4, 15, None)
+    (root / "kind3" / "broken.png").write_bytes(b"not an image")
     cfg, scan = train_config(sets=[f"data.data_dir={json.dumps(str(root))}"])
     assert scan is not None and scan.val is None and scan.n_train == 60
     assert cfg.data.val_split == 6 and cfg.data.stratified
     run = tmp_path / "run"
-    assert main(["train", str(root), "--out", str(run), "--set", "schedule.epochs=2"]) == 0
+    caplog.set_level("INFO")
+    assert main(["train", str(root), "--out", str(run), "--set", "schedule.epochs=3"]) == 0
+    said = [r.message for r in caplog.records if "broken.png" in r.message]
+    assert len(said) == 1 and "left out" in said[0]
     report = json.loads((run / "eval.json").read_text())
     assert report["count"] == 6  # the hold-out is the test split too
     assert all(v is not None for v in report["per_class_accuracy"].values())

@@ -22,4 +22,5 @@ class DataConfig:
     image_size: int = 224  # folder data sets
     workers: int = 2  # folder data sets: DataLoader workers
     lighting: float = 0.1  # folder data sets: AlexNet PCA colour augmentation std
-    max_bad_fraction: float = 0.01  # folder data sets: stop if more unreadable files than this
+    # folder data sets: stop if more unreadable files than this (one alone never stops a run)
+    max_bad_fraction: float = 0.01

@@ -270,7 +270,9 @@ def _unreadable_problem(scan: FolderScan, max_bad_fraction: float) -> tuple[list
     checked = scan.checked or k + sum(n for c in (scan.train_counts, scan.val_counts,
                                                   scan.test_counts) for n in c.values())
     of = f"{k} of {checked} image files{'' if scan.checked_all else ' sampled'}"
-    if k <= max_bad_fraction * checked:
+    # Left out before training, a file costs nothing later; one never stops a run (in a
+    # folder of 60, one file is past any 1% bar), many say the copy itself is broken.
+    if k <= max(max_bad_fraction * checked, 1):
         return [], [f"{of} cannot be read and are left out ({name_some(scan.unreadable)}): fix "
                     "or remove them"]
     return [f"{of} cannot be read, more than data.max_bad_fraction="
