@@ -178,7 +178,8 @@ def test_one_class_and_nothing_to_test_on_are_problems(tmp_path: Path) -> None:
         f"- {root} has 1 class folder; a classifier needs at least 2: lay images out as "
         "DIR/train/<class>/ (optionally with DIR/val/<class>/) or DIR/<class>/\n"
         f"- {root} has no val/ or test/ folder and data.val_split is 0, so nothing is left to "
-        "test on: add a val/ folder of class sub-folders or set data.val_split=N")
+        "test on: add a val/ folder of class sub-folders (or more images: a class of one image "
+        "cannot spare one), or set data.val_split=N")
 
 
 def test_many_unreadable_files_are_named_five_then_counted(tmp_path: Path) -> None:

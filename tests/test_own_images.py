@@ -4,6 +4,7 @@ and the choice both recorded, and every flag reaching the config by one path."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,14 @@ import yaml
 from PIL import Image
 
 import resnetlab
+from resnetlab import ConfigError
 from resnetlab.cli import main
 from resnetlab.config import resolve
 from resnetlab.recipes import EPOCHS, LR_PER_128, total_stride
+from resnetlab.train.loop import train
 from resnetlab.train.request import train_config
+
+from .conftest import interrupt_at
 
 SIZES = [(37, 45), (40, 40), (44, 36), (41, 39)]  # odd, unequal: the recipe takes the median
 
@@ -57,9 +62,13 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_folder_with_no_other_flag_trains_evaluates_and_predicts(
-        photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
     run = tmp_path / "run"
+    caplog.set_level("INFO")
     assert main(["train", str(photos), "--out", str(run)]) == 0
+    # An evaluation every 4 steps still leaves 10 steps to time the expected-time line on.
+    assert sum(r.message.startswith("expected: about") for r in caplog.records) == 1
     out = capsys.readouterr().out
     assert "3 classes (kind0, kind1, kind2), 72 training images of about 38 px" in out
     assert "resnet20 at 38 px, from scratch" in out
@@ -92,14 +101,19 @@ def test_a_folder_without_val_holds_out_a_tenth_of_every_class(
     bar raised, name the file again every epoch)."""
     root = make_folder(tmp_path / "keras", 4, 15, None)
     (root / "kind3" / "broken.png").write_bytes(b"not an image")
+    # and one whose header reads but whose pixels are cut off: the loader meets it, once
+    png = (root / "kind2" / "0.png").read_bytes()
+    (root / "kind2" / "cut.png").write_bytes(png[:len(png) // 2])
     cfg, scan = train_config(sets=[f"data.data_dir={json.dumps(str(root))}"])
-    assert scan is not None and scan.val is None and scan.n_train == 60
+    assert scan is not None and scan.val is None and scan.n_train == 61
     assert cfg.data.val_split == 6 and cfg.data.stratified
+    assert cfg.eval_every == cfg.schedule.warmup_iters * 2  # 40 epochs: every other one
     run = tmp_path / "run"
     caplog.set_level("INFO")
     assert main(["train", str(root), "--out", str(run), "--set", "schedule.epochs=3"]) == 0
     said = [r.message for r in caplog.records if "broken.png" in r.message]
     assert len(said) == 1 and "left out" in said[0]
+    assert sum("cut.png" in r.message for r in caplog.records) == 1
     report = json.loads((run / "eval.json").read_text())
     assert report["count"] == 6  # the hold-out is the test split too
     assert all(v is not None for v in report["per_class_accuracy"].values())
@@ -219,3 +233,37 @@ def test_nproc_2_sends_the_folder_the_init_and_the_sets_to_both_ranks(
     start = resnetlab.load_model(w).state_dict()
     final = resnetlab.load_model(run / "final").state_dict()
     assert all(torch.equal(final[k], v) for k, v in start.items() if not k.startswith("head."))
+
+
+def test_classes_of_one_image_get_one_clear_problem(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """No class can spare an image for validation, and there is no val/: one message that
+    says what to do, not advice that leads to another error."""
+    root = make_folder(tmp_path / "one", 3, 1, None)
+    cfg, _ = train_config(sets=[f"data.data_dir={json.dumps(str(root))}"])
+    assert cfg.data.val_split == 0
+    assert main(["train", str(root), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "nothing is left to test on" in err and "a class of one image" in err
+
+
+def test_a_resume_keeps_the_runs_length_and_refuses_changed_images(
+        photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """schedule.epochs became iterations when the run started; more images since would
+    stretch its schedule mid-run, so the resume says so instead."""
+    data = tmp_path / "photos"
+    shutil.copytree(photos, data)
+    cfg, _ = train_config(sets=[f"data.data_dir={json.dumps(str(data))}",
+                                "schedule.epochs=3", "data.workers=0"])
+    run = tmp_path / "run"
+    interrupt_at(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run, progress=False)
+    monkeypatch.undo()
+    assert yaml.safe_load((run / "config.yaml").read_text())["schedule"]["iterations"] == 12
+    for i in range(16):
+        _image(np.random.default_rng(i), 0, (40, 40)).save(data / "train" / "kind0" / f"n{i}.png")
+    own = resolve(None, str(run / "config.yaml"))
+    with pytest.raises(ConfigError, match="4 batches an epoch and the data now gives 5"):
+        train(own, run, resume=True, progress=False)
+    assert (run / "config.yaml").exists() and (run / "checkpoints").exists()  # kept

@@ -104,8 +104,8 @@ class TrainConfig:
     test_curve_images: int = 0
     channels_last: bool = True
     # "auto": bf16 autocast where the device multiplies bf16 natively (CUDA; CPUs with AMX
-    # or AVX512-BF16), fp32 elsewhere (resnetlab.precision). A run's config.yaml holds what
-    # auto chose, so a resume keeps the run's numerics.
+    # or AVX512-BF16), fp32 elsewhere (resnetlab.precision). A run's config.yaml keeps the
+    # request; its choices.json what auto chose, which a resume keeps (train/setup.py).
     precision: str = "auto"
     compile: bool | None = None  # torch.compile the model; None: on CUDA devices only
     fused_bn: bool = True  # CPU, not compiled: fused BN(+add)+ReLU kernels (resnetlab.kernels)
@@ -219,6 +219,15 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
                 raise ConfigError(f"--set {key}: {p} is set twice")
         node[leaf] = value
     return out
+
+
+def named(sets: Sequence[str]) -> dict[str, Any]:
+    """The settings the --set pairs name (`key.sub` -> value), each checked for its type
+    but not yet against the others (a recipe still chooses those): what a recipe that is
+    sized around the user's own choices reads."""
+    keys = set(leaves(parse_set(sets)))
+    return {k: v for k, v in leaves(asdict(_merge(TrainConfig(), parse_set(sets)))).items()
+            if k in keys}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

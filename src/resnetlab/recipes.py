@@ -7,7 +7,7 @@ recipe, so a preset run and a reproduce sub-run of one network train alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +86,7 @@ SMALL_IMAGES = 64  # px, shorter side: at most this, a CIFAR-style net
 PHOTO_SIZE = 224
 HOLDOUT_FRACTION = 0.1
 MAX_BATCH = 64
+MAX_EVALS = 20  # evaluations in a run, at most
 EPOCHS = {"scratch": 40, "finetune": 20}
 # lr per 128 images of batch, scaled linearly (Goyal et al. 2017); fine-tuning moves
 # pretrained weights, so it starts lower and warms up.
@@ -98,23 +99,22 @@ def total_stride(model: str, options: dict[str, Any] | None = None) -> int:
     return int(meta_model(model, **(options or {})).feature_info[-1]["reduction"])
 
 
-def folder_recipe(scan: FolderScan, asked: dict[str, Any], init_arch: str | None = None
+def folder_recipe(scan: FolderScan, asked: Mapping[str, Any], init_arch: str | None = None
                   ) -> dict[str, Any]:
     """Settings for training on the image folder `scan` describes, given what the user
-    asked for (`asked`: --set pairs as a nested mapping; they are applied after this, and
-    are read here only where other choices follow from them: the model, batch size,
-    epochs). `init_arch`: the architecture of --init's weights, which the model must be."""
+    asked for (`asked`: the settings the --set pairs name, `key.sub` -> checked value; they
+    are applied after this, and read here only where other choices follow from them: the
+    model, batch size, epochs). `init_arch`: the architecture of --init's weights."""
     kind = "finetune" if init_arch else "scratch"
     size = min(scan.image_size, PHOTO_SIZE)
-    model = asked.get("model", {}).get("name") or init_arch or \
+    model = asked.get("model.name") or init_arch or \
         ("resnet20" if size <= SMALL_IMAGES else "resnet18")
-    size = max(size, total_stride(model, asked.get("model", {}).get("options")))
-    holdout = 0 if scan.val else max(len(scan.classes),
-                                      round(HOLDOUT_FRACTION * scan.n_train))
+    size = max(size, total_stride(model, asked.get("model.options")))
+    holdout = 0 if scan.val else _holdout(list(scan.train_counts.values()))
     n = scan.n_train - holdout
     batch = asked.get("batch_size") or min(MAX_BATCH, _power_of_two(max(n // 4, 1)))
     steps = max(n // batch, 1)
-    epochs = asked.get("schedule", {}).get("epochs") or EPOCHS[kind]
+    epochs = asked.get("schedule.epochs") or EPOCHS[kind]
     return {
         "preset": "folder",
         "data": {"dataset": "folder", "data_dir": str(scan.root), "val_split": holdout,
@@ -126,8 +126,19 @@ def folder_recipe(scan: FolderScan, asked: dict[str, Any], init_arch: str | None
                   "weight_decay": 1e-4 if init_arch else 5e-4, "label_smoothing": 0.1},
         "schedule": {"kind": "cosine", "epochs": epochs, "milestones": [],
                      "warmup_iters": steps, "warmup_lr": 0.0},
+        # An evaluation an epoch, but no more than MAX_EVALS: on a small training set and
+        # a large val/, scoring every epoch would cost more than the training.
+        "eval_every": steps * -(-epochs // MAX_EVALS),
         "log_every": min(50, steps),
     }
+
+
+def _holdout(per_class: list[int]) -> int:
+    """A tenth of the images, at least one of every class that can spare one (a class of
+    one image cannot), and never a class's last: 0 when no class can spare any."""
+    spare = sum(n - 1 for n in per_class if n > 1)
+    classes = sum(n > 1 for n in per_class)
+    return min(max(classes, round(HOLDOUT_FRACTION * sum(per_class))), spare)
 
 
 def _power_of_two(n: int) -> int:

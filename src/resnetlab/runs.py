@@ -31,7 +31,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from .config import TrainConfig, load_yaml, resolve
 from .data import DataBundle, build_data
@@ -118,34 +117,28 @@ class RunDir:
         key = self.lock_file.resolve()
         if key in _HELD:
             raise _in_use(self.path, _HELD[key])
-        try:
-            with open(self.lock_file, "a+") as f:
-                yield from self._hold(f, key)
-        finally:
-            if not self.config.exists():
-                self._remove_if_created(created)
-
-    @staticmethod
-    def _hold(f: IO[str], key: Path) -> Iterator[None]:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
+        with open(self.lock_file, "a+") as f:
+            try:
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                f.seek(0)
+                raise _in_use(self.path, f.read().strip() or "another process") from None
+            holder = (f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
             f.seek(0)
-            raise _in_use(Path(f.name).parent, f.read().strip() or "another process") from None
-        holder = (f"pid {os.getpid()} on {socket.gethostname()} since "
-                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-        f.seek(0)
-        f.truncate()
-        f.write(holder + "\n")
-        f.flush()
-        _HELD[key] = holder
-        try:
-            yield
-        finally:
-            del _HELD[key]
-            f.truncate(0)
+            f.truncate()
+            f.write(holder + "\n")
+            f.flush()
+            _HELD[key] = holder
+            try:
+                yield
+            finally:
+                del _HELD[key]
+                f.truncate(0)
+                if not self.config.exists():  # still held: no other process comes between
+                    self._remove_if_created(created)
 
     def _remove_if_created(self, created: list[Path]) -> None:
         """Undo what `lock` made for a run that did not start: only paths it created, and

@@ -158,9 +158,10 @@ def train_sets(args: argparse.Namespace) -> list[str]:
 def _recipe_block(cfg: TrainConfig, scan: FolderScan) -> str:
     """The folder recipe as chosen, in a few lines: what was found, what will be done."""
     d, s = cfg.data, cfg.schedule
-    where = f"val/ ({sum(scan.val_counts.values()):,} images)" if d.val_split == 0 and \
-        scan.val else f"{d.val_split:,} training images held out, every class"
-    tested = "test/" if scan.test else "val/" if scan.val else "the held-out images"
+    held = f"{d.val_split:,} training images held out, every class" if d.val_split else None
+    val = held or (f"val/ ({sum(scan.val_counts.values()):,} images)" if scan.val else "none")
+    test = "test/" if scan.test else "val/" if scan.val else \
+        "the held-out images" if held else "none"
     start = f"from {cfg.finetune.init} (fine-tuning)" if cfg.finetune.init else "from scratch"
     steps = max((scan.n_train - d.val_split) // cfg.batch_size, 1)
     length = f"{s.epochs} epochs of {steps} batches of {cfg.batch_size}" if s.epochs else \
@@ -172,7 +173,7 @@ def _recipe_block(cfg: TrainConfig, scan: FolderScan) -> str:
         "recipe (change any part with --set KEY=VALUE; --print-config shows all):",
         f"  {cfg.model.name} at {d.image_size} px, {start}",
         f"  {length}, {s.kind} lr {cfg.optim.lr:g} after {s.warmup_iters} warm-up iterations",
-        f"  validation: {where}; test: {tested}; precision {cfg.precision}"])
+        f"  validation: {val}; test: {test}; precision {cfg.precision}"])
 
 
 def cmd_train(args: argparse.Namespace) -> int:

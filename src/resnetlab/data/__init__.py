@@ -131,10 +131,15 @@ def _folder_checks(scan: FolderScan, cfg: DataConfig, min_size: int, strict: boo
         errors.append(f"--strict stops at any unreadable file, and {len(scan.unreadable)} of "
                       f"{scan.checked} cannot be read ({name_some(scan.unreadable)}): fix or "
                       "remove them, or run without --strict")
+    if cfg.stratified and cfg.val_split:
+        try:
+            _quotas(list(scan.train_counts.values()), cfg.val_split)
+        except ConfigError as e:
+            errors.append(str(e))
     if cfg.val_split == 0 and scan.val is None and scan.test is None:
         errors.append(f"{scan.root} has no val/ or test/ folder and data.val_split is 0, so "
-                      "nothing is left to test on: add a val/ folder of class sub-folders or "
-                      "set data.val_split=N")
+                      "nothing is left to test on: add a val/ folder of class sub-folders (or more "
+                      "images: a class of one image cannot spare one), or set data.val_split=N")
     if rank == 0:
         for message in warns:
             warn_once(message)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder")
+# How a folder data set is laid out, as every message that asks for one says it.
+LAYOUT = "DIR/train/<class>/ (optionally with DIR/val/<class>/) or DIR/<class>/"
 
 
 @dataclass

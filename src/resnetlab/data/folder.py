@@ -210,6 +210,13 @@ class _EpochSampler(Sampler[int | tuple[int, int]]):
         return len(self._indices())
 
 
+def too_many_unreadable(bad: int, seen: int, max_bad_fraction: float) -> bool:
+    """Whether `bad` unreadable files of `seen` stop a run: more than the fraction, and more
+    than one (in a folder of 60 a single file is past a 1% bar; many say the copy itself is
+    broken). The folder check before training and the loader during it both ask this."""
+    return bad > max(max_bad_fraction * seen, 1)
+
+
 class FolderLoader:
     """DataLoader over an image folder with the same `batches(epoch, start)` interface.
 
@@ -240,7 +247,7 @@ class FolderLoader:
         return n // b if self.drop_last else -(-n // b)
 
     def _check(self, bad: int, seen: int, final: bool) -> None:
-        if bad and (final or seen >= 100) and bad > self.max_bad_fraction * seen:
+        if (final or seen >= 100) and too_many_unreadable(bad, seen, self.max_bad_fraction):
             raise DataError(f"{bad} of {seen} images could not be read (more than "
                             f"{100 * self.max_bad_fraction:g}%); the log above names them. "
                             "Fix or remove them, or raise data.max_bad_fraction")

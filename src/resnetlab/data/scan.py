@@ -22,6 +22,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from .config import LAYOUT
+from .folder import too_many_unreadable
 from .images import MAX_PIXELS
 from .sources import DataError
 
@@ -31,7 +33,6 @@ SAMPLE_ABOVE = 20_000  # files in a split; above this only a sample's headers ar
 SAMPLE_SIZE = 2_000
 SAMPLE_SEED = 20151210  # the sample, hence the scan, is the same on every call
 NAMED = 5  # unreadable files named in a message; the rest are counted
-LAYOUT = "DIR/train/<class>/ (optionally with DIR/val/<class>/) or DIR/<class>/"
 
 
 @dataclass(frozen=True)
@@ -270,9 +271,7 @@ def _unreadable_problem(scan: FolderScan, max_bad_fraction: float) -> tuple[list
     checked = scan.checked or k + sum(n for c in (scan.train_counts, scan.val_counts,
                                                   scan.test_counts) for n in c.values())
     of = f"{k} of {checked} image files{'' if scan.checked_all else ' sampled'}"
-    # Left out before training, a file costs nothing later; one never stops a run (in a
-    # folder of 60, one file is past any 1% bar), many say the copy itself is broken.
-    if k <= max(max_bad_fraction * checked, 1):
+    if not too_many_unreadable(k, checked, max_bad_fraction):
         return [], [f"{of} cannot be read and are left out ({name_some(scan.unreadable)}): fix "
                     "or remove them"]
     return [f"{of} cannot be read, more than data.max_bad_fraction="

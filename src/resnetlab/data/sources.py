@@ -24,6 +24,7 @@ import torch
 
 from ..errors import ConfigError, ResNetLabError
 from ..files import cache_dir
+from .config import LAYOUT
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +190,7 @@ def locate_fashion_mnist(data_dir: str | Path | None, download: bool = True) -> 
             return Path(data_dir)
         raise DataError(f"{data_dir} does not hold the Fashion-MNIST IDX files "
                         f"({', '.join(FASHION_MNIST_GZ_MD5)}); for your own images, lay "
-                        "them out as DIR/train/<class>/ or DIR/<class>/ and run "
-                        "`resnetlab train DIR`")
+                        f"them out as {LAYOUT} and run `resnetlab train DIR`")
     for root in (FASHION_MNIST_DEBIAN_DIR, cache_dir() / "fashion-mnist"):
         if complete(root):
             return root

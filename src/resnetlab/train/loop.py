@@ -148,12 +148,12 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = Fals
 
 def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool | None,
            dist: DistInfo) -> RunResult:
-    choice = checked_config(cfg, run, resume, dist)
+    choice, saved = checked_config(cfg, run, resume, dist)
     if resume and run.finished():  # its checkpoints may be gone: final/ and eval.json stay
         return finished_result(run, cfg)
-    s = start(cfg, choice, run, resume, dist)
+    metrics = MetricsLog(run, tensorboard=cfg.log.tensorboard)  # a missing package: now
+    s = start(cfg, choice, run, resume, dist, saved)
     cfg, total = s.cfg, s.cfg.schedule.iterations
-    metrics = MetricsLog(run, tensorboard=cfg.log.tensorboard)
     if dist.main:
         metrics.truncate_after(s.it)
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
@@ -225,19 +225,22 @@ class _Log:
     final_test: EvalResult | None = None
     t_start: float = field(default_factory=time.perf_counter)
     said: float = field(default_factory=time.perf_counter)  # when the last line went out
-    timed: tuple[int, float] | None = None  # (iteration, time) the estimate counts from
+    last_step: float | None = None  # when the previous step ended (None: none timed yet)
+    timed: list[float] = field(default_factory=list)  # seconds of steps with no evaluation
     estimated: bool = False
 
     def expected_time(self, it: int, total: int, batch: int, restart: bool) -> None:
         """Once, ESTIMATE_STEPS steps in: how long the rest will take at this speed. The
-        clock starts after the first step (warm-up) and again after an evaluation."""
+        first step (warm-up) and each step that ended in an evaluation are not timed, so
+        runs that evaluate every few steps (small folders, one epoch each) get it too."""
         if self.estimated:
             return
         now = time.perf_counter()
-        if restart or self.timed is None:
-            self.timed = (it, now)
-        elif it - self.timed[0] == ESTIMATE_STEPS and it < total:
-            per_step = (now - self.timed[1]) / ESTIMATE_STEPS
+        if self.last_step is not None and not restart:
+            self.timed.append(now - self.last_step)
+        self.last_step = now
+        if len(self.timed) == ESTIMATE_STEPS and it < total:
+            per_step = sum(self.timed) / ESTIMATE_STEPS
             log.info("expected: about %s for the %d iterations left (%.0f images/s), plus "
                      "evaluations", format_duration(per_step * (total - it)), total - it,
                      batch / per_step)

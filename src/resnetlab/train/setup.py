@@ -203,20 +203,31 @@ class TrainState:
         log.info("resuming %s from iteration %d", self.run.path, self.it)
 
 
-def checked_config(cfg: TrainConfig, run: RunDir, resume: bool, dist: DistInfo) -> Choice:
+def checked_config(cfg: TrainConfig, run: RunDir, resume: bool, dist: DistInfo
+                   ) -> tuple[Choice, dict[str, Any] | None]:
     """The precision `cfg` trains in on this device, once `cfg` is checked against what
-    `run` already holds (its config.yaml is read here, once)."""
+    `run` already holds, and that run's saved config (None for a new run): its config.yaml
+    is read here, once."""
     saved = saved_config(run.config) if resume and run.config.exists() else None
     _check_run_dir(run, cfg, resume, saved)
-    return _precision(cfg, dist.device(cfg.device), run, saved)
+    return _precision(cfg, dist.device(cfg.device), run, saved), saved
 
 
-def _with_epochs(cfg: TrainConfig, steps: int) -> TrainConfig:
-    """schedule.epochs turned into iterations, now that the batches per epoch are known."""
-    if not cfg.schedule.epochs:
+def _with_epochs(cfg: TrainConfig, steps: int, run: RunDir,
+                 saved: dict[str, Any] | None) -> TrainConfig:
+    """schedule.epochs turned into iterations, now that the batches per epoch are known. A
+    resumed run keeps its length: a folder that has changed since is refused, since the
+    schedule would stretch mid-run."""
+    epochs = cfg.schedule.epochs
+    if not epochs:
         return cfg
-    sched = dataclasses.replace(cfg.schedule, iterations=cfg.schedule.epochs * steps)
-    return dataclasses.replace(cfg, schedule=sched)
+    planned = saved["schedule"]["iterations"] if saved and run.started() else epochs * steps
+    if planned != epochs * steps:
+        raise ConfigError(f"{run.path} was started with {planned // epochs} batches an epoch "
+                          f"and the data now gives {steps}: the images changed; restore them, "
+                          "or train into another --out")
+    return dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule,
+                                                                 iterations=planned))
 
 
 def _write_config(run: RunDir, cfg: TrainConfig, choice: Choice) -> None:
@@ -228,10 +239,10 @@ def _write_config(run: RunDir, cfg: TrainConfig, choice: Choice) -> None:
 
 
 def start(cfg: TrainConfig, choice: Choice, run: RunDir, resume: bool,
-          dist: DistInfo) -> TrainState:
+          dist: DistInfo, saved: dict[str, Any] | None = None) -> TrainState:
     """Everything the first (or, resuming, the next) step needs. The data and the weights
     are read and checked before anything is written: a run that cannot start leaves no
-    config.yaml. `choice` is what `checked_config` returned."""
+    config.yaml. `choice` and `saved` are what `checked_config` returned."""
     device = dist.device(cfg.device)
     log.info("precision: %s (%s)", choice.precision, choice.reason)
     if resume and run.checkpoint_dirs() and run.latest_checkpoint() is None:
@@ -248,7 +259,7 @@ def start(cfg: TrainConfig, choice: Choice, run: RunDir, resume: bool,
     if len(data.train) == 0:
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set; "
                           "set a smaller one with --set batch_size=N")
-    cfg = _with_epochs(cfg, len(data.train))
+    cfg = _with_epochs(cfg, len(data.train), run, saved)
     compiled = on_device(cfg.compile, device)
     fuse = cfg.fused_bn and device.type == "cpu" and not compiled and choice.precision == "fp32"
     fresh = not (resume and run.latest_checkpoint() is not None)
