@@ -19,7 +19,7 @@ import resnetlab
 from resnetlab import ConfigError
 from resnetlab.cli import main
 from resnetlab.config import resolve
-from resnetlab.recipes import EPOCHS, LR_PER_128, total_stride
+from resnetlab.recipes import EPOCHS, LR_PER_128, MAX_EVALS, total_stride
 from resnetlab.train.loop import train
 from resnetlab.train.request import train_config
 
@@ -81,7 +81,8 @@ def test_a_folder_with_no_other_flag_trains_evaluates_and_predicts(
     assert cfg["schedule"]["iterations"] == EPOCHS["scratch"] * (72 // 16)
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
              if '"eval"' in line]
-    assert len(evals) == EPOCHS["scratch"]  # one evaluation an epoch
+    # An evaluation an epoch, capped: 40 epochs are scored every other one.
+    assert [e["epoch"] for e in evals] == [2.0 * k for k in range(1, MAX_EVALS + 1)]
     assert all(e["val_error"] == e["test_error"] for e in evals)  # val/ is the test split
     report = json.loads((run / "eval.json").read_text())
     assert report["count"] == 16
@@ -136,6 +137,7 @@ def test_init_from_a_torchvision_file_makes_a_fine_tuning_recipe(
     assert LR_PER_128["finetune"] < LR_PER_128["scratch"]
     assert cfg.schedule.warmup_iters == 72 // cfg.batch_size  # one epoch
     assert cfg.schedule.epochs == EPOCHS["finetune"]
+    assert cfg.optim.weight_decay == 1e-4  # a scratch run's is 5e-4: the recipe switched
     said = [r.message for r in caplog.records if "classifier re-initialised" in r.message]
     assert said == [f"classifier re-initialised: {tv} has 1000 classes, this data 3"]
 

@@ -145,9 +145,9 @@ def report(results: dict[str, dict[str, dict[str, float]]], folder: Path, out: P
              "on a folder of the other five classes with 20 training images each (val/: 200 "
              "test-split images each), with `--init W` for the fine-tuning rows and "
              "`--set model.name=NET` for the scratch rows, and nothing else: the folder "
-             "recipe chose the rest (columns below; lr and epochs differ between scratch and "
-             f"fine-tuning by design). {precision}, {torch.get_num_threads()} thread(s) "
-             f"({cpu}).", "",
+             "recipe chose the rest (columns below; its fine-tuning lr is half its scratch "
+             "lr, and [lr-sweep.md](lr-sweep.md) has the other lrs and lengths tried). "
+             f"{precision}, {torch.get_num_threads()} thread(s) ({cpu}). One seed per row.", "",
              "| run | test accuracy | minutes | iterations | batch | lr | epochs |",
              "|---|---|---|---|---|---|---|"]
     for part, rows in results.items():
