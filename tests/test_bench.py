@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from resnetlab.benchmarks import BENCHMARKS, gpu_check, run_benchmark
 from resnetlab.benchmarks import winograd as wino
 from resnetlab.benchmarks.common import Timing, alternate, ratio
+from resnetlab.benchmarks.profile import CATEGORIES, category
 from resnetlab.cli import main
 
 
@@ -59,13 +60,115 @@ def test_bench_train_runs_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "train.json"
     assert run_benchmark("train", ["--cases", "resnet20-28x28x1", "--rounds", "1", "--calls",
                                    "1", "--workers", "0", "--no-compile", "--batch", "16",
+                                   "--no-bf16", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    case = res["cases"]["resnet20-28x28x1"]
+    assert set(case) == {"reference", "resnetlab"}
+    assert case["reference"]["ratio_vs_reference"] == 1.0
+    assert case["resnetlab"]["images_per_s"] > 0 and case["resnetlab"]["peak_fraction"] > 0
+    assert {r["precision"] for r in case.values()} == {"fp32"}
+    assert res["sgemm_gflops"] > 0 and "bf16_gemm_gflops" not in res
+    assert not any("ratio_vs_users_best" in r for r in case.values())
+
+
+def test_bench_train_bf16_adds_users_best(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # bf16 runs on every CPU (emulated, and slow, without AVX512-BF16 or AMX): batch 4, and
+    # stand-in gemm rates (measuring them takes seconds), distinct so that each contender
+    # is seen to be put against its own precision's.
+    from resnetlab.benchmarks import train
+
+    def bf16_rate(dtype: torch.dtype) -> float:
+        assert dtype == torch.bfloat16
+        return 400.0
+
+    monkeypatch.setattr(train, "sgemm_gflops", lambda: 100.0)
+    monkeypatch.setattr(train, "gemm_gflops", bf16_rate)
+    out = tmp_path / "train.json"
+    assert run_benchmark("train", ["--cases", "resnet20-28x28x1", "--rounds", "1", "--calls",
+                                   "1", "--workers", "0", "--no-compile", "--batch", "4",
                                    "--bf16", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     case = res["cases"]["resnet20-28x28x1"]
-    assert set(case) == {"reference", "resnetlab", "resnetlab bf16"}  # bf16 on every CPU
-    assert case["reference"]["ratio_vs_reference"] == 1.0
-    assert case["resnetlab"]["images_per_s"] > 0 and case["resnetlab"]["peak_fraction"] > 0
-    assert res["sgemm_gflops"] > 0
+    assert set(case) == {"reference", "resnetlab", "resnetlab bf16", "user's best bf16"}
+    assert (res["sgemm_gflops"], res["bf16_gemm_gflops"]) == (100.0, 400.0)
+    for name, r in case.items():  # each against the gemm rate of its own precision
+        want = "bf16" if name.endswith("bf16") else "fp32"
+        assert r["precision"] == want
+        assert r["peak_gflops"] == res["sgemm_gflops" if want == "fp32" else "bf16_gemm_gflops"]
+        assert r["peak_fraction"] == pytest.approx(r["gflops"] / r["peak_gflops"])
+    assert case["user's best bf16"]["ratio_vs_users_best"] == 1.0
+    assert case["resnetlab bf16"]["ratio_vs_users_best"] > 0
+    printed = capsys.readouterr().out
+    assert "| resnet20-28x28x1 | user's best bf16 | bf16 |" in printed
+    assert "resnetlab bf16 / user's best bf16:" in printed
+
+
+@pytest.mark.parametrize(("chain", "in_cast", "want"), [
+    (["bench: step", "aten::conv2d", "aten::convolution", "aten::mkldnn_convolution"], False,
+     "convolution"),
+    (["bench: step", "autograd::engine::evaluate_function: ConvolutionBackward0",
+      "ConvolutionBackward0", "aten::convolution_backward", "aten::empty"], False,
+     "convolution"),
+    # autocast's cast runs inside the aten::conv2d it feeds; the same chain without a change
+    # of dtype (a memory format only) stays with the convolution.
+    (["bench: step", "aten::conv2d", "aten::to", "aten::_to_copy", "aten::copy_"], True,
+     "dtype cast"),
+    (["bench: step", "aten::conv2d", "aten::to", "aten::_to_copy", "aten::copy_"], False,
+     "convolution"),
+    (["bench: step", "resnetlab::bn_act_forward",
+      "GeneratedBackwardFor_resnetlab_bn_act_forward_default", "aten::empty_like"], False,
+     "batch norm"),
+    (["bench: step", "autograd::engine::evaluate_function: NativeBatchNormBackward0",
+      "NativeBatchNormBackward0", "aten::native_batch_norm_backward"], False, "batch norm"),
+    (["bench: step", "aten::batch_norm", "aten::native_batch_norm", "aten::zeros",
+      "aten::zero_", "aten::fill_"], False, "batch norm"),
+    (["bench: step", "aten::relu", "aten::clamp_min"], False, "activation"),
+    (["bench: step", "autograd::engine::evaluate_function: ReluBackward0", "ReluBackward0",
+      "aten::threshold_backward"], False, "activation"),
+    (["bench: step", "aten::add"], False, "add/elementwise"),
+    # the engine summing the gradients of a residual block's input, after a convolution's
+    (["bench: step", "autograd::engine::evaluate_function: ConvolutionBackward0", "aten::add_"],
+     False, "add/elementwise"),
+    (["bench: step", "Optimizer.step#SGD.step", "aten::_foreach_add_"], False, "optimizer"),
+    (["bench: step", "Optimizer.step#SGD.step", "aten::add_"], False, "optimizer"),
+    (["bench: step", "aten::cross_entropy_loss", "aten::log_softmax"], False, "loss"),
+    (["bench: step", "autograd::engine::evaluate_function: NllLossBackward0",
+      "NllLossBackward0", "aten::nll_loss_backward"], False, "loss"),
+    # everything in the batch fetch is data, casts (uint8 to float) included
+    (["bench: step", "bench: next batch", "aten::index"], False, "data"),
+    (["bench: step", "bench: next batch", "aten::to", "aten::_to_copy", "aten::copy_"], True,
+     "data"),
+    # an uncategorised operator keeps its helpers: this fill_ is not an addition
+    (["bench: step", "autograd::engine::evaluate_function: AvgPool2DBackward0",
+      "AvgPool2DBackward0", "aten::avg_pool2d_backward", "aten::zero_", "aten::fill_"], False,
+     "other"),
+    (["bench: step"], False, "other"),
+    (["bench: step", "aten::linear", "aten::addmm"], False, "other"),
+])
+def test_profile_categories(chain: list[str], in_cast: bool, want: str) -> None:
+    assert category(chain, in_cast) == want
+
+
+def test_bench_train_profile_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "profile.json"
+    assert run_benchmark("train", ["--cases", "resnet20-28x28x1", "--workers", "0", "--batch",
+                                   "8", "--profile", "resnetlab", "--profile-steps", "2",
+                                   "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["profile"]["contender"] == "resnetlab" and res["profile"]["steps"] == 2
+    table = res["profile"]["cases"]["resnet20-28x28x1"]
+    cats = table["categories"]
+    assert tuple(cats) == CATEGORIES
+    assert cats["convolution"]["ms_per_step"] > 0 and cats["data"]["ms_per_step"] > 0
+    assert cats["batch norm"]["ms_per_step"] > 0 and cats["optimizer"]["ms_per_step"] > 0
+    assert sum(r["percent"] for r in cats.values()) == pytest.approx(100, abs=0.01)
+    assert sum(r["ms_per_step"] for r in cats.values()) == pytest.approx(
+        table["ops_ms_per_step"])
+    # the ops' self time is the step's wall, less what the profiler spends outside ops
+    assert 0 < table["ops_ms_per_step"] <= table["wall_ms_per_step"] * 1.01
+    printed = capsys.readouterr().out
+    assert all(f"| {c} |" in printed for c in CATEGORIES)
 
 
 @pytest.mark.runtimes
@@ -153,3 +256,42 @@ def test_mutation_table_scores_without_the_excused_equivalents() -> None:
     assert "| pkg.other | 1 | 0 | 0 | 0 | 100.0% |" in out
     assert "- pkg.mod.x_f__mutmut_2: survived\n- pkg.mod.x_f__mutmut_5: no tests" in out
     assert out.endswith("(killed, or no longer written):\n- pkg.mod.x_f__mutmut_1")
+
+
+def test_bench_infer_reports_the_per_round_ratio_spread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each resnetlab backend's ratio to its stand-alone counterpart comes with its min and
+    max over rounds, and every round starts on a quiet machine (nothing is timed here)."""
+    from resnetlab.benchmarks import common, infer
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :4, :4].reshape(len(x), -1)[:, :10] * 2
+
+    names = [infer.REFERENCE, "resnetlab openvino bf16", "stand-alone openvino bf16",
+             "resnetlab torch bf16"]
+    monkeypatch.setattr(infer, "contenders", lambda *a, **k: dict.fromkeys(names, logits))
+    monkeypatch.setattr(infer, "create_model", lambda *a, **k: None)
+    monkeypatch.setattr(infer, "save_weights", lambda *a, **k: None)
+    monkeypatch.setattr(infer, "sgemm_gflops", lambda: 100.0)
+    monkeypatch.setattr(infer, "gemm_gflops", lambda *a, **k: 100.0)
+    quiet: list[float] = []
+
+    def spy(*args: object, quiet_s: float = 0.0, **kwargs: object) -> dict[str, Timing]:
+        quiet.append(quiet_s)
+        return common.alternate(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(infer, "alternate", spy)
+    res = infer.run(["resnet18"], [1, 2], rounds=5, seconds=0.0, say=lambda s: None,
+                    precisions=["bf16"])
+    assert quiet == [infer.QUIET_S, infer.QUIET_S] and infer.QUIET_S > 0
+    for case in res["cases"].values():
+        ours = case["resnetlab openvino bf16"]
+        assert len(ours["per_round"]) == 5
+        assert ours["ratio_vs_standalone_min"] <= ours["ratio_vs_standalone"] \
+            <= ours["ratio_vs_standalone_max"]
+        for name in (infer.REFERENCE, "stand-alone openvino bf16", "resnetlab torch bf16"):
+            assert "ratio_vs_standalone_min" not in case[name]  # no stand-alone counterpart
+    table = infer.report(res)
+    ours = res["cases"]["resnet18 batch 1"]["resnetlab openvino bf16"]
+    assert "per-round range" in table
+    assert (f"{ours['ratio_vs_standalone_min']:.2f}-{ours['ratio_vs_standalone_max']:.2f}x"
+            in table)

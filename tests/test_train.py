@@ -1,5 +1,6 @@
 """The training loop: learning, run directory contents, exact resume, failures."""
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -65,6 +66,34 @@ def test_overfits_a_tiny_batch(variant: Variant) -> None:
     variant.record(loss=loss.item(), right=right)
     assert right == 16
     assert loss.item() < 0.05
+
+
+def test_the_optimizer_is_fused_and_steps_as_the_per_tensor_loop() -> None:
+    """One kernel for the whole update (make_optimizer), the arithmetic of PyTorch's loop
+    over tensors, with every group's own decay and lr as the trainer sets them."""
+    cfg = resolve("smoke", sets=["optim.nesterov=true", "optim.decay_bn_and_bias=false",
+                                 "finetune.backbone_lr=0.5"])
+    torch.manual_seed(0)
+    fused_model = resnetlab.create_model("resnet8", in_chans=1)
+    loop_model = copy.deepcopy(fused_model)
+    fused = make_optimizer(fused_model, cfg)
+    assert fused.defaults["fused"] is True
+    loop_opt = make_optimizer(loop_model, cfg)
+    for g in loop_opt.param_groups:
+        g["fused"], g["foreach"] = False, False
+    assert len(fused.param_groups) == 4  # decay x lr scale: the groups the loop steps
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for opt in (fused, loop_opt):
+            for g in opt.param_groups:
+                g["lr"] = 0.1 * g["lr_scale"]
+        for a, b in zip(fused_model.parameters(), loop_model.parameters(), strict=True):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        fused.step()
+        loop_opt.step()
+    for a, b in zip(fused_model.parameters(), loop_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_smoke_run_leaves_a_complete_run_directory(tmp_path: Path, smoke_args: list[str],

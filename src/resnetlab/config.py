@@ -31,6 +31,7 @@ from .precision import TRAIN_PRECISIONS
 from .recipes import PRESETS
 
 SCHEDULES = ("multistep", "cosine", "onecycle", "constant")
+TRAIN_TTA = ("center", "flip")  # the views cheap enough for every evaluation of a run
 # A billion steps is years on any machine; more is a typo (1e26), not a plan.
 MAX_ITERATIONS = 10**9
 
@@ -96,6 +97,9 @@ class TrainConfig:
     eval_every: int = 0  # iterations between evaluations; 0: once an epoch
     checkpoint_every: int = 0  # iterations between extra checkpoints (each evaluation saves one)
     ema_decay: float = 0.0  # > 0: evaluate and ship an exponential moving average of weights
+    # the views every evaluation of training scores: "center", or "flip" (the image and its
+    # mirror, averaged; free where training flips); `resnetlab eval --tta` has the others
+    tta: str = "center"
     log_every: int = 50  # iterations between metric lines
     log: LogConfig = field(default_factory=LogConfig)
     test_curve: bool = True  # also score the test set at each evaluation, for the curve only
@@ -277,6 +281,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _check_range(d.normalize in ("channel", "pixel"), "data.normalize must be channel or pixel")
     _check_range(s.kind in SCHEDULES, f"schedule.kind must be one of {', '.join(SCHEDULES)}")
     _check_range(cfg.nonfinite in ("stop", "skip"), "nonfinite must be stop or skip")
+    _check_range(cfg.tta in TRAIN_TTA, f"tta must be one of {', '.join(TRAIN_TTA)} (10crop "
+                 "and multiscale: `resnetlab eval --tta` on the finished run)")
     _check_range(cfg.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda")
     _check_range(cfg.precision in TRAIN_PRECISIONS,
                  f"precision must be one of {', '.join(TRAIN_PRECISIONS)}")

@@ -101,6 +101,10 @@ def total_stride(model: str, options: dict[str, Any] | None = None) -> int:
     return int(meta_model(model, **(options or {})).feature_info[-1]["reduction"])
 
 
+# eval_every this large: the run evaluates once, after its last iteration
+ONLY_AT_THE_END = 10**9
+
+
 def folder_recipe(scan: FolderScan, asked: Mapping[str, Any], init_arch: str | None = None
                   ) -> dict[str, Any]:
     """Settings for training on the image folder `scan` describes, given what the user
@@ -148,18 +152,29 @@ def _power_of_two(n: int) -> int:
     return 1 << (n.bit_length() - 1)
 
 
+# The README's main job: a CIFAR-style ResNet sized for a 2-core CPU.
+# Chosen on the validation split for a ~10-minute CPU budget: ResNet-14 with a 1-pixel
+# crop reached 6.8% val error in 2,000 iterations, ResNet-20 7.0-7.7% in 1,500-1,700
+# (same time); 2,200 iterations leave a margin over the 92% the demo promises.
+_FASHION_MNIST: dict[str, Any] = {
+    "data": {"dataset": "fashion-mnist", "val_split": 5000, "pad": 1},
+    "model": {"name": "resnet14"},
+    "optim": {"lr": 0.2, "nesterov": True, "weight_decay": 5e-4, "label_smoothing": 0.1},
+    "schedule": {"kind": "onecycle", "iterations": 2200, "warmup_iters": 250,
+                 "milestones": []},
+    "eval_every": 550,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # The README's main job: a CIFAR-style ResNet sized for a 2-core CPU.
-    # Chosen on the validation split for a ~10-minute CPU budget: ResNet-14 with a 1-pixel
-    # crop reached 6.8% val error in 2,000 iterations, ResNet-20 7.0-7.7% in 1,500-1,700
-    # (same time); 2,200 iterations leave a margin over the 92% the demo promises.
-    "fashion-mnist": {
-        "data": {"dataset": "fashion-mnist", "val_split": 5000, "pad": 1},
-        "model": {"name": "resnet14"},
-        "optim": {"lr": 0.2, "nesterov": True, "weight_decay": 5e-4, "label_smoothing": 0.1},
-        "schedule": {"kind": "onecycle", "iterations": 2200, "warmup_iters": 250,
-                     "milestones": []},
-        "eval_every": 550,
+    "fashion-mnist": _FASHION_MNIST,
+    # The demo's budget spent for accuracy (issue 32): every choice made on the validation
+    # split, one ingredient at a time (docs/results/fast-recipe); the test set only reports.
+    # One evaluation, at the end (each costs seconds of a minutes-long budget), of the image
+    # and its mirror.
+    "fashion-mnist-fast": {
+        **_FASHION_MNIST,
+        "optim": {**_FASHION_MNIST["optim"], "label_smoothing": 0.2},
+        "eval_every": ONLY_AT_THE_END, "tta": "flip",
     },
     "smoke": {
         "data": {"dataset": "fashion-mnist", "val_split": 128, "limit_train": 640,

@@ -13,7 +13,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +87,7 @@ class Timing:
         return statistics.median(self.per_round)
 
 
-def alternate(contenders: dict[str, Callable[[], int]], rounds: int, calls: int = 1,
+def alternate(contenders: Mapping[str, Callable[[], int]], rounds: int, calls: int = 1,
               warmup: int = 1, progress: Callable[[str], None] | None = None,
               quiet_s: float = 0.0) -> dict[str, Timing]:
     """Time `calls` calls of each contender per round, rotating who goes first.

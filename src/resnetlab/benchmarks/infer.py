@@ -28,13 +28,19 @@ from ..models.convert import to_torchvision
 from ..models.factory import create_model, save_weights
 from ..precision import this_cpu
 from ..tables import format_table
-from .common import alternate, gemm_gflops, machine, ratio, save, sgemm_gflops
+from .common import Timing, alternate, gemm_gflops, machine, ratio, save, sgemm_gflops
 
 # Paper Table 1 multiply-adds at 224 (ours count 1.81 G and 3.86 G; see `resnetlab info`).
 MACS = {"resnet18": 1.81e9, "resnet50": 3.86e9}
 # torchvision builds v1.5 (stride on the 3x3): our resnet50b; resnet18 is the same in both.
 OURS = {"resnet18": "resnet18", "resnet50": "resnet50b"}
 REFERENCE = "torchvision eager fp32"
+# Idle seconds after each contender's round, untimed. PyTorch's OpenMP workers and ONNX
+# Runtime's thread pool keep spinning after a call (on a 2-core EPYC: for ~25 ms and
+# ~100 ms), slowing whoever is timed next, and the rotation keeps who is next fixed:
+# `resnetlab openvino bf16` always ran right after `resnetlab torch bf16` while its
+# stand-alone counterpart ran after it (the likely cause of issue 32's 0.92x).
+QUIET_S = 0.2
 
 
 def standalone_ort(path: Path) -> Callable[[np.ndarray], np.ndarray]:
@@ -44,8 +50,8 @@ def standalone_ort(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 
 def standalone_openvino(path: Path, precision: str = "fp32"
                         ) -> Callable[[np.ndarray], np.ndarray]:
-    """The infer request alone (OpenVINORunner keeps its owners alive), its output not
-    copied out of the request's buffer."""
+    """The infer request alone (OpenVINORunner keeps its owners alive), without the
+    backend's second copy of the output (`infer` already returns a copy of it)."""
     runner = OpenVINORunner(path, openvino_props(precision, PERFORMANCE_HINT="LATENCY"))
     return lambda x: runner.request.infer({0: x})[0]
 
@@ -111,6 +117,12 @@ def _on_numpy(f: Callable[[np.ndarray], np.ndarray]) -> Callable[[torch.Tensor],
     return lambda x: f(x.numpy())
 
 
+def ratio_range(a: Timing, b: Timing) -> tuple[float, float]:
+    """Min and max over rounds of a/b: the spread around `ratio`'s median."""
+    rs = [x / y for x, y in zip(a.per_round, b.per_round, strict=True)]
+    return min(rs), max(rs)
+
+
 def parity(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor) -> dict[str, Any]:
     ref = fns[REFERENCE](x).numpy()
     res = {}
@@ -141,7 +153,7 @@ def run(models: list[str], batches: list[int], rounds: int, seconds: float,
                 calls = max(1, round(seconds * est / batch))
                 say(f"{model} batch {batch}: {rounds} rounds of {calls} calls")
                 t = alternate({k: _timed(f, x) for k, f in fns.items()}, rounds, calls, warmup=2,
-                              progress=say)
+                              progress=say, quiet_s=QUIET_S)
                 ref = t[REFERENCE]
                 case = {}
                 for k, tk in t.items():
@@ -152,7 +164,9 @@ def run(models: list[str], batches: list[int], rounds: int, seconds: float,
                 for k in t:
                     alone = k.replace("resnetlab ", "stand-alone ", 1)
                     if k.startswith("resnetlab ") and alone in t:
-                        case[k]["ratio_vs_standalone"] = ratio(t[k], t[alone])
+                        lo, hi = ratio_range(t[k], t[alone])
+                        case[k].update(ratio_vs_standalone=ratio(t[k], t[alone]),
+                                       ratio_vs_standalone_min=lo, ratio_vs_standalone_max=hi)
                 results["cases"][f"{model} batch {batch}"] = case
     results["sgemm_gflops_end"] = sgemm_gflops()
     return results
@@ -163,13 +177,15 @@ def report(results: dict[str, Any]) -> str:
     for case, res in results["cases"].items():
         for k, r in res.items():
             vs = r.get("ratio_vs_standalone")
+            spread = "" if vs is None else \
+                f"{r['ratio_vs_standalone_min']:.2f}-{r['ratio_vs_standalone_max']:.2f}x"
             rows.append([case, k, f"{r['images_per_s']:.1f}", f"{r['ratio_vs_eager']:.2f}x",
-                         "" if vs is None else f"{vs:.2f}x", f"{r['gflops']:.0f}",
+                         "" if vs is None else f"{vs:.2f}x", spread, f"{r['gflops']:.0f}",
                          f"{100 * r['peak_fraction']:.0f}%", f"{r['max_abs_diff']:.1e}",
                          "yes" if r["top1_identical"] else "NO"])
     return format_table(["case", "contender", "images/s", "vs eager", "vs stand-alone",
-                         "GFLOP/s", "of sgemm peak", "max logit diff", "same top-1"], rows,
-                        markdown=True)
+                         "per-round range", "GFLOP/s", "of sgemm peak", "max logit diff",
+                         "same top-1"], rows, markdown=True)
 
 
 def main(argv: list[str] | None = None) -> int:

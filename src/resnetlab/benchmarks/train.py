@@ -8,7 +8,12 @@ channels_last, `train_step` (forward, loss, backward, SGD), eager and under torc
 with the trainer's allocator setting (allocator.py). That setting is process-wide, so the
 reference runs under it too; `--default-malloc` leaves glibc's defaults for everyone.
 Same model size, batch, fp32 numerics and optimizer; where the CPU runs bf16 natively, a
-"resnetlab bf16" contender adds the trainer's `precision=auto` step (bf16 autocast).
+"resnetlab bf16" contender adds the trainer's `precision=auto` step (bf16 autocast), and
+"user's best bf16" what a user would write for fast CPU training without resnetlab: the
+reference's model in channels_last under bf16 autocast, plain SGD, fed by resnetlab's
+in-memory loader, so that only the model code and the step differ from "resnetlab bf16".
+Each contender's GFLOP/s is put as a fraction of the gemm rate of the precision it ran in.
+`--profile CONTENDER` shows where one contender's step spends its time (profile.py).
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from functools import partial
+from typing import Any, Protocol, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
@@ -36,8 +43,9 @@ from ..precision import this_cpu
 from ..tables import format_table
 from ..train.allocator import keep_freed_memory
 from ..train.loop import make_optimizer, train_step
-from .common import alternate, machine, ratio, save, sgemm_gflops
+from .common import alternate, gemm_gflops, machine, ratio, save, sgemm_gflops
 from .inputs import PILDataset, synthetic_arrays
+from .profile import DATA_SCOPE, format_profile, profile_steps
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,24 @@ QUIET_S = 0.5  # idle seconds after each contender's round; 4 batches take ~0.1 
 
 CASES = {"resnet20-28x28x1": ("resnet20", 1, 28), "resnet20-32x32x3": ("resnet20", 3, 32),
          "resnet56-32x32x3": ("resnet56", 3, 32), "resnet110-32x32x3": ("resnet110", 3, 32)}
+USERS_BEST = "user's best bf16"
+CONTENDERS = ("reference", "resnetlab", "resnetlab+compile", "resnetlab bf16", USERS_BEST)
+LR = 0.05  # every contender's; momentum 0.9 and weight decay 1e-4 as the config's
+
+
+class Step(Protocol):
+    """One training step of a contender; returns the number of images it took."""
+
+    params: int  # the model's parameters: every contender must train the same model size
+    precision: str  # "fp32" or "bf16": whose gemm rate its GFLOP/s is put against
+
+    def __call__(self) -> int: ...
+
+
+def _step(fn: Callable[[], int], model: nn.Module, precision: str) -> Step:
+    step = cast(Step, fn)
+    step.params, step.precision = count_params(model), precision
+    return step
 
 
 class _RefBlock(nn.Module):
@@ -90,8 +116,32 @@ def _cycle(make: Callable[[int], Any]) -> Iterator[Any]:
         yield from make(epoch)
 
 
+def _fetch(it: Iterator[Any]) -> Any:
+    # Named for `--profile`, which counts this time as data; off the profiler it costs a
+    # few microseconds a step.
+    with record_function(DATA_SCOPE):
+        return next(it)
+
+
+def _memory_batches(chans: int, size: int, batch: int,
+                    n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The trainer's in-memory loader (whole-batch augmentation, channels_last) over n
+    synthetic images, epoch after epoch."""
+    images, labels = synthetic_arrays(n, chans, size)
+    data = ArrayDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+                        torch.from_numpy(labels), [str(i) for i in range(10)])
+    loader = InMemoryLoader(data, batch, Normalize.fit(data.images, "channel"),
+                            BatchAugment(4, True), channels_last=True)
+    return _cycle(loader.batches)
+
+
+def _plain_sgd(model: nn.Module) -> torch.optim.SGD:
+    """The optimizer as CIFAR reproductions write it: weight decay on every parameter."""
+    return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=1e-4)
+
+
 def reference_step(depth: int, chans: int, size: int, batch: int, workers: int,
-                   n: int) -> Callable[[], int]:
+                   n: int) -> Step:
     images, labels = synthetic_arrays(n, chans, size)
     mean, std = [0.5] * chans, [0.25] * chans
     tf = v2.Compose([v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip(), v2.ToImage(),
@@ -99,34 +149,45 @@ def reference_step(depth: int, chans: int, size: int, batch: int, workers: int,
     loader = DataLoader(PILDataset(images, labels, tf), batch_size=batch, shuffle=True,
                         drop_last=True, num_workers=workers, persistent_workers=workers > 0)
     it = _cycle(lambda _: loader)
-    model = ReferenceResNet(depth, chans)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    return _eager_step(ReferenceResNet(depth, chans), it, "fp32")
+
+
+def users_best_step(depth: int, chans: int, size: int, batch: int, n: int) -> Step:
+    """The reference's model as a user would speed it up on a bf16 CPU without resnetlab:
+    channels_last, eager, the PyTorch recipe's bf16 autocast around forward and loss, plain
+    SGD, fed by the same in-memory batches as resnetlab."""
+    model = ReferenceResNet(depth, chans).to(memory_format=torch.channels_last)
+    return _eager_step(model, _memory_batches(chans, size, batch, n), "bf16")
+
+
+def _eager_step(model: nn.Module, it: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                precision: str) -> Step:
+    """The plain eager step a user writes: forward and loss (under bf16 autocast for
+    "bf16"), backward, plain SGD."""
+    opt = _plain_sgd(model)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else \
+        contextlib.nullcontext()
 
     def step() -> int:
-        x, y = next(it)
-        loss = F.cross_entropy(model(x), y)
+        x, y = _fetch(it)
+        with ctx:
+            loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return len(y)
 
-    step.params = count_params(model)  # type: ignore[attr-defined]
-    return step
+    return _step(step, model, precision)
 
 
 def resnetlab_step(name: str, chans: int, size: int, batch: int, n: int,
-                   compiled: bool, precision: str = "fp32") -> Callable[[], int]:
-    images, labels = synthetic_arrays(n, chans, size)
-    data = ArrayDataset(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-                        torch.from_numpy(labels), [str(i) for i in range(10)])
-    loader = InMemoryLoader(data, batch, Normalize.fit(data.images, "channel"),
-                            BatchAugment(4, True), channels_last=True)
-    it = _cycle(loader.batches)
+                   compiled: bool, precision: str = "fp32") -> Step:
+    it = _memory_batches(chans, size, batch, n)
     cfg = TrainConfig()
-    cfg.optim.lr = 0.05
+    cfg.optim.lr = LR
     core = create_model(name, in_chans=chans, num_classes=10).to(memory_format=torch.channels_last)
     model: nn.Module = core
-    if not compiled and precision == "fp32":  # as the trainer does on the CPU (cfg.fused_bn)
+    if not compiled:  # as the trainer does on the CPU (cfg.fused_bn), fp32 and bf16 alike
         model = fuse_bn_act(core) or core
     model = cast(nn.Module, torch.compile(model)) if compiled else model
     opt, crit = make_optimizer(core, cfg), nn.CrossEntropyLoss()
@@ -134,12 +195,23 @@ def resnetlab_step(name: str, chans: int, size: int, batch: int, n: int,
         contextlib.nullcontext()
 
     def step() -> int:
-        x, y = next(it)
+        x, y = _fetch(it)
         train_step(model, opt, crit, x, y, cfg, ctx)
         return len(y)
 
-    step.params = count_params(core)  # type: ignore[attr-defined]
-    return step
+    return _step(step, core, precision)
+
+
+def make_contender(which: str, case: str, batch: int, workers: int, n: int) -> Step:
+    """Contender `which` (one of CONTENDERS) on `case`, over n synthetic images."""
+    name, chans, size = CASES[case]
+    depth = int(name.removeprefix("resnet"))
+    if which == "reference":
+        return reference_step(depth, chans, size, batch, workers, n)
+    if which == USERS_BEST:
+        return users_best_step(depth, chans, size, batch, n)
+    return resnetlab_step(name, chans, size, batch, n, which == "resnetlab+compile",
+                          "bf16" if which == "resnetlab bf16" else "fp32")
 
 
 def train_macs(name: str, chans: int, size: int) -> int:
@@ -149,28 +221,35 @@ def train_macs(name: str, chans: int, size: int) -> int:
     return sum(r.macs for r in stage_table(meta_model(name, in_chans=chans), size))
 
 
+def _malloc(tune: bool) -> str:
+    return "thresholds raised" if tune and keep_freed_memory() else "glibc defaults"
+
+
 def run(cases: list[str], rounds: int, calls: int, batch: int, workers: int,
         compile_: bool, say: Callable[[str], None], tune_malloc: bool = True,
         bf16: bool = False) -> dict[str, Any]:
-    malloc = "thresholds raised" if tune_malloc and keep_freed_memory() else "glibc defaults"
-    peak = sgemm_gflops()
-    say(f"sgemm peak {peak:.0f} GFLOP/s; malloc: {malloc}")
-    results: dict[str, Any] = {"machine": machine(), "sgemm_gflops": peak, "batch": batch,
-                               "workers": workers, "malloc": malloc, "cases": {}}
+    malloc = _malloc(tune_malloc)
+    names = ["reference", "resnetlab", *(["resnetlab+compile"] if compile_ else []),
+             *(["resnetlab bf16", USERS_BEST] if bf16 else [])]
+    # Each contender is put against the gemm rate of the precision it runs in: bf16 is
+    # 2-6x the sgemm rate where it is native, and far below it where it is emulated.
+    peaks = {"fp32": sgemm_gflops()}
+    if bf16:
+        peaks["bf16"] = gemm_gflops(torch.bfloat16)
+    say(", ".join(f"{k} gemm peak {v:.0f} GFLOP/s" for k, v in peaks.items())
+        + f"; malloc: {malloc}")
+    results: dict[str, Any] = {"machine": machine(), "sgemm_gflops": peaks["fp32"],
+                               "batch": batch, "workers": workers, "malloc": malloc,
+                               "cases": {}}
+    if bf16:
+        results["bf16_gemm_gflops"] = peaks["bf16"]
     for case in cases:
         name, chans, size = CASES[case]
-        depth = int(name.removeprefix("resnet"))
         # Enough batches that no epoch ends during the run: near an epoch's end the
         # reference's workers have nothing left to prepare and stop competing for the cores.
         n = batch * (2 + rounds * calls + 8)
-        contenders = {"reference": reference_step(depth, chans, size, batch, workers, n),
-                      "resnetlab": resnetlab_step(name, chans, size, batch, n, False)}
-        if compile_:
-            contenders["resnetlab+compile"] = resnetlab_step(name, chans, size, batch, n, True)
-        if bf16:  # what precision=auto trains in where bf16 is native
-            contenders["resnetlab bf16"] = resnetlab_step(name, chans, size, batch, n, False,
-                                                          "bf16")
-        assert len({fn.params for fn in contenders.values()}) == 1, "models differ"  # type: ignore[attr-defined]
+        contenders = {k: make_contender(k, case, batch, workers, n) for k in names}
+        assert len({fn.params for fn in contenders.values()}) == 1, "models differ"
         say(f"{case}: {len(contenders)} contenders, {rounds} rounds of {calls} steps")
         # The reference's workers refill their queue (4 batches) after its round; the pause
         # keeps that work out of the next contender's time (it still favours the reference,
@@ -178,25 +257,56 @@ def run(cases: list[str], rounds: int, calls: int, batch: int, workers: int,
         timings = alternate(contenders, rounds, calls, warmup=2, progress=say,
                             quiet_s=QUIET_S if workers else 0.0)
         gflop_per_img = 3 * 2 * train_macs(name, chans, size) / 1e9
-        results["cases"][case] = {
-            k: {"images_per_s": t.median, "per_round": t.per_round,
-                "gflops": t.median * gflop_per_img,
-                "peak_fraction": t.median * gflop_per_img / peak,
-                "ratio_vs_reference": ratio(t, timings["reference"])}
-            for k, t in timings.items()}
-    peak_end = sgemm_gflops()
-    results["sgemm_gflops_end"] = peak_end
+        best = timings.get(USERS_BEST)
+        out: dict[str, Any] = {}
+        for k, t in timings.items():
+            prec = contenders[k].precision
+            out[k] = {"images_per_s": t.median, "per_round": t.per_round, "precision": prec,
+                      "gflops": t.median * gflop_per_img, "peak_gflops": peaks[prec],
+                      "peak_fraction": t.median * gflop_per_img / peaks[prec],
+                      "ratio_vs_reference": ratio(t, timings["reference"])}
+            if best is not None:
+                out[k]["ratio_vs_users_best"] = ratio(t, best)
+        results["cases"][case] = out
+    results["sgemm_gflops_end"] = sgemm_gflops()
     return results
 
 
+def profile(cases: list[str], contender: str, steps: int, batch: int, workers: int,
+            say: Callable[[str], None], tune_malloc: bool = True) -> dict[str, Any]:
+    """Where `contender`'s step spends its time on each case (profile.py), instead of
+    timing rounds."""
+    malloc = _malloc(tune_malloc)
+    tables: dict[str, Any] = {}
+    for case in cases:
+        step = make_contender(contender, case, batch, workers, batch * (2 + steps + 8))
+        say(f"{case}: profiling {steps} steps of {contender}")
+        tables[case] = profile_steps(step, steps, warmup=2)
+    return {"machine": machine(), "batch": batch, "workers": workers, "malloc": malloc,
+            "profile": {"contender": contender, "steps": steps, "cases": tables}}
+
+
 def report(results: dict[str, Any]) -> str:
+    cases = results["cases"]
+    with_best = any("ratio_vs_users_best" in r for res in cases.values() for r in res.values())
     rows = []
-    for case, res in results["cases"].items():
+    for case, res in cases.items():
         for k, r in res.items():
-            rows.append([case, k, f"{r['images_per_s']:.0f}", f"{r['ratio_vs_reference']:.2f}x",
-                         f"{r['gflops']:.0f}", f"{100 * r['peak_fraction']:.0f}%"])
-    return format_table(["case", "contender", "images/s (median)", "vs reference",
-                           "GFLOP/s", "of sgemm peak"], rows, markdown=True)
+            best = r.get("ratio_vs_users_best")
+            vs_best = ["" if best is None else f"{best:.2f}x"] if with_best else []
+            rows.append([case, k, r.get("precision", "fp32"), f"{r['images_per_s']:.0f}",
+                         f"{r['ratio_vs_reference']:.2f}x", *vs_best, f"{r['gflops']:.0f}",
+                         f"{100 * r['peak_fraction']:.0f}%"])
+    headers = ["case", "contender", "precision", "images/s (median)", "vs reference",
+               *(["vs user's best"] if with_best else []), "GFLOP/s",
+               "of its precision's gemm peak"]
+    lines = [format_table(headers, rows, markdown=True)]
+    for case, res in cases.items():
+        if "resnetlab bf16" in res and "ratio_vs_users_best" in res["resnetlab bf16"]:
+            lines.append(f"{case}: resnetlab bf16 / {USERS_BEST}: "
+                         f"{res['resnetlab bf16']['ratio_vs_users_best']:.2f}x "
+                         "(issue 32's bar where the CPU has AMX: 1.25x)")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,14 +321,29 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep glibc's malloc thresholds (the trainer raises them on the CPU)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction,
                    default=this_cpu().native_bf16,
-                   help="add a bf16 autocast contender (default: where bf16 is native)")
+                   help=f"add the bf16 autocast contenders, resnetlab's and {USERS_BEST!r} "
+                        "(default: where bf16 is native)")
+    p.add_argument("--profile", choices=CONTENDERS, metavar="CONTENDER",
+                   help="instead of timing, show where this contender's step spends its time "
+                        f"(one of: {', '.join(map(repr, CONTENDERS))})")
+    p.add_argument("--profile-steps", type=int, default=10,
+                   help="steps profiled, after 2 of warm-up")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    say = partial(print, flush=True)
+    if args.profile:
+        res = profile(args.cases, args.profile, args.profile_steps, args.batch, args.workers,
+                      say, not args.default_malloc)
+        for case, table in res["profile"]["cases"].items():
+            print(f"\n{case}, {args.profile}, batch {args.batch}: {format_profile(table)}")
+        save(args.json, res)
+        return 0
     res = run(args.cases, args.rounds, args.calls, args.batch, args.workers,
-              not args.no_compile, lambda s: print(s, flush=True), not args.default_malloc,
-              args.bf16)
+              not args.no_compile, say, not args.default_malloc, args.bf16)
+    bf16_peak = f", bf16 gemm {res['bf16_gemm_gflops']:.0f}" if "bf16_gemm_gflops" in res else ""
     print(f"\nsgemm peak {res['sgemm_gflops']:.0f} GFLOP/s (start), "
-          f"{res['sgemm_gflops_end']:.0f} (end); malloc: {res['malloc']}; {res['machine']}")
+          f"{res['sgemm_gflops_end']:.0f} (end){bf16_peak}; malloc: {res['malloc']}; "
+          f"{res['machine']}")
     print(report(res))
     save(args.json, res)
     return 0

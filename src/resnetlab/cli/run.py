@@ -94,7 +94,8 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     e.add_argument("--data-dir", help="folder holding the data set's files")
     e.add_argument("--split", choices=["test", "val"], default="test")
     e.add_argument("--tta", choices=TTA_MODES, default="center",
-                   help="center view, the paper's 10-crop, or multi-scale fully-conv")
+                   help="center view, the image and its mirror (flip), the paper's 10-crop, or "
+                        "multi-scale fully-conv")
     e.add_argument("--recompute-bn", action="store_true",
                    help="re-estimate BatchNorm statistics on training data first")
     e.add_argument("--batch-size", type=int, default=500)

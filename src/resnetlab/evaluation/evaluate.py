@@ -8,6 +8,8 @@ upscaling a 28-32 px image and cropping it shows the net objects larger than it 
 Multi-scale: the network is fully convolutional up to its global pool, so the whole image
 is scored at several shorter sides ({224, 256, 384, 480, 640} for 224 models; the same
 ratios of the native size for small images) and with flips; the softmax is averaged.
+Flip: the image and its mirror, the cheapest view that training's flips make free (the
+fast-training recipes' test-time augmentation, as airbench's).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torchvision.transforms.v2 import functional as TF
 from ..errors import ConfigError
 from ..files import write_atomic
 
-TTA_MODES = ("center", "10crop", "multiscale")
+TTA_MODES = ("center", "flip", "10crop", "multiscale")
 PAPER_SCALES = (224, 256, 384, 480, 640)
 
 
@@ -82,6 +84,8 @@ def predict_probs(model: nn.Module, x: torch.Tensor, tta: str = "center",
                   pad_crop: PadCrop | None = None) -> torch.Tensor:
     if tta == "center":
         return model(x).softmax(1)
+    if tta == "flip":
+        return (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2
     if tta == "10crop":
         return ten_crop_probs(model, x, pad_crop)
     if tta == "multiscale":

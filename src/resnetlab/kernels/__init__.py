@@ -4,7 +4,9 @@ In a CPU training step of a CIFAR ResNet, BatchNorm, ReLU and the residual addit
 about a seventh of the time, all bound by memory traffic, and PyTorch runs them as separate
 ops that read or write each activation about 13 times per BN-ReLU pair (forward and
 backward). `bn_act` does a training-mode BN, the optional addition and the ReLU in about 8
-(bn_act.c); docs/performance.md has what that gives. The C file is compiled once per
+(bn_act.c), on float32 activations or on bfloat16 ones (bf16 autocast, where they are
+about half of the step's time; computed in float, rounded once). docs/performance.md has
+what that gives. The C file is compiled once per
 machine with the system's C compiler into kernels/ of the cache folder (resnetlab.files)
 and linked to the OpenMP runtime PyTorch already loaded, so both share one thread pool.
 Without a compiler, `available()` is False and callers use PyTorch's ops (same results to
@@ -33,11 +35,12 @@ from ..files import cache_dir
 
 log = logging.getLogger(__name__)
 
-_P, _I64, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+_P, _I64, _D, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 _SIGNATURES = {  # pointers pass as integer addresses (Tensor.data_ptr()) or None
-    "bn_act_forward": [_P] * 6 + [_D, _D] + [_P] * 3 + [_I64, _I64],
-    "bn_act_backward": [_P] * 11 + [_I64, _I64],
+    "bn_act_forward": [_P] * 6 + [_D, _D] + [_P] * 3 + [_I64, _I64, _INT],
+    "bn_act_backward": [_P] * 11 + [_I64, _I64, _INT],
 }
+DTYPES = (torch.float32, torch.bfloat16)  # of the activations; parameters are float32
 
 
 def _cpu_flags() -> str:
@@ -110,11 +113,12 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     """(relu(bn(x) + add), batch mean, batch 1/std, new running mean, new running var)."""
     c = x.shape[1]
     y = torch.empty_like(x)
-    mean, invstd = x.new_empty(c), x.new_empty(c)
+    mean, invstd = weight.new_empty(c), weight.new_empty(c)
     new_mean, new_var = running_mean.clone(), running_var.clone()
     _library().bn_act_forward(  # type: ignore[union-attr]
         _ptr(x), _ptr(add), _ptr(weight), _ptr(bias), _ptr(new_mean), _ptr(new_var),
-        momentum, eps, _ptr(y), _ptr(mean), _ptr(invstd), x.numel() // c, c)
+        momentum, eps, _ptr(y), _ptr(mean), _ptr(invstd), x.numel() // c, c,
+        x.dtype == torch.bfloat16)
     return y, mean, invstd, new_mean, new_var
 
 
@@ -125,7 +129,7 @@ def _forward_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                              torch.Tensor]:
     c = x.shape[1]
-    return (torch.empty_like(x), x.new_empty(c), x.new_empty(c),
+    return (torch.empty_like(x), weight.new_empty(c), weight.new_empty(c),
             torch.empty_like(running_mean), torch.empty_like(running_var))
 
 
@@ -136,7 +140,7 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None,
                                              torch.Tensor]:
     """(dx, dweight, dbias, dadd); `y` is given only when there was an addition (its
     gradient is the masked `grad`, else an empty tensor)."""
-    grad = grad.contiguous(memory_format=torch.channels_last)
+    grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
     c = x.shape[1]
     dx = torch.empty_like(x)
     gm = torch.empty_like(x) if y is not None else x.new_empty(0)
@@ -144,7 +148,7 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None,
     _library().bn_act_backward(  # type: ignore[union-attr]
         _ptr(grad), _ptr(x), _ptr(y), _ptr(weight), _ptr(bias), _ptr(mean), _ptr(invstd),
         _ptr(gm) if y is not None else None, _ptr(dx), _ptr(dweight), _ptr(dbias),
-        x.numel() // c, c)
+        x.numel() // c, c, x.dtype == torch.bfloat16)
     return dx, dweight, dbias, gm
 
 
@@ -180,13 +184,15 @@ _forward.register_autograd(_autograd, setup_context=_setup_context)
 
 def usable(bn: nn.Module, x: torch.Tensor, add: torch.Tensor | None = None
            ) -> TypeGuard[nn.BatchNorm2d]:
-    """Whether `bn_act` can stand in for `bn` on `x` (+ `add`): a plain training BatchNorm2d on
-    a CPU float32 channels_last batch, with no hooks to honour and the kernels built."""
+    """Whether `bn_act` can stand in for `bn` on `x` (+ `add`): a plain training float32
+    BatchNorm2d on a CPU float32 or bfloat16 channels_last batch, with no hooks to honour and
+    the kernels built."""
     return (not torch.compiler.is_compiling()
             and type(bn) is nn.BatchNorm2d and bn.training and bn.affine
             and bn.track_running_stats and bn.momentum is not None
             and not (bn._forward_hooks or bn._forward_pre_hooks)
-            and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and bn.weight.dtype == torch.float32
+            and x.device.type == "cpu" and x.dtype in DTYPES and x.dim() == 4
             and x.shape[0] * x.shape[2] * x.shape[3] > 1
             and x.is_contiguous(memory_format=torch.channels_last)
             and (add is None or (add.shape == x.shape and add.dtype == x.dtype

@@ -1,4 +1,5 @@
-/* Fused training-mode BatchNorm + (residual addition) + ReLU on channels_last float32.
+/* Fused training-mode BatchNorm + (residual addition) + ReLU on channels_last float32 or
+ * bfloat16 activations (parameters and statistics in float32).
  *
  * A channels_last activation of shape (N, C, H, W) is a row-major (M = N*H*W, C) matrix,
  * walked as one flat array in chunks of whole rows whose length is a multiple of the vector
@@ -7,6 +8,10 @@
  * up to four vectors of accumulators held in registers, in float, then go into doubles.
  * Fusing saves whole passes over memory: for a BN-ReLU pair, PyTorch's separate CPU ops read
  * or write the activation about 13 times (forward and backward), these kernels 8.
+ * bfloat16 activations (bf16 autocast training) are widened to float block by block into a
+ * per-thread buffer that stays in cache, computed in float as float32 ones are, and
+ * rounded once on the way out, as PyTorch rounds (to nearest even); float32 ones are used
+ * in place, so that path is unchanged.
  * Built at run time by resnetlab/kernels/__init__.py, linked to PyTorch's own OpenMP.
  */
 #include <math.h>
@@ -36,6 +41,60 @@ static inline void add_lanes(double *acc, v8 v) {
     for (int i = 0; i < VL; ++i) acc[i] += v[i];
 }
 
+/* bfloat16 is the upper half of a float's bits. */
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* PyTorch's rounding (c10::BFloat16): to nearest even; NaN becomes the quiet NaN 0x7FC0. */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return f != f ? 0x7FC0 : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+/* Element e of an activation (bf: bfloat16, else float32), as a float. */
+static inline float at(const void *p, int bf, int64_t e) {
+    return bf ? bf16_to_float(((const uint16_t *)p)[e]) : ((const float *)p)[e];
+}
+
+static inline void put(void *p, int bf, int64_t e, float v) {
+    if (bf) ((uint16_t *)p)[e] = float_to_bf16(v);
+    else ((float *)p)[e] = v;
+}
+
+/* Elements [e, e + n) of an activation (NULL stays NULL) as floats: in place for float32,
+ * else widened into buf. */
+static const float *view(const void *p, int bf, int64_t e, int64_t n, float *restrict buf) {
+    if (!p) return NULL;
+    if (!bf) return (const float *)p + e;
+    const uint16_t *restrict h = (const uint16_t *)p + e;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_float(h[i]);
+    return buf;
+}
+
+/* Where to write elements [e, e + n) of an output as floats: in place for float32, else
+ * buf, which `commit` then rounds into the output. */
+static float *out_view(void *p, int bf, int64_t e, float *buf) {
+    return !p ? NULL : bf ? buf : (float *)p + e;
+}
+
+static void commit(void *p, int bf, int64_t e, int64_t n, const float *restrict buf) {
+    if (!p || !bf) return;
+    uint16_t *restrict h = (uint16_t *)p + e;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) h[i] = float_to_bf16(buf[i]);
+}
+
+/* A per-thread buffer of n floats for each of k bfloat16 operands; NULL for float32. */
+static float *buffers(int bf, int k, int64_t n) {
+    return bf ? malloc(sizeof(float) * (size_t)k * (size_t)n) : NULL;
+}
+
 static int64_t gcd(int64_t a, int64_t b) { return b ? gcd(b, a % b) : a; }
 
 /* Chunk length w: whole rows and whole vectors, the least common multiple of c and VL. */
@@ -57,6 +116,13 @@ static int64_t block_rows(int64_t w) { return w >= BLOCK_FLOATS ? 1 : BLOCK_FLOA
 static float *repeat(const float *v, int64_t c, int64_t w) {
     float *out = malloc(sizeof(float) * w);
     for (int64_t i = 0; i < w; ++i) out[i] = v[i % c];
+    return out;
+}
+
+/* The first row of activation x as floats, repeated to length w; caller frees. */
+static float *repeat_row(const void *x, int bf, int64_t c, int64_t w) {
+    float *out = malloc(sizeof(float) * w);
+    for (int64_t i = 0; i < w; ++i) out[i] = at(x, bf, i % c);
     return out;
 }
 
@@ -102,11 +168,11 @@ static inline __attribute__((always_inline)) void stats_block(
 
 /* Biased mean and variance per channel in one pass. The sums are of d = x - x0, x0 the first
  * row, so a large mean does not cancel the variance away. */
-static void stats(const float *restrict x, int64_t m, int64_t c, double *restrict mean,
+static void stats(const void *x, int bf, int64_t m, int64_t c, double *restrict mean,
                   double *restrict var) {
     int64_t w = chunk_of(c), n = m * c, br = block_rows(w);
     int nv = group_of(w);
-    float *x0 = repeat(x, c, w);
+    float *x0 = repeat_row(x, bf, c, w);
     double *sd = calloc(2 * c, sizeof(double)), *sdd = sd + c;
     int nt = omp_get_max_threads();
     double *part = partials(nt, w);
@@ -116,26 +182,29 @@ static void stats(const float *restrict x, int64_t m, int64_t c, double *restric
         span_of_thread(n, w, &lo, &hi);
         double *ps = part + (size_t)omp_get_thread_num() * 2 * w, *pq = ps + w;
         int64_t whole = lo + (hi - lo) / w * w;
+        float *buf = buffers(bf, 1, br * w);
         for (int64_t e0 = lo; e0 < whole; e0 += br * w) {
             int64_t rows = (whole - e0) / w < br ? (whole - e0) / w : br;
+            const float *xr = view(x, bf, e0, rows * w, buf);
             for (int64_t j = 0; j < w; j += nv * VL) {
-                const float *xb = x + e0 + j;
+                const float *xb = xr + j;
                 if (nv == 4) stats_block(xb, x0 + j, rows, w, 4, ps + j, pq + j);
                 else if (nv == 2) stats_block(xb, x0 + j, rows, w, 2, ps + j, pq + j);
                 else stats_block(xb, x0 + j, rows, w, 1, ps + j, pq + j);
             }
         }
         for (int64_t e = whole; e < hi; ++e) { /* the last thread's part chunk */
-            float dv = x[e] - x0[e - whole];
+            float dv = at(x, bf, e) - x0[e - whole];
             ps[e - whole] += dv;
             pq[e - whole] += dv * dv;
         }
+        free(buf);
     }
     fold(part, nt, w, c, sd, sdd);
     free(part);
     for (int64_t j = 0; j < c; ++j) {
         double md = sd[j] / (double)m, v = sdd[j] / (double)m - md * md;
-        mean[j] = x[j] + md;
+        mean[j] = at(x, bf, j) + md;
         var[j] = v < 0.0 ? 0.0 : v; /* rounding can dip below 0; NaN stays */
     }
     free(sd);
@@ -143,20 +212,21 @@ static void stats(const float *restrict x, int64_t m, int64_t c, double *restric
 }
 
 /* y = max(0, a*x + b + res), res optional. */
-static void apply(const float *restrict x, const float *restrict res, const float *a,
-                  const float *b, float *restrict y, int64_t m, int64_t c) {
+static void apply(const void *x, const void *res, int bf, const float *a, const float *b,
+                  void *y, int64_t m, int64_t c) {
     int64_t w = stream_chunk_of(c), n = m * c;
     float *aw = repeat(a, c, w), *bw = repeat(b, c, w);
 #pragma omp parallel
     {
         int64_t lo, hi;
         span_of_thread(n, w, &lo, &hi);
+        float *buf = buffers(bf, 3, w);
         for (int64_t e = lo; e < hi; e += w) {
             int64_t len = hi - e < w ? hi - e : w;
-            const float *restrict xe = x + e;
-            float *restrict ye = y + e;
+            const float *restrict xe = view(x, bf, e, len, buf);
+            float *restrict ye = out_view(y, bf, e, bf ? buf + w : NULL);
             if (res) {
-                const float *restrict re = res + e;
+                const float *restrict re = view(res, bf, e, len, bf ? buf + 2 * w : NULL);
 #pragma omp simd
                 for (int64_t j = 0; j < len; ++j) {
                     float v = aw[j] * xe[j] + bw[j] + re[j];
@@ -169,7 +239,9 @@ static void apply(const float *restrict x, const float *restrict res, const floa
                     ye[j] = v < 0.f ? 0.f : v; /* NaN stays NaN, as in torch.relu */
                 }
             }
+            commit(y, bf, e, len, ye);
         }
+        free(buf);
     }
     free(aw);
     free(bw);
@@ -206,9 +278,8 @@ static inline __attribute__((always_inline)) void grad_block(
 /* Per channel, the sums of u and u*(x - mean), u the gradient g masked by the ReLU: y > 0
  * when the output y is given (a residual was added), else a*x + b > 0. With y given, u is
  * also written to gm: it is the gradient of the residual. */
-static void reduce_grad(const float *restrict g, const float *restrict x,
-                        const float *restrict y, const float *a, const float *b,
-                        const float *mean, float *restrict gm, int64_t m, int64_t c,
+static void reduce_grad(const void *g, const void *x, const void *y, int bf, const float *a,
+                        const float *b, const float *mean, void *gm, int64_t m, int64_t c,
                         double *restrict sum_u, double *restrict sum_uv) {
     int64_t w = chunk_of(c), n = m * c, br = block_rows(w);
     int nv = group_of(w);
@@ -222,29 +293,35 @@ static void reduce_grad(const float *restrict g, const float *restrict x,
         int64_t lo, hi;
         span_of_thread(n, w, &lo, &hi);
         double *pu = part + (size_t)omp_get_thread_num() * 2 * w, *puv = pu + w;
-        int64_t whole = lo + (hi - lo) / w * w;
-        for (int64_t e0 = lo; e0 < whole; e0 += br * w) {
-            int64_t rows = (whole - e0) / w < br ? (whole - e0) / w : br;
+        int64_t whole = lo + (hi - lo) / w * w, bn = br * w;
+        float *buf = buffers(bf, 4, bn);
+        for (int64_t e0 = lo; e0 < whole; e0 += bn) {
+            int64_t rows = (whole - e0) / w < br ? (whole - e0) / w : br, len = rows * w;
+            const float *gr = view(g, bf, e0, len, buf), *xr = view(x, bf, e0, len, bf ? buf + bn : NULL),
+                        *yr = view(y, bf, e0, len, bf ? buf + 2 * bn : NULL);
+            float *gmr = out_view(gm, bf, e0, bf ? buf + 3 * bn : NULL);
             for (int64_t j = 0; j < w; j += nv * VL) {
-                int64_t o = e0 + j;
-                const float *yo = y ? y + o : NULL;
-                float *gmo = gm ? gm + o : NULL;
-#define GRAD_BLOCK(NV) grad_block(g + o, x + o, yo, gmo, aw + j, bw + j, mw + j, rows, w, NV, \
-                                  pu + j, puv + j)
+                const float *yo = yr ? yr + j : NULL;
+                float *gmo = gmr ? gmr + j : NULL;
+#define GRAD_BLOCK(NV) grad_block(gr + j, xr + j, yo, gmo, aw + j, bw + j, mw + j, rows, w, \
+                                  NV, pu + j, puv + j)
                 if (nv == 4) GRAD_BLOCK(4);
                 else if (nv == 2) GRAD_BLOCK(2);
                 else GRAD_BLOCK(1);
 #undef GRAD_BLOCK
             }
+            commit(gm, bf, e0, len, gmr);
         }
         for (int64_t e = whole; e < hi; ++e) { /* the last thread's part chunk */
             int64_t j = e - whole;
-            int keep = y ? y[e] > 0.f : aw[j] * x[e] + bw[j] > 0.f;
-            float u = keep ? g[e] : 0.f;
-            if (gm) gm[e] = u;
+            float xe = at(x, bf, e);
+            int keep = y ? at(y, bf, e) > 0.f : aw[j] * xe + bw[j] > 0.f;
+            float u = keep ? at(g, bf, e) : 0.f;
+            if (gm) put(gm, bf, e, u);
             pu[j] += u;
-            puv[j] += u * (x[e] - mw[j]);
+            puv[j] += u * (xe - mw[j]);
         }
+        free(buf);
     }
     fold(part, nt, w, c, sum_u, sum_uv);
     free(part);
@@ -255,9 +332,9 @@ static void reduce_grad(const float *restrict g, const float *restrict x,
 
 /* dx = a*u + p*x + q, u the masked gradient: read from gm when given, else g masked by
  * a*x + b > 0. */
-static void grad_input(const float *restrict g, const float *restrict gm,
-                       const float *restrict x, const float *a, const float *b, const float *p,
-                       const float *q, float *restrict dx, int64_t m, int64_t c) {
+static void grad_input(const void *g, const void *gm, const void *x, int bf, const float *a,
+                       const float *b, const float *p, const float *q, void *dx, int64_t m,
+                       int64_t c) {
     int64_t w = stream_chunk_of(c), n = m * c;
     float *aw = repeat(a, c, w), *bw = repeat(b, c, w), *pw = repeat(p, c, w),
           *qw = repeat(q, c, w);
@@ -265,23 +342,26 @@ static void grad_input(const float *restrict g, const float *restrict gm,
     {
         int64_t lo, hi;
         span_of_thread(n, w, &lo, &hi);
+        float *buf = buffers(bf, 3, w);
         for (int64_t e = lo; e < hi; e += w) {
             int64_t len = hi - e < w ? hi - e : w;
-            const float *restrict xe = x + e;
-            float *restrict de = dx + e;
+            const float *restrict xe = view(x, bf, e, len, buf);
+            float *restrict de = out_view(dx, bf, e, bf ? buf + w : NULL);
             if (gm) {
-                const float *restrict ue = gm + e;
+                const float *restrict ue = view(gm, bf, e, len, bf ? buf + 2 * w : NULL);
 #pragma omp simd
                 for (int64_t j = 0; j < len; ++j) de[j] = aw[j] * ue[j] + pw[j] * xe[j] + qw[j];
             } else {
-                const float *restrict ge = g + e;
+                const float *restrict ge = view(g, bf, e, len, bf ? buf + 2 * w : NULL);
 #pragma omp simd
                 for (int64_t j = 0; j < len; ++j) {
                     float u = aw[j] * xe[j] + bw[j] > 0.f ? ge[j] : 0.f;
                     de[j] = aw[j] * u + pw[j] * xe[j] + qw[j];
                 }
             }
+            commit(dx, bf, e, len, de);
         }
+        free(buf);
     }
     free(aw);
     free(bw);
@@ -299,15 +379,17 @@ static void affine(const float *weight, const float *bias, const float *mean,
     }
 }
 
-/* Forward: y = relu(BN(x) + res) with the batch's statistics (res may be NULL). Writes the
+/* Forward: y = relu(BN(x) + res) with the batch's statistics (res may be NULL); x, res and y
+ * are bfloat16 when bf is set, else float32. Writes the
  * batch mean and 1/sqrt(var + eps) for the backward pass, and moves the running statistics
  * toward the batch's (the running variance unbiased, as PyTorch does). */
-void bn_act_forward(const float *x, const float *res, const float *weight, const float *bias,
+void bn_act_forward(const void *x, const void *res, const float *weight, const float *bias,
                     float *running_mean, float *running_var, double momentum, double eps,
-                    float *y, float *save_mean, float *save_invstd, int64_t m, int64_t c) {
+                    void *y, float *save_mean, float *save_invstd, int64_t m, int64_t c,
+                    int bf) {
     double *mean = malloc(sizeof(double) * 2 * c), *var = mean + c;
     float *a = malloc(sizeof(float) * 2 * c), *b = a + c;
-    stats(x, m, c, mean, var);
+    stats(x, bf, m, c, mean, var);
     for (int64_t j = 0; j < c; ++j) {
         save_mean[j] = (float)mean[j];
         save_invstd[j] = (float)(1.0 / sqrt(var[j] + eps));
@@ -316,7 +398,7 @@ void bn_act_forward(const float *x, const float *res, const float *weight, const
         running_var[j] = (float)((1.0 - momentum) * running_var[j] + momentum * unbiased);
     }
     affine(weight, bias, save_mean, save_invstd, a, b, c);
-    apply(x, res, a, b, y, m, c);
+    apply(x, res, bf, a, b, y, m, c);
     free(mean);
     free(a);
 }
@@ -324,13 +406,13 @@ void bn_act_forward(const float *x, const float *res, const float *weight, const
 /* Backward of bn_act_forward. y (the output) is given when a residual was added: the ReLU's
  * mask then comes from it, and gm receives the residual's gradient. Without it the mask is
  * recomputed from x, which saves reading y. */
-void bn_act_backward(const float *g, const float *x, const float *y, const float *weight,
-                     const float *bias, const float *mean, const float *invstd, float *gm,
-                     float *dx, float *dweight, float *dbias, int64_t m, int64_t c) {
+void bn_act_backward(const void *g, const void *x, const void *y, const float *weight,
+                     const float *bias, const float *mean, const float *invstd, void *gm,
+                     void *dx, float *dweight, float *dbias, int64_t m, int64_t c, int bf) {
     double *su = malloc(sizeof(double) * 2 * c), *suv = su + c;
     float *a = malloc(sizeof(float) * 4 * c), *b = a + c, *p = b + c, *q = p + c;
     affine(weight, bias, mean, invstd, a, b, c);
-    reduce_grad(g, x, y, a, b, mean, gm, m, c, su, suv);
+    reduce_grad(g, x, y, bf, a, b, mean, gm, m, c, su, suv);
     /* dx = a * (u - mean(u) - xhat * mean(u * xhat)), xhat = (x - mean) * invstd, so
      * dx = a*u + p*x + q with the per-channel p and q below. */
     for (int64_t j = 0; j < c; ++j) {
@@ -340,7 +422,7 @@ void bn_act_backward(const float *g, const float *x, const float *y, const float
         dweight[j] = (float)(suv[j] * is);
         dbias[j] = (float)su[j];
     }
-    grad_input(g, y ? gm : NULL, x, a, b, p, q, dx, m, c);
+    grad_input(g, y ? gm : NULL, x, bf, a, b, p, q, dx, m, c);
     free(su);
     free(a);
 }

@@ -4,7 +4,7 @@ The models are written as torchvision writes them (`relu(bn(x))`, `relu(bn(x) + 
 and import nothing of this package. For training, `fuse_bn_act` traces a model with
 torch.fx and replaces every BatchNorm2d whose only use is a ReLU, directly or through one
 addition, by `bn_act_or_eager`: the fused kernel where `usable` allows (a training-mode BN
-on a CPU float32 channels_last batch, no hooks), PyTorch's own ops otherwise. The traced
+on a CPU float32 or bfloat16 channels_last batch, no hooks), PyTorch's own ops otherwise. The traced
 module shares the model's parameters and buffers, so the trainer steps it and saves,
 evaluates and checkpoints the model itself.
 """

@@ -102,7 +102,7 @@ class _Window:
 
 
 def _eval_splits(model: nn.Module, data: DataBundle, n_classes: int, with_test: bool,
-                 dist: DistInfo, test_images: int = 0
+                 dist: DistInfo, test_images: int = 0, tta: str = "center"
                  ) -> tuple[dict[str, Any], EvalResult | None]:
     """Val error, and test error if asked: of the first `test_images` (a fixed subset, for
     a dense curve; the batches that hold them) or, with 0, of the whole split, which is
@@ -111,7 +111,7 @@ def _eval_splits(model: nn.Module, data: DataBundle, n_classes: int, with_test: 
     rec: dict[str, Any] = {"val_error": None, "test_error": None}
     val = None
     if data.val is not None:
-        val = evaluate(model, data.val.batches(0), n_classes, reduce=dist.sum)
+        val = evaluate(model, data.val.batches(0), n_classes, tta, reduce=dist.sum)
         rec["val_error"] = val.top1_error
     if not with_test:
         return rec, None
@@ -122,7 +122,7 @@ def _eval_splits(model: nn.Module, data: DataBundle, n_classes: int, with_test: 
     if test_images:
         per_batch = data.test.batch_size
         batches = itertools.islice(batches, -(-test_images // per_batch))
-    res = evaluate(model, batches, n_classes, reduce=dist.sum)
+    res = evaluate(model, batches, n_classes, tta, reduce=dist.sum)
     rec["test_error"] = res.top1_error
     if test_images:
         rec["test_images"] = res.count
@@ -274,7 +274,8 @@ def _after_step(s: TrainState, metrics: MetricsLog, log_: _Log, lr: float, bar: 
     if is_eval:
         ev, log_.final_test = _eval_splits(s.scored, s.data, len(s.data.classes),
                                            cfg.test_curve or it == total, s.dist,
-                                           0 if it == total else cfg.test_curve_images)
+                                           0 if it == total else cfg.test_curve_images,
+                                           cfg.tta)
         if s.dist.main:
             last = log_.last
             metrics.write({"kind": "eval", "iteration": it, "epoch": it / s.steps,
@@ -314,14 +315,15 @@ def finish(model: nn.Module, data: DataBundle, run: RunDir, metrics: MetricsLog,
            choice: Choice | None = None) -> RunResult:
     """Final weights, the test evaluation (unless the last step already made it), figures."""
     if test is None:
-        test = evaluate(model, data.test.batches(0), len(data.classes), reduce=dist.sum)
+        test = evaluate(model, data.test.batches(0), len(data.classes), cfg.tta,
+                        reduce=dist.sum)
     result = RunResult(run.path, run.final, run.curves, test, iterations, seconds)
     if not dist.main:
         return result
     save_weights(model, run.final, class_names=data.classes, input_size=data.input_size,
                  mean=data.mean, std=data.std)
     choice = choice or Choice(cfg.precision, "asked for")
-    test.save(run.eval_report, data.classes, split="test", tta="center",
+    test.save(run.eval_report, data.classes, split="test", tta=cfg.tta,
               precision=choice.precision, precision_reason=choice.reason,
               iterations=iterations, train_seconds=round(seconds, 3))
     plot_confusion(test.confusion, data.classes, run.confusion,

@@ -54,8 +54,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
         for (decay, scale), ps in found.items()]
     # lr: the value of a constant-lr step (reproduce/gradients.py, the benchmarks); `train`
     # sets every step's lr from the schedule instead.
+    # fused: one kernel updates every tensor, instead of a Python loop of small ops per
+    # tensor (same arithmetic; docs/performance.md has its time); CPU and CUDA have it.
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
     return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                           weight_decay=o.weight_decay)
+                           weight_decay=o.weight_decay, fused=fused or None)
 
 
 def on_device(setting: bool | None, device: torch.device) -> bool:
@@ -261,7 +264,7 @@ def start(cfg: TrainConfig, choice: Choice, run: RunDir, resume: bool,
                           "set a smaller one with --set batch_size=N")
     cfg = _with_epochs(cfg, len(data.train), run, saved)
     compiled = on_device(cfg.compile, device)
-    fuse = cfg.fused_bn and device.type == "cpu" and not compiled and choice.precision == "fp32"
+    fuse = cfg.fused_bn and device.type == "cpu" and not compiled  # fp32 and bf16 alike
     fresh = not (resume and run.latest_checkpoint() is not None)
     model, core = _prepare_model(cfg, len(data.classes), data.in_chans, device, dist, fuse,
                                  fresh)
