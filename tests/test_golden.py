@@ -180,7 +180,7 @@ def test_multiscale_averages_every_scale_and_its_flip() -> None:
     torch.testing.assert_close(multiscale_probs(Probe(), x), want)
     # The default view is the plain one (paper sec. 3.4's single-crop numbers).
     torch.testing.assert_close(predict_probs(Probe(), x), Probe()(x).softmax(1))
-    with pytest.raises(ValueError, match=r"tta must be one of .*'center', '10crop'"):
+    with pytest.raises(ValueError, match=r"tta must be one of .*'center', 'flip', '10crop'"):
         predict_probs(Probe(), x, "5crop")
 
 
