@@ -1,6 +1,6 @@
 """Issue 17's gate before reproduce may train in bf16: one net, 3 seeds in each precision.
 
-fp32's sub-runs are `reproduce degradation --scale converge`'s own (reused where finished,
+fp32's sub-runs are `reproduce degradation --scale short`'s own (reused where finished,
 trained where not); bf16's are the same recipe with `precision=bf16`, in their own root.
 The report says whether the two means differ by more than the seeds' spread, and what each
 sub-run's training took, on this CPU.
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--net", type=int, default=20, help="depth of the CIFAR ResNet (6n+2)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--scale", default="converge")
+    ap.add_argument("--scale", default="short")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--runs", type=Path, default=Path("runs/reproduce"))
     ap.add_argument("--report", type=Path, default=Path("docs/results/precision"))

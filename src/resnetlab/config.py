@@ -364,8 +364,12 @@ def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def changes(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
     """What `cfg` asks differently from a run's saved config, as `key old -> new`. A request
     for `auto` precision matches whatever the run settled on (resuming keeps it), and with
-    schedule.epochs the saved iterations are what those epochs came to."""
+    schedule.epochs the saved iterations are what those epochs came to. `preset` only names
+    where the settings came from, and they are compared one by one, so a renamed preset
+    (reproduce's `converge` scale became `short`) still resumes its runs."""
     old, new = leaves(saved), leaves(asdict(cfg))
+    old.pop("preset", None)
+    new.pop("preset", None)
     if new["precision"] == "auto":
         new["precision"] = old.get("precision")
     if new.get("schedule.epochs") and new.get("schedule.epochs") == old.get("schedule.epochs"):

@@ -3,41 +3,65 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
-from ..reproduce import EXPERIMENTS, SCALES, run_experiment
+from ..reproduce import EXPERIMENTS, REFERENCE_CPU, SCALES, Experiment, run_experiment
+
+
+def _scales(experiment: Experiment | None) -> str:
+    """Each scale with its epochs, and, for one experiment, the sub-runs it trains there."""
+    lines = []
+    for name, sc in SCALES.items():
+        plan = f"; {experiment.plan(sc)}" if experiment else ""
+        lines.append(textwrap.fill(f"{name}: {sc.describe()}{plan}", 88, break_on_hyphens=False,
+                                   initial_indent="  ",
+                                   subsequent_indent="      "))
+    time = (f"Times: training only (evaluations add 5-15%), one seed, on {REFERENCE_CPU}, "
+            "from its ResNet-20 speed scaled by depth and image size; a GPU is much faster. "
+            if experiment else "")
+    return ("scales (--scale):\n" + "\n".join(lines) + "\n\n" + textwrap.fill(
+        time + "Finished sub-runs are shared between experiments and never trained twice; an "
+        "interrupted one resumes.", 88))
+
+
+def _add_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scale", default="cpu", metavar="SCALE",
+                   help=f"one of {', '.join(SCALES)} (below); default cpu")
+    p.add_argument("--out", help="root folder (default runs/reproduce/<scale>)")
+    p.add_argument("--data-dir", help="folder holding the data set's files")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="sub-runs per network (seeds 0..N-1) where errors are compared "
+                   "(degradation, shortcuts, preact): reports give mean ± std and each "
+                   "seed's number")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="sub-runs trained at once, each in its own process (on a CPU with "
+                   "cores/N threads each; on a GPU, N processes share it)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training setting of every sub-run (repeatable)")
 
 
 def add_reproduce_parser(sub: argparse._SubParsersAction,
                          common: argparse.ArgumentParser) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
     r = sub.add_parser(
         "reproduce", parents=[common], help="run one of the paper's experiments",
+        formatter_class=raw,
         description="Train what the experiment needs (resumable; finished sub-runs are reused), "
-        "measure, and write figures, report.md and results.json. Experiments: "
-        + "; ".join(f"{k}: {v[1]}" for k, v in EXPERIMENTS.items()))
-    r.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
-    r.add_argument("--scale", choices=list(SCALES), default="cpu",
-                   help="smoke: seconds; cpu: Fashion-MNIST on a laptop (degradation about an "
-                   "hour on 2 cores); converge: Fashion-MNIST towards convergence (degradation "
-                   "at 20 and 56 layers, 3 seeds: about 2.5 hours on 2 cores); paper: "
-                   "CIFAR-10, 64k iterations (needs the data, a GPU)")
-    r.add_argument("--out", help="root folder (default runs/reproduce/<scale>)")
-    r.add_argument("--data-dir", help="folder holding the data set's files")
-    r.add_argument("--seeds", type=int, default=1,
-                   help="sub-runs per network (seeds 0..N-1) where errors are compared "
-                   "(degradation, shortcuts, preact): reports give mean ± std and each "
-                   "seed's number")
-    r.add_argument("--jobs", type=int, default=1,
-                   help="sub-runs trained at once, each in its own process (on a CPU with "
-                   "cores/N threads each; on a GPU, N processes share it)")
-    r.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a training setting of every sub-run (repeatable)")
-    r.set_defaults(func=cmd_reproduce)
+        "measure, and write figures, report.md and results.json. `resnetlab reproduce "
+        "EXPERIMENT --help` gives the sub-runs and time of each scale.", epilog=_scales(None))
+    experiments = r.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    for name, exp in [*EXPERIMENTS.items(), ("all", None)]:
+        summary = exp.summary if exp else "every experiment in turn, sharing sub-runs"
+        e = experiments.add_parser(name, parents=[common], help=summary, description=summary,
+                                   formatter_class=raw, epilog=_scales(exp))
+        _add_flags(e)
+        e.set_defaults(func=cmd_reproduce)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     for i, name in enumerate(names, 1):
-        print(f"== experiment {i}/{len(names)}: {name} ({EXPERIMENTS[name][1]}), "
+        print(f"== experiment {i}/{len(names)}: {name} ({EXPERIMENTS[name].summary}), "
               f"scale {args.scale}", flush=True)
         folder = run_experiment(name, args.scale, args.out, args.data_dir, args.sets,
                                 seeds=args.seeds, jobs=args.jobs)

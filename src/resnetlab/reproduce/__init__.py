@@ -10,23 +10,54 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..recipes import CifarNet
 from . import degradation, gradients, lesion, preact, responses, shortcuts, table1
-from .common import SCALES, Context, get_scale
+from .common import REFERENCE_CPU, SCALES, Context, Scale, get_scale
 
 log = logging.getLogger(__name__)
 
-EXPERIMENTS: dict[str, tuple[Callable[[Context], Any], str]] = {
-    "degradation": (degradation.run, "plain vs residual nets by depth (Fig. 1, Fig. 6)"),
-    "shortcuts": (shortcuts.run, "shortcut options A, B, C (Table 3)"),
-    "responses": (responses.run, "std of layer responses (Fig. 7)"),
-    "lesion": (lesion.run, "delete blocks at test time (Veit et al.)"),
-    "preact": (preact.run, "v1 against pre-activation v2"),
-    "gradients": (gradients.run, "gradient norm per layer, plain vs residual"),
-    "table1": (table1.run, "architectures, parameters, mult-adds (Table 1)"),
+
+def _no_sub_runs(scale: Scale) -> list[CifarNet]:
+    return []
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment: how it runs, one line on what it shows, and the sub-runs it trains at
+    a scale (one seed's; finished ones are shared with the other experiments)."""
+
+    run: Callable[[Context], Any]
+    summary: str
+    nets: Callable[[Scale], list[CifarNet]] = _no_sub_runs
+    seeded: bool = False  # --seeds N trains N sub-runs of each net
+
+    def plan(self, scale: Scale, seeds: int = 1) -> str:
+        """'4 sub-runs (resnet20, resnet56, plain20, plain56), about 65 min' at this scale."""
+        nets = self.nets(scale) * (seeds if self.seeded else 1)
+        if not nets:
+            return "no sub-runs"
+        labels = ", ".join(dict.fromkeys(n.label for n in nets))
+        minutes = scale.minutes(nets)
+        time = ("under a minute" if minutes < 1 else f"about {minutes:.0f} min" if minutes < 90
+                else f"about {minutes / 60:.1f} h")
+        return f"{len(nets)} sub-run{'s' if len(nets) > 1 else ''} ({labels}), {time}"
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "degradation": Experiment(degradation.run, "plain vs residual nets by depth (Fig. 1, Fig. 6)",
+                              degradation.nets, seeded=True),
+    "shortcuts": Experiment(shortcuts.run, "shortcut options A, B, C (Table 3)",
+                            shortcuts.nets, seeded=True),
+    "responses": Experiment(responses.run, "std of layer responses (Fig. 7)", responses.nets),
+    "lesion": Experiment(lesion.run, "delete blocks at test time (Veit et al.)", lesion.nets),
+    "preact": Experiment(preact.run, "v1 against pre-activation v2", preact.nets, seeded=True),
+    "gradients": Experiment(gradients.run, "gradient norm per layer, plain vs residual"),
+    "table1": Experiment(table1.run, "architectures, parameters, mult-adds (Table 1)"),
 }
 
 
@@ -44,8 +75,8 @@ def run_experiment(name: str, scale: str = "cpu", out: str | Path | None = None,
     sc = get_scale(scale)
     root = Path(out) if out is not None else Path("runs") / "reproduce" / sc.name
     ctx = Context(sc, root, data_dir, tuple(sets), progress, seeds=seeds, jobs=jobs)
-    EXPERIMENTS[name][0](ctx)
+    EXPERIMENTS[name].run(ctx)
     return ctx.report_dir(name)
 
 
-__all__ = ["EXPERIMENTS", "SCALES", "run_experiment"]
+__all__ = ["EXPERIMENTS", "REFERENCE_CPU", "SCALES", "Experiment", "run_experiment"]

@@ -24,9 +24,11 @@ from ..recipes import CifarNet
 from ..tables import format_table
 from .common import (
     Context,
+    Scale,
     analysis_tensors,
     ensure_trained,
     error_rate,
+    judged,
     pct,
     precision_of,
     write_report,
@@ -176,9 +178,12 @@ def verdict(r: dict[str, Any], p: dict[str, Any]) -> list[str]:
     return lines
 
 
+def nets(scale: Scale) -> list[CifarNet]:
+    return [CifarNet(scale.lesion_depth), CifarNet(scale.lesion_depth, plain=True)]
+
+
 def run(ctx: Context) -> dict[str, Any]:
-    d = ctx.scale.lesion_depth
-    res_net, plain_net = CifarNet(d), CifarNet(d, plain=True)
+    res_net, plain_net = nets(ctx.scale)
     runs = ensure_trained(ctx, [res_net, plain_net])
     x, y = analysis_tensors(ctx, res_net)
     ctx.say(f"lesion study on {len(y):,} test images")
@@ -205,7 +210,8 @@ def run(ctx: Context) -> dict[str, Any]:
             "Veit et al. (CIFAR-10, ResNet-110 and VGG-style plain nets): deleting one residual "
             "block barely changes the error, except the downsampling blocks; deleting a layer "
             "of a plain net sends it to chance; error grows smoothly with the number deleted.",
-            "", "## What came out", "", *verdict(r, p)]
+            "", "## What came out", "",
+            *judged(runs.values(), ctx.scale.dataset, lambda: verdict(r, p))]
     write_report(folder, "Lesion study (Veit et al. 2016)", body, results, ctx,
                  precision=precision_of(runs.values()))
     return results

@@ -14,9 +14,11 @@ from ..recipes import CifarNet
 from ..tables import format_table
 from .common import (
     Context,
+    Scale,
     Spread,
     compare,
     ensure_seeds,
+    judged,
     precision_of,
     training_times,
     write_report,
@@ -48,13 +50,17 @@ def verdict(errs: dict[int, tuple[Spread, Spread]]) -> list[str]:
     return lines
 
 
+def nets(scale: Scale) -> list[CifarNet]:
+    return [CifarNet(d, preact=p) for d in scale.pair_depths for p in (False, True)]
+
+
 def run(ctx: Context) -> dict[str, Any]:
     depths = ctx.scale.pair_depths
-    nets = [CifarNet(d, preact=p) for d in depths for p in (False, True)]
-    runs = ensure_seeds(ctx, nets)
+    trained = nets(ctx.scale)
+    runs = ensure_seeds(ctx, trained)
     folder = ctx.report_dir("preact")
     fig, ax = plt.subplots(figsize=(7, 4))
-    for n in nets:
+    for n in trained:
         vi, ve = seed_band(runs[n], 2)
         line = ax.plot(vi, ve.mean(0), "-" if n.preact else "--",
                        label=f"{n.label}  {ve[:, -1].mean():.2f}%")
@@ -77,7 +83,8 @@ def run(ctx: Context) -> dict[str, Any]:
                          [[d, a.pct(), b.pct()] for d, (a, b) in errs.items()],
                          markdown=True), "",
             f"Identity Mappings (CIFAR-10): {PAPER}.", "", "## What came out", "",
-            *verdict(errs)]
+            *judged((r for rs in runs.values() for r in rs), ctx.scale.dataset,
+                    lambda: verdict(errs))]
     times, minutes = training_times(runs)
     body += ["", times] if times else []
     results: dict[str, Any] = {

@@ -18,7 +18,15 @@ from torch import nn
 
 from ..recipes import CifarNet
 from ..tables import format_table
-from .common import Context, analysis_tensors, ensure_trained, precision_of, write_report
+from .common import (
+    Context,
+    Scale,
+    analysis_tensors,
+    ensure_trained,
+    judged,
+    precision_of,
+    write_report,
+)
 
 
 def response_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
@@ -71,17 +79,21 @@ def plot(stds: dict[str, list[float]], path: Any) -> None:
     plt.close(fig)
 
 
+def nets(scale: Scale) -> list[CifarNet]:
+    return [CifarNet(d, plain=p) for d in scale.response_depths for p in (True, False)]
+
+
 def run(ctx: Context) -> dict[str, Any]:
     depths = ctx.scale.response_depths
-    nets = [CifarNet(d, plain=p) for d in depths for p in (True, False)]
-    runs = ensure_trained(ctx, nets)
-    x, _ = analysis_tensors(ctx, nets[0])
-    stds = {n.label: response_stds(runs[n].model(), x) for n in nets}
+    trained = nets(ctx.scale)
+    runs = ensure_trained(ctx, trained)
+    x, _ = analysis_tensors(ctx, trained[0])
+    stds = {n.label: response_stds(runs[n].model(), x) for n in trained}
     mean = {k: sum(v) / len(v) for k, v in stds.items()}
     folder = ctx.report_dir("responses")
     plot(stds, folder / "responses.png")
     rows = [[n.label, len(stds[n.label]), f"{mean[n.label]:.3f}",
-             f"{min(stds[n.label]):.3f}", f"{max(stds[n.label]):.3f}"] for n in nets]
+             f"{min(stds[n.label]):.3f}", f"{max(stds[n.label]):.3f}"] for n in trained]
     lines = []
     for d in depths:
         p, r = mean[f"plain{d}"], mean[f"resnet{d}"]
@@ -101,7 +113,7 @@ def run(ctx: Context) -> dict[str, Any]:
             format_table(["net", "layers", "mean std", "min", "max"], rows, markdown=True), "",
             "The paper (Fig. 7, CIFAR-10): ResNets' responses are generally smaller than "
             "their plain counterparts', and the deeper ResNet has the smaller responses.", "",
-            "## What came out", "", *lines]
+            "## What came out", "", *judged(runs.values(), ctx.scale.dataset, lambda: lines)]
     write_report(folder, "Layer responses (paper Fig. 7)", body,
                  {"images": len(x), "stds": stds, "mean_std": mean}, ctx,
                  precision=precision_of(runs.values()))

@@ -16,10 +16,12 @@ from ..recipes import CifarNet
 from ..tables import format_table
 from .common import (
     Context,
+    Scale,
     Spread,
     SubRun,
     compare,
     ensure_seeds,
+    judged,
     precision_of,
     training_times,
     write_report,
@@ -75,11 +77,15 @@ def verdict(errs: dict[str, Spread]) -> list[str]:
     ]
 
 
+def nets(scale: Scale) -> list[CifarNet]:
+    return [CifarNet(scale.shortcut_depth, shortcut=o) for o in OPTIONS]
+
+
 def run(ctx: Context) -> dict[str, Any]:
     d = ctx.scale.shortcut_depth
-    nets = {o: CifarNet(d, shortcut=o) for o in OPTIONS}
-    done = ensure_seeds(ctx, list(nets.values()))
-    runs = {o: done[n] for o, n in nets.items()}
+    by_option = dict(zip(OPTIONS, nets(ctx.scale), strict=True))
+    done = ensure_seeds(ctx, list(by_option.values()))
+    runs = {o: done[n] for o, n in by_option.items()}
     params = {o: count_params(runs[o][0].model()) for o in OPTIONS}
     errs = {o: Spread(tuple(r.test_error for r in runs[o])) for o in OPTIONS}
     folder = ctx.report_dir("shortcuts")
@@ -91,7 +97,9 @@ def run(ctx: Context) -> dict[str, Any]:
             "The paper: B is slightly better than A (A's zero-padded channels learn no "
             "residual), C marginally better than B (its extra parameters), and the "
             "differences are small: projections are not essential to the degradation fix.", "",
-            "## What came out", "", *verdict(errs),
+            "## What came out", "",
+            *judged((r for rs in runs.values() for r in rs), ctx.scale.dataset,
+                    lambda: verdict(errs)),
             f"- B costs {params['B'] - params['A']:,} parameters over A, C "
             f"{params['C'] - params['A']:,}."]
     times, minutes = training_times(done)
