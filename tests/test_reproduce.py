@@ -415,7 +415,7 @@ def test_no_verdict_from_nets_that_did_not_learn() -> None:
     assert said[1:] == ["- (1) a verdict"]
     short = judged(runs(0.10, 0.87), "fashion-mnist", lambda: ["- (1) a verdict"])
     assert len(short) == 1 and "**too short to tell**" in short[0]
-    assert "resnet20 seed 1 87.0%" in short[0] and "(0.5 of chance's 90% on 10 classes)" \
+    assert "resnet20 seed 1 87.0%" in short[0] and "(0.5 × the 90% error of chance on 10 classes)" \
         in short[0]
 
 
@@ -457,3 +457,50 @@ def test_a_finished_sub_run_is_reused_under_a_renamed_preset(root: Path, fashion
         assert any("resnet8: already trained" in r.message for r in caplog.records)
     finally:
         config.write_text(saved)
+
+
+def test_overtakes_gives_the_epoch_from_which_the_deeper_net_stays_below() -> None:
+    """The pilot's question (issue 33): from which epoch is the deeper net's training error
+    below the shallower's for good? Moving mean of 5 windows, so one noisy window does not
+    decide it."""
+    from resnetlab.reproduce.common import SubRun
+    from resnetlab.reproduce.degradation import overtakes
+
+    def run(errors: list[float], depth: int) -> SubRun:
+        recs = [{"kind": "train", "iteration": 10 * (i + 1), "epoch": (i + 1) / 10,
+                 "train_error": e} for i, e in enumerate(errors)]
+        return SubRun(CifarNet(depth), Path("r"), 0.1, recs)
+
+    shallow = run([0.5] * 20, 20)
+    # deeper: above until window 8 (0-based 7), then below; one noisy window at 12
+    deep = [0.7] * 8 + [0.3] * 12
+    deep[12] = 0.9
+    at = overtakes([run(deep, 56)], [shallow])
+    # The mean of windows 5..9 is 0.54, of 6..10 0.46, and every later one stays below 0.5
+    # (those holding the 0.9: 0.42): below for good from the mean ending at window 10,
+    # iteration 110, epoch 1.1.
+    assert at == pytest.approx(1.1)
+    assert overtakes([run([0.7] * 20, 56)], [shallow]) is None
+    assert overtakes([run([0.4] * 3, 56)], [run([0.5] * 3, 20)]) is None  # under one window
+
+
+def test_the_pilot_tool_reads_the_sub_runs_it_reports(root: Path, tmp_path: Path) -> None:
+    """tools/pilot_curves.py (issue 33's pilot) on the smoke sub-runs: its table and json hold
+    each finished net's numbers as eval.json and the metrics hold them."""
+    import subprocess
+    import sys
+
+    tool = Path(__file__).parents[1] / "tools" / "pilot_curves.py"
+    subprocess.run([sys.executable, str(tool), "--scale", "smoke", "--out", str(root),
+                    "--report", str(tmp_path)], check=True, capture_output=True)
+    _png_ok(tmp_path / "pilot.png")
+    got = json.loads((tmp_path / "pilot.json").read_text())
+    report = (tmp_path / "pilot.md").read_text()
+    for depth in (8, 14):
+        for plain in (False, True):
+            label = CifarNet(depth, plain=plain).label
+            err = 100 * _eval_error(root / "runs" / label)
+            assert got[label]["test_error"][0] == pytest.approx(err)
+            # the table gives the mean over the seeds found (other tests add seed 1)
+            mean = statistics.fmean(got[label]["test_error"])
+            assert f"| {label} | {got[label]['seeds']} | " in report and f"{mean:.2f}" in report

@@ -97,7 +97,7 @@ class Scale:
         return self.iterations * self.batch_size / self.train_images
 
     def describe(self) -> str:
-        """'14.9 epochs: 7,000 iterations of batch 128 on Fashion-MNIST's 60,000 images'."""
+        """'14.9 epochs: 7,000 iterations of batch 128 on 60,000 fashion-mnist images'."""
         return (f"{self.epochs:.1f} epochs: {self.iterations:,} iterations of batch "
                 f"{self.batch_size} on {self.train_images:,} {self.dataset} images")
 
@@ -236,7 +236,8 @@ def _finished(run: RunDir, cfg: TrainConfig) -> bool:
     return True
 
 
-def _load(net: CifarNet, run: RunDir, seed: int) -> SubRun:
+def load_sub_run(net: CifarNet, run: RunDir, seed: int) -> SubRun:
+    """A finished sub-run as its eval.json and metrics hold it."""
     report = json.loads(run.eval_report.read_text())
     seconds = report.get("train_seconds")
     return SubRun(net, run.path, float(report["top1_error"]), MetricsLog(run).records(), seed,
@@ -257,7 +258,7 @@ def ensure_seeds(ctx: Context, nets: Sequence[CifarNet],
         cfg, run = ctx.config(net, seed), RunDir(ctx.run_dir(net, seed))
         head = f"[{i}/{len(order)}] {net.label}" + (f" seed {seed}" if n_seeds > 1 else "")
         if _finished(run, cfg):
-            done[net, seed] = _load(net, run, seed)
+            done[net, seed] = load_sub_run(net, run, seed)
             ctx.say(f"{head}: already trained, test error "
                     f"{100 * done[net, seed].test_error:.2f}%")
         else:
@@ -280,7 +281,7 @@ def _train_each(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
         _starting(ctx, head, cfg, run)
         t0 = time.perf_counter()
         train(cfg, run.path, resume=True, progress=ctx.progress)
-        done[net, seed] = _load(net, run, seed)
+        done[net, seed] = load_sub_run(net, run, seed)
         ctx.say(f"{head}: test error {100 * done[net, seed].test_error:.2f}% "
                 f"({(time.perf_counter() - t0) / 60:.1f} min)")
 
@@ -319,7 +320,7 @@ def _train_parallel(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
                 ctx.say(f"{head}: failed: {e}")
                 errors.append(e)
                 continue
-            done[net, seed] = _load(net, RunDir(ctx.run_dir(net, seed)), seed)
+            done[net, seed] = load_sub_run(net, RunDir(ctx.run_dir(net, seed)), seed)
             ctx.say(f"{head}: test error {100 * done[net, seed].test_error:.2f}% "
                     f"({seconds / 60:.1f} min, process {pid})")
     if errors:
@@ -373,8 +374,8 @@ def judged(runs: Iterable[SubRun], dataset: str, verdicts: Callable[[], list[str
     runs = list(runs)
     data = TRAIN_SETS[dataset]
     bar = LEARNED_FRACTION * data.chance_error
-    chance = f"{LEARNED_FRACTION:g} of chance's {100 * data.chance_error:.0f}% on {data.classes} " \
-        "classes"
+    chance = (f"{LEARNED_FRACTION:g} × the {100 * data.chance_error:.0f}% error of chance on "
+              f"{data.classes} classes")
     failed = [r for r in runs if r.test_error >= bar]
     if failed:
         names = ", ".join(f"{r.net.label}" + (f" seed {r.seed}" if r.seed else "")
@@ -388,14 +389,21 @@ def judged(runs: Iterable[SubRun], dataset: str, verdicts: Callable[[], list[str
 
 
 def training_times(runs: dict[CifarNet, list[SubRun]]) -> tuple[str, dict[str, list[float]]]:
-    """A report line with each network's training time (mean over seeds) and the raw
-    minutes per seed, from the sub-runs' eval.json."""
+    """A report line with each network's training time (mean over seeds) and median logged
+    speed, and the raw minutes per seed, from the sub-runs' eval.json and metrics. The time
+    includes evaluations and any other work that shared the CPU; the median speed is robust to
+    such work during part of a run."""
     minutes = {net.label: [r.seconds / 60 for r in rs if r.seconds is not None]
                for net, rs in runs.items()}
+    speed = {net.label: statistics.median(s) for net, rs in runs.items()
+             if (s := [r["images_per_s"] for run in rs for r in run.records
+                       if r["kind"] == "train" and r.get("images_per_s")])}
     known = {k: v for k, v in minutes.items() if v}
-    line = ("Training time per sub-run, as each run recorded it (mean over seeds): "
-            + ", ".join(f"{k} {statistics.fmean(v):.1f} min" for k, v in known.items()) + "."
-            if known else "")
+    line = ("Training time per sub-run, as each run recorded it (mean over seeds), and the "
+            "median speed of its logged windows: "
+            + ", ".join(f"{k} {statistics.fmean(v):.1f} min"
+                        + (f" ({speed[k]:.0f} images/s)" if k in speed else "")
+                        for k, v in known.items()) + "." if known else "")
     return line, minutes
 
 

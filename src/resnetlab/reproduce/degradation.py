@@ -46,6 +46,27 @@ def final_train_error(run: SubRun, last: int = 5) -> float:
     return sum(errs) / len(errs)
 
 
+def overtakes(deep: list[SubRun], shallow: list[SubRun], window: int = 5) -> float | None:
+    """The epoch from which the deeper net's training error (mean over seeds, moving mean of
+    `window` logged windows) stays below the shallower's to the end: how long a schedule
+    must be for sec. 4.2's ordering to show. None where it never does."""
+    its, d = seed_band(deep, 0)
+    _, s = seed_band(shallow, 0)
+    n = min(d.shape[1], s.shape[1])
+    if n < window:
+        return None
+    kernel = np.ones(window) / window
+    gap = np.convolve(d.mean(0)[:n], kernel, "valid") - np.convolve(s.mean(0)[:n], kernel,
+                                                                     "valid")
+    above = np.flatnonzero(gap >= 0)
+    first = 0 if len(above) == 0 else int(above[-1]) + 1
+    if first >= len(gap):
+        return None
+    per_iteration = next(r["epoch"] / r["iteration"] for r in deep[0].records
+                         if r["kind"] == "train" and r["iteration"])
+    return its[first + window - 1] * per_iteration
+
+
 def curves(run: SubRun) -> tuple[list[int], list[float], list[int], list[float]]:
     train = [r for r in run.records if r["kind"] == "train"]
     test = [r for r in run.records if r["kind"] == "eval" and r.get("test_error") is not None]
@@ -230,6 +251,12 @@ def run(ctx: Context) -> dict[str, Any]:
             "(3)).", "", "## What came out", "",
             *judged((r for rs in runs.values() for r in rs), ctx.scale.dataset,
                     lambda: verdict(rows, depths, ctx.scale.dataset))]
+    lo, hi = depths[0], depths[-1]
+    when = overtakes(runs[CifarNet(hi)], runs[CifarNet(lo)])
+    body += ["", f"ResNet-{hi}'s training error (mean over seeds, moving mean of 5 logged "
+             f"windows) stays below ResNet-{lo}'s "
+             + (f"from epoch {when:.1f} to the end ({ctx.scale.epochs:.1f} epochs)." if when
+                is not None else f"at no point to the end ({ctx.scale.epochs:.1f} epochs).")]
     times, minutes = training_times(runs)
     if times:
         body += ["", times]
@@ -237,7 +264,7 @@ def run(ctx: Context) -> dict[str, Any]:
     per_seed = {str(d): {k: list(v.values) for k, v in r.items()} for d, r in rows.items()}
     write_report(folder, "Degradation: plain against residual nets (paper Fig. 1, Fig. 6)",
                  body, {"errors": errors, "per_seed": per_seed,
-                        "train_minutes": minutes,
+                        "train_minutes": minutes, "resnet_overtakes_at_epoch": when,
                         "runs": {n.label: [str(r.run_dir) for r in rs]
                                  for n, rs in runs.items()}}, ctx,
                  precision=precision_of(r for rs in runs.values() for r in rs))

@@ -1,0 +1,130 @@
+"""Issue 33's pilot: how long must a schedule be for deeper residual nets to reach a lower
+training error (sec. 4.2)? One seed's curves of training error against epochs.
+
+Reads the finished sub-runs of `resnetlab reproduce degradation --scale SCALE` (residual nets,
+and the plain twins where finished; seed 0 and any further seeds) and writes pilot.md and
+pilot.png: the training error of each net at a few epochs (moving mean of 5 logged windows),
+its final training and test error, time and speed, and the epoch from which the deepest
+ResNet's training error stays below the shallowest's.
+
+    python tools/pilot_curves.py [--scale long] [--out runs/reproduce/long] \\
+        [--report docs/results/degradation-long]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from precision_check import cpu_name
+
+from resnetlab.precision import this_cpu
+from resnetlab.recipes import CifarNet
+from resnetlab.reproduce.common import Context, get_scale, load_sub_run
+from resnetlab.reproduce.degradation import final_train_error, overtakes, seed_band
+from resnetlab.runs import RunDir
+from resnetlab.tables import format_table
+
+WINDOW = 5  # logged windows in a moving mean, as the report's final training error
+
+
+def smoothed(runs: list, per_iteration: float) -> tuple[np.ndarray, np.ndarray]:
+    """Epochs and the seeds' mean training error (%), moving mean of WINDOW windows."""
+    its, errs = seed_band(runs, 0)
+    w = min(WINDOW, len(its))  # a smoke run logs fewer windows
+    mean = np.convolve(errs.mean(0), np.ones(w) / w, "valid")
+    return np.array(its[w - 1:]) * per_iteration, mean
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", default="long")
+    ap.add_argument("--out", type=Path, help="reproduce's root (default runs/reproduce/<scale>)")
+    ap.add_argument("--report", type=Path, default=Path("docs/results/degradation-long"))
+    args = ap.parse_args()
+    scale = get_scale(args.scale)
+    ctx = Context(scale, args.out or Path("runs/reproduce") / scale.name)
+    runs = {}
+    for plain in (False, True):
+        for depth in scale.depths:
+            net = CifarNet(depth, plain=plain)
+            seeds = []
+            for seed in range(10):
+                run = RunDir(ctx.run_dir(net, seed))
+                if not run.finished():
+                    break
+                seeds.append(load_sub_run(net, run, seed))
+            if seeds:
+                runs[net] = seeds
+    if not runs:
+        raise SystemExit(f"no finished sub-runs under {ctx.out / 'runs'}")
+    first = next(iter(runs.values()))[0]
+    per_iteration = next(r["epoch"] / r["iteration"] for r in first.records
+                         if r["kind"] == "train" and r["iteration"])
+    marks = sorted(m for m in {1.0, 2.0, 3.8, *(m * per_iteration for m in scale.milestones),
+                               scale.epochs} if m <= scale.epochs)
+    args.report.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    rows, results = [], {}
+    for net, seeds in runs.items():
+        ep, err = smoothed(seeds, per_iteration)
+        line = ax.plot(ep, err, "--" if net.plain else "-", lw=1.8, label=net.label)[0]
+        test = [(r["iteration"] * per_iteration, 100 * r["test_error"]) for r in seeds[0].records
+                if r["kind"] == "eval" and r.get("test_error") is not None]
+        ax.plot(*zip(*test, strict=True), ":", color=line.get_color(), lw=1)
+        at = [float(err[np.abs(ep - m).argmin()]) for m in marks]
+        speed = statistics.median(r["images_per_s"] for s in seeds for r in s.records
+                                  if r["kind"] == "train" and r.get("images_per_s"))
+        minutes = [s.seconds / 60 for s in seeds if s.seconds is not None]
+        final = [100 * final_train_error(s) for s in seeds]
+        tests = [100 * s.test_error for s in seeds]
+        rows.append([net.label, len(seeds), *(f"{a:.2f}" for a in at),
+                     f"{statistics.fmean(final):.2f}", f"{statistics.fmean(tests):.2f}",
+                     f"{statistics.fmean(minutes):.1f}" if minutes else "—", f"{speed:.0f}"])
+        results[net.label] = {"seeds": len(seeds), "train_error_at_epochs": dict(
+            zip([f"{m:.2f}" for m in marks], at, strict=True)), "final_train_error": final,
+            "test_error": tests, "minutes": minutes, "median_images_per_s": speed}
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("error (%)")
+    ax.set_ylim(0, 20)
+    ax.grid(alpha=0.3)
+    ax.legend(title="training error (moving mean of 5 windows); dotted: test", fontsize=8,
+              title_fontsize=8)
+    for m in scale.milestones:
+        ax.axvline(m * per_iteration, color="grey", lw=0.6)
+    fig.tight_layout()
+    fig.savefig(args.report / "pilot.png", dpi=120)
+    plt.close(fig)
+    lo, hi = CifarNet(scale.depths[0]), CifarNet(scale.depths[-1])
+    when = overtakes(runs[hi], runs[lo]) if lo in runs and hi in runs else None
+    results["resnet_overtakes_at_epoch"] = when
+    cpu = this_cpu()
+    header = ["net", "seeds", *(f"train @ {m:.1f} ep" for m in marks), "final train",
+              "test", "minutes", "images/s"]
+    text = [f"# Pilot: how long must the schedule be? (`--scale {scale.name}`, issue 33)", "",
+            f"{scale.describe()} (lr 0.1, /10 at epochs "
+            f"{' and '.join(f'{m * per_iteration:.1f}' for m in scale.milestones)}), fp32, "
+            f"seed 0; CPU: {cpu_name(cpu.model)} ({cpu.kind}), 2 cores. Made by "
+            f"`python tools/pilot_curves.py --scale {scale.name}` from the sub-runs of "
+            f"`resnetlab reproduce degradation --scale {scale.name}`.", "",
+            "![training error against epochs, moving mean of 5 logged windows; dotted: "
+            f"test error on {scale.test_curve_images or 'all'} test images](pilot.png)", "",
+            "Training error (%): the logged training batches (augmented, train mode), moving "
+            "mean of 5 windows, at the epochs named; final: the last 5 windows; test: the "
+            "whole test split. Minutes: as the run recorded them (other work shared the cores "
+            "for part of them); images/s: the median of the logged windows.", "",
+            format_table(header, rows, markdown=True), "",
+            f"ResNet-{hi.depth}'s training error stays below ResNet-{lo.depth}'s "
+            + (f"from epoch {when:.1f} on." if when is not None else "at no point.")
+            if lo in runs and hi in runs else "Waiting for both residual nets."]
+    (args.report / "pilot.md").write_text("\n".join(text) + "\n")
+    (args.report / "pilot.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(args.report / "pilot.md")
+
+
+if __name__ == "__main__":
+    main()
