@@ -65,8 +65,9 @@ def main() -> None:
     first = next(iter(runs.values()))[0]
     per_iteration = next(r["epoch"] / r["iteration"] for r in first.records
                          if r["kind"] == "train" and r["iteration"])
-    marks = sorted(m for m in {1.0, 2.0, 3.8, *(m * per_iteration for m in scale.milestones),
-                               scale.epochs} if m <= scale.epochs)
+    # The end of the schedule is the "final train" column, so it is not a mark of its own.
+    marks = sorted(m for m in {1.0, 2.0, 3.8, *(m * per_iteration for m in scale.milestones)}
+                   if m < scale.epochs)
     args.report.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     rows, results = [], {}
