@@ -13,6 +13,7 @@ from PIL import Image
 
 import resnetlab
 from resnetlab.cli import main
+from resnetlab.precision import device_name
 from resnetlab.recipes import CifarNet
 from resnetlab.report import MetricsLog
 from resnetlab.reproduce import EXPERIMENTS, run_experiment
@@ -172,6 +173,75 @@ def test_a_changed_recipe_is_refused_for_a_finished_sub_run(root: Path,
     with pytest.raises(resnetlab.ConfigError, match="another configuration"):
         run_experiment("degradation", "smoke", root, str(fashion_dir),
                        (*SETS, "optim.lr=0.05"), progress=False)
+
+
+def test_an_archive_finishes_an_experiment_on_another_machine(
+        root: Path, tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 33's schedules outlive a machine: `--archive` keeps finished sub-runs' logs, and
+    a fresh --out (the next machine, its data elsewhere) reads them back instead of training,
+    to the same report; nothing in the archive is ever overwritten."""
+    archive = tmp_path / "archive"
+    run_experiment("degradation", "smoke", root, str(fashion_dir), SETS, progress=False,
+                   archive=archive)
+    labels = [CifarNet(d, plain=p).label for p in (False, True) for d in (8, 14)]
+    assert sorted(p.name for p in archive.iterdir()) == sorted(labels)
+    for label in labels:
+        for name in ("config.yaml", "metrics.jsonl", "eval.json"):
+            assert (archive / label / name).read_bytes() == \
+                (root / "runs" / label / name).read_bytes()
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained a sub-run the archive holds")
+
+    monkeypatch.setattr("resnetlab.reproduce.common.train", no_training)
+    elsewhere = tmp_path / "data-elsewhere"
+    elsewhere.symlink_to(fashion_dir)
+    fresh = tmp_path / "fresh"
+    caplog.set_level("INFO")
+    run_experiment("degradation", "smoke", fresh, str(elsewhere), SETS, progress=False,
+                   archive=archive)
+    assert sum("read from the archive" in r.message for r in caplog.records) == 4
+    assert not (fresh / "runs").exists()
+    ours, theirs = (json.loads((r / "degradation" / "results.json").read_text())
+                    for r in (fresh, root))
+    assert ours["per_seed"] == theirs["per_seed"] and ours["errors"] == theirs["errors"]
+    # The report names the machine each archived sub-run trained on, as eval.json has it.
+    device = device_name(torch.device("cpu"))
+    assert json.loads((archive / "resnet8" / "eval.json").read_text())["device"] == device
+    assert f"Trained on: {device} (" in (fresh / "degradation" / "report.md").read_text()
+    # Another recipe is refused, and an analysis that loads weights trains its own sub-runs.
+    with pytest.raises(resnetlab.ConfigError, match="another configuration"):
+        run_experiment("degradation", "smoke", fresh, str(fashion_dir),
+                       (*SETS, "optim.lr=0.05"), progress=False, archive=archive)
+    with pytest.raises(AssertionError, match="trained a sub-run"):
+        run_experiment("responses", "smoke", fresh, str(fashion_dir), SETS, progress=False,
+                       archive=archive)
+    # A finished run that differs from the archived one leaves the archive as it was.
+    kept = archive / "resnet8" / "eval.json"
+    edited = kept.read_text().replace('"split"', '"split_"')
+    kept.write_text(edited)
+    run_experiment("degradation", "smoke", root, str(fashion_dir), SETS, progress=False,
+                   archive=archive)
+    assert kept.read_text() == edited
+    assert any("the archive keeps its own" in r.message for r in caplog.records)
+    # An interrupted experiment has archived each sub-run it finished before the stop.
+    from resnetlab.train.loop import train
+    trained: list[Path] = []
+
+    def second_stops(cfg: object, path: Path, **kwargs: object) -> None:
+        trained.append(Path(path))
+        if len(trained) == 2:
+            raise KeyboardInterrupt
+        train(cfg, path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("resnetlab.reproduce.common.train", second_stops)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment("preact", "smoke", fresh, str(fashion_dir), SETS, progress=False,
+                       archive=archive)
+    assert (archive / trained[0].name / "eval.json").read_bytes() == \
+        (trained[0] / "eval.json").read_bytes()
+    assert not (archive / trained[1].name).exists()
 
 
 def test_responses_report_and_stds(root: Path, fashion_dir: Path) -> None:
@@ -484,15 +554,21 @@ def test_overtakes_gives_the_epoch_from_which_the_deeper_net_stays_below() -> No
     assert overtakes([run([0.4] * 3, 56)], [run([0.5] * 3, 20)]) is None  # under one window
 
 
-def test_the_pilot_tool_reads_the_sub_runs_it_reports(root: Path, tmp_path: Path) -> None:
+def test_the_pilot_tool_reads_the_sub_runs_it_reports(root: Path, tmp_path: Path,
+                                                      fashion_dir: Path) -> None:
     """tools/pilot_curves.py (issue 33's pilot) on the smoke sub-runs: its table and json hold
     each finished net's numbers as eval.json and the metrics hold them."""
     import subprocess
     import sys
 
     tool = Path(__file__).parents[1] / "tools" / "pilot_curves.py"
-    subprocess.run([sys.executable, str(tool), "--scale", "smoke", "--out", str(root),
-                    "--report", str(tmp_path)], check=True, capture_output=True)
+
+    def pilot(out: Path, report: Path, *more: str) -> None:
+        subprocess.run([sys.executable, str(tool), "--scale", "smoke", "--out", str(out),
+                        "--report", str(report), "--data-dir", str(fashion_dir),
+                        *(f"--set={s}" for s in SETS), *more], check=True, capture_output=True)
+
+    pilot(root, tmp_path)
     _png_ok(tmp_path / "pilot.png")
     got = json.loads((tmp_path / "pilot.json").read_text())
     report = (tmp_path / "pilot.md").read_text()
@@ -504,3 +580,11 @@ def test_the_pilot_tool_reads_the_sub_runs_it_reports(root: Path, tmp_path: Path
             # the table gives the mean over the seeds found (other tests add seed 1)
             mean = statistics.fmean(got[label]["test_error"])
             assert f"| {label} | {got[label]['seeds']} | " in report and f"{mean:.2f}" in report
+    # Another machine: no runs of its own, the archive the first one filled.
+    archive = tmp_path / "archive"
+    run_experiment("degradation", "smoke", root, str(fashion_dir), SETS, progress=False,
+                   archive=archive)
+    pilot(tmp_path / "no-runs", tmp_path / "again", "--archive", str(archive))
+    again = json.loads((tmp_path / "again" / "pilot.json").read_text())
+    assert {k: v["test_error"][0] for k, v in again.items() if isinstance(v, dict)} == \
+        {k: v["test_error"][0] for k, v in got.items() if isinstance(v, dict)}

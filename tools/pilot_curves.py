@@ -8,7 +8,11 @@ its final training and test error, time and speed, and the epoch from which the 
 ResNet's training error stays below the shallowest's.
 
     python tools/pilot_curves.py [--scale long] [--out runs/reproduce/long] \\
-        [--report docs/results/degradation-long]
+        [--report docs/results/degradation-long] [--archive REPORT/sub-runs] \\
+        [--data-dir DIR] [--set KEY=VALUE ...]
+
+Sub-runs finished on earlier machines are read from the archive (`reproduce --archive`).
+`--data-dir` and `--set` as given to `reproduce`: a sub-run of another recipe is refused.
 """
 
 from __future__ import annotations
@@ -20,13 +24,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-from precision_check import cpu_name
 
-from resnetlab.precision import this_cpu
 from resnetlab.recipes import CifarNet
-from resnetlab.reproduce.common import Context, get_scale, load_sub_run
+from resnetlab.reproduce.common import Context, devices, finished_sub_run, get_scale
 from resnetlab.reproduce.degradation import final_train_error, overtakes, seed_band
-from resnetlab.runs import RunDir
 from resnetlab.tables import format_table
 
 WINDOW = 5  # logged windows in a moving mean, as the report's final training error
@@ -45,19 +46,25 @@ def main() -> None:
     ap.add_argument("--scale", default="long")
     ap.add_argument("--out", type=Path, help="reproduce's root (default runs/reproduce/<scale>)")
     ap.add_argument("--report", type=Path, default=Path("docs/results/degradation-long"))
+    ap.add_argument("--archive", type=Path, help="finished sub-runs' logs (default "
+                    "REPORT/sub-runs, where it exists)")
+    ap.add_argument("--data-dir")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     scale = get_scale(args.scale)
-    ctx = Context(scale, args.out or Path("runs/reproduce") / scale.name)
+    archive = args.archive or args.report / "sub-runs"
+    ctx = Context(scale, args.out or Path("runs/reproduce") / scale.name, args.data_dir,
+                  tuple(args.sets), archive=archive if archive.is_dir() else None)
     runs = {}
     for plain in (False, True):
         for depth in scale.depths:
             net = CifarNet(depth, plain=plain)
             seeds = []
             for seed in range(10):
-                run = RunDir(ctx.run_dir(net, seed))
-                if not run.finished():
+                sub = finished_sub_run(ctx, net, seed)
+                if sub is None:
                     break
-                seeds.append(load_sub_run(net, run, seed))
+                seeds.append(sub)
             if seeds:
                 runs[net] = seeds
     if not runs:
@@ -103,13 +110,13 @@ def main() -> None:
     lo, hi = CifarNet(scale.depths[0]), CifarNet(scale.depths[-1])
     when = overtakes(runs[hi], runs[lo]) if lo in runs and hi in runs else None
     results["resnet_overtakes_at_epoch"] = when
-    cpu = this_cpu()
     header = ["net", "seeds", *(f"train @ {m:.1f} ep" for m in marks), "final train",
               "test", "minutes", "images/s"]
     text = [f"# Pilot: how long must the schedule be? (`--scale {scale.name}`, issue 33)", "",
             f"{scale.describe()} (lr 0.1, /10 at epochs "
             f"{' and '.join(f'{m * per_iteration:.1f}' for m in scale.milestones)}), fp32, "
-            f"seed 0; CPU: {cpu_name(cpu.model)} ({cpu.kind}), 2 cores. Made by "
+            "seeds 0..N-1 (N: the table's seeds column)."
+            f"{devices(s for seeds in runs.values() for s in seeds)} Made by "
             f"`python tools/pilot_curves.py --scale {scale.name}` from the sub-runs of "
             f"`resnetlab reproduce degradation --scale {scale.name}`.", "",
             "![training error against epochs, moving mean of 5 logged windows; dotted: "

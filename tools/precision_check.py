@@ -16,17 +16,9 @@ import logging
 import statistics
 from pathlib import Path
 
-from resnetlab.precision import this_cpu
+from resnetlab.precision import cpu_name, this_cpu
 from resnetlab.recipes import CifarNet
 from resnetlab.reproduce.common import Context, Spread, compare, ensure_seeds, get_scale
-
-
-def cpu_name(model: str) -> str:
-    """The model name with its family and model numbers (an 'AMD EPYC' says little alone)."""
-    info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if ":" in line)
-    fam, mod = info.get("cpu family\t", "").strip(), info.get("model\t\t", "").strip()
-    return f"{model} (family {fam} model {mod})" if fam and mod else model
 
 
 def main() -> None:
@@ -66,7 +58,7 @@ def main() -> None:
     lines = [
         f"# bf16 against fp32 training: {net.label} at --scale {scale.name}, "
         f"{args.seeds} seeds", "",
-        f"CPU: {cpu_name(cpu.model)} ({cpu.kind}), {args.jobs} sub-runs at a time. "
+        f"CPU: {cpu_name()} ({cpu.kind}), {args.jobs} sub-runs at a time. "
         f"Made by `python tools/precision_check.py --net {args.net} --seeds {args.seeds} "
         f"--jobs {args.jobs}`.", "",
         "| precision | test error (%), mean ± std (each seed) |", "|---|---|",
@@ -76,7 +68,7 @@ def main() -> None:
     args.report.mkdir(parents=True, exist_ok=True)
     (args.report / "report.md").write_text("\n".join(lines))
     (args.report / "results.json").write_text(json.dumps(
-        {"net": net.label, "scale": scale.name, "cpu": cpu_name(cpu.model), "cpu_kind": cpu.kind,
+        {"net": net.label, "scale": scale.name, "cpu": cpu_name(), "cpu_kind": cpu.kind,
          "jobs": args.jobs, "test_error": {p: list(s.values) for p, s in spreads.items()},
          "train_minutes": minutes, "distinguishable": not same}, indent=2) + "\n")
     print("\n".join(lines))

@@ -13,6 +13,7 @@ the ISA a precision needs makes that precision not native, for every runtime.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -75,19 +76,40 @@ class CPU:
             else "other"
 
 
-def _read_cpuinfo() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo; empty where there is none."""
+    info: dict[str, str] = {}
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and value:
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
+            if not line.strip():
                 break
-    except OSError:
-        pass
-    return model, flags
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
+    return info
+
+
+def _read_cpuinfo() -> tuple[str, set[str]]:
+    info = _cpuinfo()
+    return (info.get("model name") or platform.processor() or platform.machine(),
+            set(info.get("flags", "").split()))
+
+
+@functools.cache
+def cpu_name() -> str:
+    """This CPU's model name with its family and model numbers (an "AMD EPYC" alone says
+    little: Zen 2 and Zen 4 share it)."""
+    info = _cpuinfo()
+    model = info.get("model name") or platform.processor() or platform.machine()
+    fam, mod = info.get("cpu family"), info.get("model")
+    return f"{model} (family {fam} model {mod})" if fam and mod else model
+
+
+def device_name(device: torch.device) -> str:
+    """What a run trained on, as its eval.json records it: reports made from sub-runs of
+    several machines name each one's CPU (precision kind and threads) or GPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()}, {this_cpu().kind}, {torch.get_num_threads()} threads"
 
 
 @functools.cache

@@ -36,6 +36,11 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1,
                    help="sub-runs trained at once, each in its own process (on a CPU with "
                    "cores/N threads each; on a GPU, N processes share it)")
+    p.add_argument("--archive", metavar="DIR",
+                   help="folder of finished sub-runs' logs (config, metrics, eval report), "
+                   "e.g. committed beside a report: sub-runs found there are not trained "
+                   "again, and each one finished here is added, so a long experiment can "
+                   "finish across machines")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training setting of every sub-run (repeatable)")
 
@@ -64,6 +69,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"== experiment {i}/{len(names)}: {name} ({EXPERIMENTS[name].summary}), "
               f"scale {args.scale}", flush=True)
         folder = run_experiment(name, args.scale, args.out, args.data_dir, args.sets,
-                                seeds=args.seeds, jobs=args.jobs)
+                                seeds=args.seeds, jobs=args.jobs, archive=args.archive)
         print(f"report: {folder / 'report.md'}", flush=True)
     return 0

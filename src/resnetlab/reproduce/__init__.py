@@ -63,10 +63,13 @@ EXPERIMENTS: dict[str, Experiment] = {
 
 def run_experiment(name: str, scale: str = "cpu", out: str | Path | None = None,
                    data_dir: str | None = None, sets: Sequence[str] = (),
-                   progress: bool | None = None, seeds: int = 1, jobs: int = 1) -> Path:
+                   progress: bool | None = None, seeds: int = 1, jobs: int = 1,
+                   archive: str | Path | None = None) -> Path:
     """Run one experiment (training what it lacks); returns its report folder. `seeds`:
     sub-runs per network where an experiment compares errors (degradation, shortcuts,
-    preact; the analyses use seed 0). `jobs`: sub-runs trained at once, in processes."""
+    preact; the analyses use seed 0). `jobs`: sub-runs trained at once, in processes.
+    `archive`: a folder of finished sub-runs' logs, read instead of training them again and
+    added to (reproduce.common's doc)."""
     for flag, value in (("--seeds", seeds), ("--jobs", jobs)):
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
@@ -74,7 +77,8 @@ def run_experiment(name: str, scale: str = "cpu", out: str | Path | None = None,
         raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     sc = get_scale(scale)
     root = Path(out) if out is not None else Path("runs") / "reproduce" / sc.name
-    ctx = Context(sc, root, data_dir, tuple(sets), progress, seeds=seeds, jobs=jobs)
+    ctx = Context(sc, root, data_dir, tuple(sets), progress, seeds=seeds, jobs=jobs,
+                  archive=None if archive is None else Path(archive))
     EXPERIMENTS[name].run(ctx)
     return ctx.report_dir(name)
 

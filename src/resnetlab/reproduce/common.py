@@ -4,6 +4,15 @@ An experiment names the networks it needs; each is trained once per scale into
 `<out>/runs/<label>/` by the ordinary trainer, so an interrupted `reproduce` resumes where
 it stopped, a finished sub-run is never trained again, and experiments that need the same
 network (degradation, responses and lesion all use ResNet-56) share one run.
+
+An experiment longer than one machine's life (issue 33's schedules on a 2-core CPU) keeps
+its finished sub-runs' logs in an archive, a folder committed beside its report:
+
+    ARCHIVE/<label>/   config.yaml, metrics.jsonl, eval.json: the run directory's own files
+
+On the next machine the same command with the same `--archive` reads those sub-runs back
+instead of training them, trains the rest, and adds them. An archive holds no weights, so
+the analyses that load a model (responses, lesion) train their sub-runs where they run.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,7 +35,7 @@ import torch
 from ..config import TrainConfig, changes, resolve, saved_config
 from ..data import build_data
 from ..errors import ConfigError
-from ..models.factory import load_model
+from ..models.factory import create_model, load_model
 from ..models.resnet import ResNet
 from ..recipes import CifarNet, cifar_recipe
 from ..report import MetricsLog
@@ -42,13 +52,15 @@ class TrainSet:
     images: int  # the training split before any validation hold-out
     classes: int
     side: int  # image height and width
+    channels: int
 
     @property
     def chance_error(self) -> float:
         return 1 - 1 / self.classes
 
 
-TRAIN_SETS = {"fashion-mnist": TrainSet(60_000, 10, 28), "cifar10": TrainSet(50_000, 10, 32)}
+TRAIN_SETS = {"fashion-mnist": TrainSet(60_000, 10, 28, 1),
+              "cifar10": TrainSet(50_000, 10, 32, 3)}
 
 # A verdict needs every compared net's test error below this fraction of chance's (45% on
 # 10 classes): nets near chance differ by noise, and any ordering of them means nothing.
@@ -161,6 +173,15 @@ SCALES: dict[str, Scale] = {
                   lesion_depth=56, shortcut_depth=20, gradient_depth=56,
                   gradient_steps=100, analysis_images=2000, lesion_draws=5,
                   test_curve_images=2000),
+    # `long` twice as long (29.9 epochs): at 14.9 epochs ResNet-56 only just reaches
+    # ResNet-20's training error (0.05 points below, one seed; docs/results/degradation-long),
+    # the gap still closing with each lr step, so the pilot goes on at twice the length.
+    "longer": Scale("longer", "fashion-mnist", iterations=14000, milestones=(7000, 10500),
+                    eval_every=700, log_every=50, batch_size=128, val_split=0, pad=1,
+                    depths=(20, 56), response_depths=(20, 56), pair_depths=(20, 56),
+                    lesion_depth=56, shortcut_depth=20, gradient_depth=56,
+                    gradient_steps=100, analysis_images=2000, lesion_draws=5,
+                    test_curve_images=2000),
     # Paper sec. 4.2 on CIFAR-10: 64k iterations, 45k/5k split, lr /10 at 32k and 48k.
     "paper": Scale("paper", "cifar10", iterations=64000, milestones=(32000, 48000),
                    eval_every=1000, log_every=100, batch_size=128, val_split=5000, pad=4,
@@ -197,13 +218,22 @@ class Context:
     say: Callable[[str], None] = log.info
     seeds: int = 1  # sub-runs per network in the experiments that compare errors
     jobs: int = 1  # sub-runs trained at once, each in its own process
+    archive: Path | None = None  # finished sub-runs' logs, read and added to (module doc)
 
     def config(self, net: CifarNet, seed: int = 0) -> TrainConfig:
         return self.scale.train_config(net, self.data_dir, self.sets, seed)
 
-    def run_dir(self, net: CifarNet, seed: int = 0) -> Path:
+    @staticmethod
+    def label(net: CifarNet, seed: int = 0) -> str:
         """Seed 0 keeps the plain label, so runs made before seeds existed are reused."""
-        return self.out / "runs" / (net.label if seed == 0 else f"{net.label}-seed{seed}")
+        return net.label if seed == 0 else f"{net.label}-seed{seed}"
+
+    def run_dir(self, net: CifarNet, seed: int = 0) -> Path:
+        return self.out / "runs" / self.label(net, seed)
+
+    def archived(self, net: CifarNet, seed: int = 0) -> RunDir | None:
+        """Where the archive keeps this sub-run's logs; None without an archive."""
+        return None if self.archive is None else RunDir(self.archive / self.label(net, seed))
 
     def report_dir(self, experiment: str) -> Path:
         path = self.out / experiment
@@ -222,9 +252,17 @@ class SubRun:
     seed: int = 0
     seconds: float | None = None  # training time, summed over resumes (eval.json)
     precision: str = "fp32"  # what the run trained in (eval.json), whatever was asked
+    device: str | None = None  # the CPU or GPU it finished on (eval.json; older runs: None)
 
     def model(self) -> ResNet:
         return load_model(RunDir(self.run_dir).final)
+
+    def architecture(self, dataset: str) -> ResNet:
+        """The untrained network, as it was built for `dataset` (an archived sub-run has no
+        weights to load, and counting parameters needs none)."""
+        data = TRAIN_SETS[dataset]
+        return create_model(f"resnet{self.net.depth}", num_classes=data.classes,
+                            in_chans=data.channels, **self.net.options)
 
 
 def _finished(run: RunDir, cfg: TrainConfig) -> bool:
@@ -236,35 +274,92 @@ def _finished(run: RunDir, cfg: TrainConfig) -> bool:
     return True
 
 
+ARCHIVED = ("config", "metrics", "eval_report")  # the RunDir files an archive keeps
+
+
+def _in_archive(kept: RunDir, cfg: TrainConfig) -> bool:
+    if not all(getattr(kept, f).is_file() for f in ARCHIVED):
+        return False
+    saved = saved_config(kept.config)
+    # Where the data set lies differs between machines and changes nothing it holds.
+    saved["data"]["data_dir"] = cfg.data.data_dir
+    if changes(saved, cfg):
+        raise ConfigError(f"{kept.path} holds the logs of a sub-run of another configuration; "
+                          "pass another --archive")
+    return True
+
+
+def archive_sub_run(run: RunDir, kept: RunDir) -> None:
+    """Copy a finished run's logs into the archive, all of them or none: an archived sub-run
+    is never overwritten (one that differs is kept, with a warning)."""
+    if kept.path.exists():
+        if any(not getattr(kept, f).is_file()
+               or getattr(kept, f).read_bytes() != getattr(run, f).read_bytes()
+               for f in ARCHIVED):
+            log.warning("%s differs from the finished run in %s; the archive keeps its own",
+                        kept.path, run.path)
+        return
+    part = kept.path.with_name(f".{kept.path.name}.partial")
+    part.mkdir(parents=True, exist_ok=True)
+    for f in ARCHIVED:
+        shutil.copyfile(getattr(run, f), getattr(RunDir(part), f))
+    part.rename(kept.path)
+
+
 def load_sub_run(net: CifarNet, run: RunDir, seed: int) -> SubRun:
     """A finished sub-run as its eval.json and metrics hold it."""
     report = json.loads(run.eval_report.read_text())
     seconds = report.get("train_seconds")
     return SubRun(net, run.path, float(report["top1_error"]), MetricsLog(run).records(), seed,
-                  None if seconds is None else float(seconds), report.get("precision", "fp32"))
+                  None if seconds is None else float(seconds), report.get("precision", "fp32"),
+                  report.get("device"))
 
 
-def ensure_seeds(ctx: Context, nets: Sequence[CifarNet],
-                 seeds: int | None = None) -> dict[CifarNet, list[SubRun]]:
+def finished_sub_run(ctx: Context, net: CifarNet, seed: int = 0,
+                     weights: bool = False) -> SubRun | None:
+    """The sub-run as finished under ctx.out, else as ctx.archive holds it (unless its
+    `weights` are needed); None if neither. One of another configuration is an error."""
+    cfg, run = ctx.config(net, seed), RunDir(ctx.run_dir(net, seed))
+    if _finished(run, cfg):
+        return load_sub_run(net, run, seed)
+    kept = ctx.archived(net, seed)
+    if kept is not None and not weights and _in_archive(kept, cfg):
+        return load_sub_run(net, kept, seed)
+    return None
+
+
+def ensure_seeds(ctx: Context, nets: Sequence[CifarNet], seeds: int | None = None,
+                 weights: bool = False) -> dict[CifarNet, list[SubRun]]:
     """Train each net with seeds 0..seeds-1 (default ctx.seeds) where not yet finished
     (resuming interrupted sub-runs), one progress line each. Every net's seed 0 comes
     first, so a partial run already answers with one seed. With ctx.jobs > 1 the
-    unfinished sub-runs train that many at a time, each in its own process."""
+    unfinished sub-runs train that many at a time, each in its own process. Sub-runs in
+    ctx.archive count as finished unless `weights` are needed, and every sub-run finished
+    here is added to it as soon as it is (an interrupted experiment loses none)."""
     n_seeds = ctx.seeds if seeds is None else seeds
     order = [(net, seed) for seed in range(n_seeds) for net in nets]
     done: dict[tuple[CifarNet, int], SubRun] = {}
     todo: list[tuple[str, CifarNet, int]] = []
     for i, (net, seed) in enumerate(order, 1):
-        cfg, run = ctx.config(net, seed), RunDir(ctx.run_dir(net, seed))
         head = f"[{i}/{len(order)}] {net.label}" + (f" seed {seed}" if n_seeds > 1 else "")
-        if _finished(run, cfg):
-            done[net, seed] = load_sub_run(net, run, seed)
-            ctx.say(f"{head}: already trained, test error "
-                    f"{100 * done[net, seed].test_error:.2f}%")
-        else:
+        sub = finished_sub_run(ctx, net, seed, weights)
+        if sub is None:
             todo.append((head, net, seed))
+            continue
+        done[net, seed] = _kept(ctx, sub)
+        where = ("already trained" if sub.run_dir == ctx.run_dir(net, seed)
+                 else f"read from the archive {sub.run_dir}")
+        ctx.say(f"{head}: {where}, test error {100 * sub.test_error:.2f}%")
     (_train_each if ctx.jobs == 1 or len(todo) < 2 else _train_parallel)(ctx, todo, done)
     return {net: [done[net, seed] for seed in range(n_seeds)] for net in nets}
+
+
+def _kept(ctx: Context, sub: SubRun) -> SubRun:
+    """A sub-run finished here, added to ctx.archive (if any)."""
+    kept = ctx.archived(sub.net, sub.seed)
+    if kept is not None and sub.run_dir != kept.path:
+        archive_sub_run(RunDir(sub.run_dir), kept)
+    return sub
 
 
 def _starting(ctx: Context, head: str, cfg: TrainConfig, run: RunDir,
@@ -281,7 +376,7 @@ def _train_each(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
         _starting(ctx, head, cfg, run)
         t0 = time.perf_counter()
         train(cfg, run.path, resume=True, progress=ctx.progress)
-        done[net, seed] = load_sub_run(net, run, seed)
+        done[net, seed] = _kept(ctx, load_sub_run(net, run, seed))
         ctx.say(f"{head}: test error {100 * done[net, seed].test_error:.2f}% "
                 f"({(time.perf_counter() - t0) / 60:.1f} min)")
 
@@ -320,7 +415,8 @@ def _train_parallel(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
                 ctx.say(f"{head}: failed: {e}")
                 errors.append(e)
                 continue
-            done[net, seed] = load_sub_run(net, RunDir(ctx.run_dir(net, seed)), seed)
+            done[net, seed] = _kept(ctx, load_sub_run(net, RunDir(ctx.run_dir(net, seed)),
+                                                      seed))
             ctx.say(f"{head}: test error {100 * done[net, seed].test_error:.2f}% "
                     f"({seconds / 60:.1f} min, process {pid})")
     if errors:
@@ -329,7 +425,7 @@ def _train_parallel(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
 
 def ensure_trained(ctx: Context, nets: Sequence[CifarNet]) -> dict[CifarNet, SubRun]:
     """Seed 0 of each net: what the analyses (responses, lesion) measure."""
-    return {net: runs[0] for net, runs in ensure_seeds(ctx, nets, seeds=1).items()}
+    return {net: runs[0] for net, runs in ensure_seeds(ctx, nets, seeds=1, weights=True).items()}
 
 
 @dataclass(frozen=True)
@@ -404,7 +500,18 @@ def training_times(runs: dict[CifarNet, list[SubRun]]) -> tuple[str, dict[str, l
             + ", ".join(f"{k} {statistics.fmean(v):.1f} min"
                         + (f" ({speed[k]:.0f} images/s)" if k in speed else "")
                         for k, v in known.items()) + "." if known else "")
-    return line, minutes
+    return (line + devices(r for rs in runs.values() for r in rs) if line else ""), minutes
+
+
+def devices(runs: Iterable[SubRun]) -> str:
+    """' Trained on: X (resnet20, resnet56); Y (plain20).' from what each sub-run recorded:
+    an archive gathers sub-runs from several machines, and their times differ with the CPU."""
+    on: dict[str, list[str]] = {}
+    for r in runs:
+        on.setdefault(r.device or "a device not recorded (before eval.json named it)",
+                      []).append(r.net.label + (f" seed {r.seed}" if r.seed else ""))
+    return (" Trained on: " + "; ".join(f"{d} ({', '.join(labels)})"
+                                        for d, labels in on.items()) + ".") if on else ""
 
 
 def precision_of(runs: Iterable[SubRun]) -> str:
@@ -462,6 +569,7 @@ def write_report(folder: Path, title: str, body: Sequence[str], results: dict[st
          "sets": list(ctx.sets), **results}, indent=2) + "\n")
     runs = f", {seeds} seed{'s' if seeds > 1 else ''} per network"
     flag = ((f" --seeds {seeds}" if seeds > 1 else "") + (f" --jobs {jobs}" if jobs > 1 else "")
+            + (f" --archive {ctx.archive}" if ctx.archive else "")
             + "".join(f" --set {s}" for s in ctx.sets))
     trained = ("" if precision is None else
                f"; {precision} training{' (as the paper)' if precision == 'fp32' else ''}")

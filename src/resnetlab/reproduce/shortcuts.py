@@ -86,7 +86,7 @@ def run(ctx: Context) -> dict[str, Any]:
     by_option = dict(zip(OPTIONS, nets(ctx.scale), strict=True))
     done = ensure_seeds(ctx, list(by_option.values()))
     runs = {o: done[n] for o, n in by_option.items()}
-    params = {o: count_params(runs[o][0].model()) for o in OPTIONS}
+    params = {o: count_params(runs[o][0].architecture(ctx.scale.dataset)) for o in OPTIONS}
     errs = {o: Spread(tuple(r.test_error for r in runs[o])) for o in OPTIONS}
     folder = ctx.report_dir("shortcuts")
     plot(runs, errs, params, folder / "shortcuts.png")

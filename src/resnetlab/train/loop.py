@@ -29,7 +29,7 @@ from ..data import DataBundle
 from ..errors import ResNetLabError
 from ..evaluation.evaluate import EvalResult, evaluate
 from ..models.factory import save_weights
-from ..precision import Choice
+from ..precision import Choice, device_name
 from ..report import MetricsLog, plot_confusion, plot_curves
 from ..runs import RunDir
 from ..tables import format_duration
@@ -325,7 +325,8 @@ def finish(model: nn.Module, data: DataBundle, run: RunDir, metrics: MetricsLog,
     choice = choice or Choice(cfg.precision, "asked for")
     test.save(run.eval_report, data.classes, split="test", tta=cfg.tta,
               precision=choice.precision, precision_reason=choice.reason,
-              iterations=iterations, train_seconds=round(seconds, 3))
+              iterations=iterations, train_seconds=round(seconds, 3),
+              device=device_name(next(model.parameters()).device))
     plot_confusion(test.confusion, data.classes, run.confusion,
                    f"{cfg.model.name}: test error {100 * test.top1_error:.2f}%")
     plot_curves(metrics.records(), run.curves, f"{cfg.model.name} on {cfg.data.dataset}")
