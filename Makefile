@@ -6,13 +6,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup upgrade data browser demo test test-robust test-slow test-all lint mutation
+.PHONY: setup upgrade data browser demo test test-robust test-slow test-all lint mutation \
+	docs docs-serve package
 
 # constraints.txt pins every package to the versions the suite last passed with (issue 16,
 # item 10): a fresh clone next month installs what was tested, not whatever is newest.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,deploy,serve]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,deploy,serve,docs]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -23,7 +24,7 @@ setup: $(STAMP)
 UPGRADE := .venv-upgrade
 upgrade:
 	$(PYTHON) -m venv $(UPGRADE)
-	$(UPGRADE)/bin/pip install --quiet --upgrade -e '.[dev,deploy,serve]'
+	$(UPGRADE)/bin/pip install --quiet --upgrade -e '.[dev,deploy,serve,docs]'
 	touch $(UPGRADE)/.installed-stamp
 	$(MAKE) test VENV=$(UPGRADE) \
 	  PYTEST_ADDOPTS="--deselect tests/test_setup.py::test_the_environment_is_the_pinned_one"
@@ -104,6 +105,26 @@ MUTANTS := 'resnetlab.evaluation.evaluate.*' 'resnetlab.train.schedule.*' 'resne
 	'resnetlab.models.layers.x_make_shortcut*'
 
 mutation: setup
-	$(BIN)/pip install --quiet -e '.[dev,deploy,serve,mutation]'
+	$(BIN)/pip install --quiet -e '.[dev,deploy,serve,docs,mutation]'
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $(MUTANTS)
 	$(BIN)/mutmut results --all true | $(BIN)/python tools/mutation_table.py
+
+# The documentation site (mkdocs.yml): the references of docs/reference/ regenerated from
+# the code, then the site built into site/ with every warning an error, as the suite builds
+# it (tests/test_docs.py); docs-serve rebuilds on every edit and serves it at
+# http://127.0.0.1:8000/. The MkDocs 2 notices some plugins print are switched off.
+DOCS_ENV := NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true
+docs: setup
+	$(BIN)/python tools/docs_pages.py
+	$(DOCS_ENV) $(BIN)/mkdocs build --strict
+	@echo "the site is in site/: open site/index.html"
+
+docs-serve: setup
+	$(DOCS_ENV) $(BIN)/mkdocs serve
+
+# The package as a user gets it: an sdist and a wheel built by `python -m build` into
+# dist/, then the wheel installed into a new, empty environment (.venv-package/, the exact
+# versions of constraints.txt) where `resnetlab --help` and a smoke training run must work.
+package: setup
+	$(BIN)/python -m build --outdir dist .
+	$(PYTHON) tools/check_wheel.py dist

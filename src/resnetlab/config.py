@@ -38,32 +38,33 @@ MAX_ITERATIONS = 10**9
 
 @dataclass
 class ModelSection:
-    name: str = "resnet20"
+    name: str = "resnet20"  # a registered model (reference/models.md) or cifar_resnetN
     options: dict[str, Any] = field(default_factory=dict)  # ResNet overrides: shortcut, ...
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
+    lr: float = 0.1  # peak learning rate of SGD
+    momentum: float = 0.9  # SGD momentum (paper sec. 3.4: 0.9)
+    nesterov: bool = False  # Nesterov momentum
+    weight_decay: float = 1e-4  # L2 penalty (paper sec. 3.4: 1e-4)
     decay_bn_and_bias: bool = True  # False: no weight decay on BN parameters and biases
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # weight of the uniform target in the loss (0: none)
     grad_clip: float = 0.0  # max global gradient norm; 0 disables
 
 
 @dataclass
 class ScheduleConfig:
-    kind: str = "multistep"
-    iterations: int = 64000
+    kind: str = "multistep"  # lr schedule: multistep, cosine, onecycle or constant
+    iterations: int = 64000  # optimiser steps of the run (paper sec. 4.2: 64k)
     # > 0: the run lasts this many passes over the training set; `iterations` is then set
     # from the data's batches per epoch when training starts (and saved so in config.yaml)
     epochs: int = 0
+    # multistep: iterations at which lr is multiplied by gamma (paper sec. 4.2: 32k, 48k)
     milestones: list[int] = field(default_factory=lambda: [32000, 48000])
-    gamma: float = 0.1
+    gamma: float = 0.1  # multistep: the factor at each milestone
     warmup_iters: int = 0  # linear ramp from warmup_lr to lr over these iterations
-    warmup_lr: float = 0.0
+    warmup_lr: float = 0.0  # lr at the start of a warm-up
     # > 0: hold warmup_lr until the training error falls below this (paper sec. 4.2, 110 layers)
     warmup_until_error: float = 0.0
     final_lr: float = 0.0  # floor of cosine and one-cycle
@@ -85,10 +86,23 @@ class LogConfig:
 
 @dataclass
 class TrainConfig:
-    preset: str = "custom"
-    seed: int = 0
-    batch_size: int = 128
-    eval_batch_size: int = 1000
+    """Every setting of a training run; its sections are the nested dataclasses.
+
+    Build one with `resolve`, the only way in, which checks every key, type and value.
+    The keys, types, defaults and meanings are tabled in the docs' configuration
+    reference, generated from this class.
+
+    Examples:
+        >>> from resnetlab.config import resolve
+        >>> cfg = resolve("smoke", sets=["optim.lr=0.05", "schedule.milestones=[10,15]"])
+        >>> cfg.optim.lr, cfg.schedule.milestones, cfg.model.name
+        (0.05, [10, 15], 'resnet8')
+    """
+
+    preset: str = "custom"  # the preset the run started from (--preset), as recorded
+    seed: int = 0  # seeds weights, data order and augmentation: same seed, same run on a CPU
+    batch_size: int = 128  # the global batch (split over data-parallel processes)
+    eval_batch_size: int = 1000  # images per forward pass in evaluations
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -106,7 +120,7 @@ class TrainConfig:
     # > 0: the curve's evaluations score only the first N test images, so a curve can have
     # many points; the last evaluation always scores the whole split
     test_curve_images: int = 0
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC memory layout for convolutions (faster on CPUs and GPUs)
     # "auto": bf16 autocast where the device multiplies bf16 natively (CUDA; CPUs with AMX
     # or AVX512-BF16), fp32 elsewhere (resnetlab.precision). A run's config.yaml keeps the
     # request; its choices.json what auto chose, which a resume keeps (train/setup.py).
@@ -321,9 +335,34 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 def resolve(preset: str | None, config_file: str | None = None,
             sets: Sequence[str] | None = None,
             settings: Sequence[Mapping[str, Any]] = ()) -> TrainConfig:
-    """Defaults, then the preset, then `settings` (nested mappings such as a recipe's), then
-    the YAML file, then the --set pairs; one check for all. The only way in: command-line
-    flags arrive as --set pairs (cli/run.py), recipes sized from data as `settings`."""
+    """A run's configuration: the one override path, every layer checked the same way.
+
+    Defaults, then the preset, then `settings` (nested mappings such as a recipe's), then
+    the YAML file, then the --set pairs. The only way in: command-line flags arrive as
+    --set pairs (cli/run.py), recipes sized from data as `settings`.
+
+    Args:
+        preset: a preset name (`resnetlab train --help` lists them), or None.
+        config_file: a YAML file, such as a run's `config.yaml`, or None.
+        sets: `key=value` pairs, values in YAML (`schedule.milestones=[100,200]`).
+        settings: nested mappings applied after the preset.
+
+    Returns:
+        The resolved, checked configuration.
+
+    Raises:
+        ConfigError: an unknown preset or key, or a wrong type or value; one line naming
+            the valid choices (and the closest key to a misspelt one).
+
+    Examples:
+        >>> from resnetlab.config import resolve
+        >>> resolve("smoke", sets=["optim.lr=0.05"]).optim.lr
+        0.05
+        >>> resolve("smoke", sets=["optim.lrr=0.05"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        resnetlab.errors.ConfigError: unknown key 'optim.lrr' (did you mean lr?); valid keys: ...
+    """
     cfg = TrainConfig()
     if preset is not None:
         if preset not in PRESETS:

@@ -23,7 +23,8 @@ def add_deploy_parser(sub: argparse._SubParsersAction, common: argparse.Argument
                    help="onnx-int8: post-training int8 (ONNX Runtime), calibrated on training "
                    "images of the run's data set")
     x.add_argument("--out", help="folder for the graph (default <weights>/export)")
-    x.add_argument("--tolerance", type=float, default=1e-3)
+    x.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest |logit difference| from PyTorch the export may have")
     x.add_argument("--calibration-images", type=int, default=512, help="onnx-int8 only")
     x.add_argument("--min-agreement", type=float, default=MIN_CALIBRATION_AGREEMENT,
                    help="onnx-int8: least top-1 agreement with fp32 on the calibration (training) "
@@ -38,7 +39,8 @@ def add_deploy_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     b = sub.add_parser("bench", parents=[common], help="speed benchmarks (docs/performance.md)",
                        description="; ".join(f"{k}: {v[1]}" for k, v in BENCHMARKS.items())
                        + ". Options after the name go to the benchmark (NAME --help).")
-    b.add_argument("name", choices=list(BENCHMARKS))
+    b.add_argument("name", choices=list(BENCHMARKS),
+                   help="the benchmark; `resnetlab bench NAME --help` gives its own flags")
     b.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
     b.set_defaults(func=lambda a: run_benchmark(a.name, a.options))
 

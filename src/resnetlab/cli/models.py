@@ -100,7 +100,7 @@ def add_model_parsers(sub: argparse._SubParsersAction, common: argparse.Argument
 
     i = sub.add_parser("info", parents=[common],
                        help="per-stage table of one model (paper Table 1 style), or --machine")
-    i.add_argument("model", nargs="?")
+    i.add_argument("model", nargs="?", help="a registered model (resnetlab models lists them)")
     i.add_argument("--machine", action="store_true",
                    help="this CPU: ISA flags, measured gemm rates, what precision=auto picks")
     i.add_argument("--input-size", type=int, help="square input side (default: native)")

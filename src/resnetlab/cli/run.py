@@ -92,13 +92,14 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     e.add_argument("weights", help="run directory or weights directory")
     e.add_argument("--data", help="data set, when the weights are not inside a run directory")
     e.add_argument("--data-dir", help="folder holding the data set's files")
-    e.add_argument("--split", choices=["test", "val"], default="test")
+    e.add_argument("--split", choices=["test", "val"], default="test",
+                   help="the data split to score (val: the held-out training examples)")
     e.add_argument("--tta", choices=TTA_MODES, default="center",
                    help="center view, the image and its mirror (flip), the paper's 10-crop, or "
                         "multi-scale fully-conv")
     e.add_argument("--recompute-bn", action="store_true",
                    help="re-estimate BatchNorm statistics on training data first")
-    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
     e.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="change one setting of the run's config for this evaluation, e.g. "
                    "--set data.max_bad_fraction=0.05 (repeatable)")

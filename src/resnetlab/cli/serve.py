@@ -27,7 +27,7 @@ def add_serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     s.add_argument("weights", nargs="+", help="run or weights directories (NAME=DIR names one)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     s.add_argument("--backend", choices=backend_names(), default="auto", help=BACKEND_HELP)
     add_precision_args(s)
     s.add_argument("--max-batch", type=int, default=32,
@@ -38,7 +38,8 @@ def add_serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
                    "many as were about when the last pass ended); a lone client never waits")
     s.add_argument("--max-queue", type=int, default=256,
                    help="images waiting at most; beyond, requests get 503 with Retry-After")
-    s.add_argument("--max-body-mb", type=float, default=32.0)
+    s.add_argument("--max-body-mb", type=float, default=32.0,
+                   help="largest request body accepted (larger: 413)")
     s.add_argument("--topk", type=int, default=5, help="classes /v1/predict returns by default")
     s.add_argument("--no-batch-probe", dest="probe", action="store_false",
                    help="batch up to --max-batch without measuring at start-up")

@@ -29,6 +29,13 @@ class StageRow:
 
 
 def count_params(module: nn.Module) -> int:
+    """Parameters of `module` (BatchNorm's running statistics are buffers, not counted).
+
+    Examples:
+        >>> import resnetlab
+        >>> resnetlab.count_params(resnetlab.create_model("resnet50"))
+        25557032
+    """
     return sum(p.numel() for p in module.parameters())
 
 
@@ -47,7 +54,23 @@ def meta_model(name: str, **kwargs: Any) -> ResNet:
 
 
 def stage_table(model: ResNet, input_size: int, in_chans: int | None = None) -> list[StageRow]:
-    """Stem, each stage and the head: output shape, blocks, parameters, multiply-adds."""
+    """Paper Table 1's view of a model: stem, each stage and the head.
+
+    Args:
+        model: the model to count.
+        input_size: the side of the square input image.
+        in_chans: input channels; None: the model's.
+
+    Returns:
+        One `StageRow` per part: its name, output shape, blocks, parameters and
+        multiply-accumulates (the unit the paper calls FLOPs).
+
+    Examples:
+        >>> import resnetlab
+        >>> rows = resnetlab.stage_table(resnetlab.create_model("resnet34"), 224)
+        >>> [(r.name, r.output) for r in rows][1:3]
+        [('layer1', (64, 56, 56)), ('layer2', (128, 28, 28))]
+    """
     device = next(model.parameters()).device
     c = model.in_chans if in_chans is None else in_chans
     x = torch.zeros(1, c, input_size, input_size, device=device)
@@ -68,7 +91,27 @@ def stage_table(model: ResNet, input_size: int, in_chans: int | None = None) -> 
 
 
 def model_summary(name: str, input_size: int | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Registry facts and totals of one model, counted at its native input size by default."""
+    """Registry facts and totals of one model, as `resnetlab models` prints them.
+
+    Counted on the meta device: no memory is allocated for the weights.
+
+    Args:
+        name: a registered model.
+        input_size: the side of the input image; None: the model's native size.
+        **kwargs: `create_model` arguments (`shortcut="A"`, `num_classes=...`).
+
+    Returns:
+        A mapping of name, family, block, shortcut, depth, input_size, params and macs.
+
+    Raises:
+        UnknownModelError: `name` is not registered.
+
+    Examples:
+        >>> import resnetlab
+        >>> s = resnetlab.model_summary("resnet152")
+        >>> s["params"], round(s["macs"] / 1e9, 2)
+        (60192808, 11.28)
+    """
     spec = get_spec(name)
     arch = {**spec.arch, **{k: v for k, v in kwargs.items() if k in ARCH_KEYS}}
     model = meta_model(name, **kwargs)

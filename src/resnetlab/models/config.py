@@ -16,7 +16,23 @@ FORMAT_VERSION = 1
 
 @dataclass
 class ModelConfig:
-    """What `config.json` holds next to the weights."""
+    """What `config.json` holds next to the weights: enough to rebuild the model and to
+    bring an image to it.
+
+    Attributes:
+        architecture: the registered name (`create_model`'s `name`).
+        num_classes: classifier outputs (0: pooled features).
+        in_chans: input channels.
+        input_size: the side of the images the model was trained on.
+        mean: per-channel mean subtracted from images in [0, 1].
+        std: per-channel standard deviation images are divided by.
+        overrides: `ResNet` arguments that differ from the registry's.
+        class_names: a name per class, if known.
+        format_version: the file format's version.
+        crop_pct: resize the shorter side to input_size / crop_pct, then centre-crop;
+            None: 1.0 below 64 px, else 224/256 (paper sec. 3.4).
+        interpolation: how images are resized.
+    """
 
     architecture: str
     num_classes: int

@@ -55,12 +55,46 @@ def _rename(
 
 
 def from_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A torchvision resnet state_dict, renamed for the matching resnetlab model."""
+    """A torchvision resnet state_dict, renamed for the matching resnetlab model.
+
+    torchvision's `resnet18`/`resnet34` match ours of the same name; its
+    `resnet50/101/152` are v1.5, our `resnet50b/101b/152b`. The tensors are the same
+    objects; only the keys change (`conv1` becomes `stem.conv`, `downsample.0/1`
+    `shortcut.conv/bn`, `fc` `head.fc`).
+
+    Args:
+        state: a torchvision ResNet's `state_dict()`.
+
+    Returns:
+        The same tensors under resnetlab's names.
+
+    Examples:
+        >>> import resnetlab, torchvision
+        >>> tv = torchvision.models.resnet18()
+        >>> ours = resnetlab.create_model("resnet18")
+        >>> ours.load_state_dict(resnetlab.from_torchvision(tv.state_dict()))
+        <All keys matched successfully>
+    """
     return _rename(state, _TV_TO_OURS)
 
 
 def to_torchvision(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A resnetlab state_dict (conv7 stem, option B, no preact) renamed for torchvision."""
+    """A resnetlab state_dict renamed for torchvision: the inverse of `from_torchvision`.
+
+    Args:
+        state: the `state_dict()` of a model torchvision has: the 7x7 stem, shortcut
+            option B, no pre-activation (`resnet18`, `resnet34`, `resnet50b`, ...).
+
+    Returns:
+        The same tensors under torchvision's names.
+
+    Examples:
+        >>> import resnetlab, torchvision
+        >>> ours = resnetlab.create_model("resnet50b")
+        >>> tv = torchvision.models.resnet50()
+        >>> tv.load_state_dict(resnetlab.to_torchvision(ours.state_dict()))
+        <All keys matched successfully>
+    """
     return _rename(state, _OURS_TO_TV)
 
 

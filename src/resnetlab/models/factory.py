@@ -66,9 +66,33 @@ def create_model(
 ) -> ResNet | FeatureNet:
     """Build a registered model; with `weights`, load a directory written by `save_weights`.
 
-    `overrides` are ResNet arguments (`shortcut="A"`, `zero_init_last=True`, ...).
-    `num_classes=0` gives a model that returns pooled features (timm's convention);
-    `features_only=True` (with `out_indices`) the backbone alone, as `create_features`.
+    Args:
+        name: a registered model (`list_models()`), or `cifar_resnetN` for any CIFAR depth.
+        num_classes: classifier outputs; None: the model's own (1000 ImageNet, 10 CIFAR),
+            or the weights'. 0 gives a model that returns pooled features (timm's
+            convention).
+        in_chans: input channels; None: 3, or the weights'.
+        weights: a directory written by `save_weights` (or a run's `final/`) to load.
+        features_only: return the backbone alone, as `create_features`.
+        out_indices: with `features_only`, which feature maps to return.
+        **overrides: `ResNet` arguments (`shortcut="A"`, `zero_init_last=True`,
+            `stride_in_3x3`, `avg_down`, `stem`, `plain`, `preact`, ...).
+
+    Returns:
+        The model (a `ResNet`), or a `FeatureNet` with `features_only=True`. Its
+        `model_config` records what `save_weights` writes beside the weights.
+
+    Raises:
+        UnknownModelError: `name` is not registered (the message names the nearest ones).
+        ConfigError: an override or argument that does not fit the model or the weights.
+        WeightsError: `weights` is missing, unreadable or of another shape.
+
+    Examples:
+        >>> import resnetlab, torch
+        >>> model = resnetlab.create_model("resnet34", shortcut="A")
+        >>> model = resnetlab.create_model("resnet20", in_chans=1, num_classes=10)
+        >>> model(torch.zeros(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
     """
     if features_only:
         return create_features(name, out_indices, num_classes=num_classes, in_chans=in_chans,
@@ -100,23 +124,85 @@ def create_model(
 
 def create_features(name: str, out_indices: Sequence[int] | None = None,
                     **kwargs: Any) -> FeatureNet:
-    """timm's `features_only`: the named model without its head, returning the feature maps
-    at `out_indices` of its feature_info (0 the stem, 1.. the stages; default all).
-    `kwargs` as create_model's, `weights` included: the head's weights are left out."""
+    """timm's `features_only`: the named model without its head, returning feature maps.
+
+    Args:
+        name: a registered model, as for `create_model`.
+        out_indices: which of its `feature_info` entries to return (0 the stem, 1.. the
+            stages); None: all.
+        **kwargs: as `create_model`'s, `weights` included (the head's weights are left out).
+
+    Returns:
+        A module whose forward returns a list of feature maps.
+
+    Raises:
+        UnknownModelError: `name` is not registered.
+        ConfigError: an index out of range, or an argument that does not fit.
+
+    Examples:
+        >>> import resnetlab, torch
+        >>> net = resnetlab.create_features("resnet50", out_indices=(2, 3, 4))
+        >>> [tuple(f.shape) for f in net(torch.zeros(1, 3, 224, 224))]
+        [(1, 512, 28, 28), (1, 1024, 14, 14), (1, 2048, 7, 7)]
+    """
     return FeatureNet(create_model(name, **kwargs), out_indices)
 
 
 def cifar_resnet(depth: int, plain: bool = False, preact: bool = False,
                  bottleneck: bool = False, num_classes: int = 10, in_chans: int = 3,
                  **overrides: Any) -> ResNet:
-    """Any CIFAR-style depth: 6n+2 (basic blocks) or 9n+2 (`bottleneck=True`), built as
-    `create_model("cifar_resnet<depth>")` so that `save_weights` and `load_model` work."""
+    """Any CIFAR-style depth (paper sec. 4.2): 6n+2 with basic blocks, 9n+2 with bottlenecks.
+
+    Built as `create_model("cifar_resnet<depth>")`, so that `save_weights` and
+    `load_model` work as for any registered model.
+
+    Args:
+        depth: layers with weights: 6n+2 (basic blocks) or 9n+2 (`bottleneck=True`).
+        plain: the plain twin, without shortcuts.
+        preact: pre-activation (v2) blocks.
+        bottleneck: bottleneck blocks (Identity Mappings' 164 and 1001 layers).
+        num_classes: classifier outputs.
+        in_chans: input channels.
+        **overrides: further `ResNet` arguments (`shortcut="B"`, ...).
+
+    Returns:
+        The model.
+
+    Raises:
+        ConfigError: a depth that is not 6n+2 (or 9n+2), naming the nearest valid ones.
+
+    Examples:
+        >>> import resnetlab
+        >>> resnetlab.cifar_resnet(74).model_config.architecture
+        'cifar_resnet74'
+    """
     return create_model(cifar_name(depth, plain, preact, bottleneck), num_classes=num_classes,
                         in_chans=in_chans, **overrides)
 
 
 def load_model(weights: str | os.PathLike[str]) -> ResNet:
-    """Rebuild and load the model in a weights directory, whatever its architecture."""
+    """Rebuild and load the model in a weights directory, whatever its architecture.
+
+    Nothing is unpickled: the architecture comes from `config.json`, the tensors from
+    `model.safetensors`.
+
+    Args:
+        weights: a directory written by `save_weights`, or a run's `final/`.
+
+    Returns:
+        The model with its weights, in train mode as `create_model` returns it.
+
+    Raises:
+        WeightsError: a file is missing or unreadable, or the tensors do not fit.
+        ConfigError: `config.json` names an architecture or option that does not exist.
+
+    Examples:
+        >>> import resnetlab, tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = resnetlab.save_weights(resnetlab.create_model("resnet8"), folder)
+        >>> resnetlab.load_model(folder).model_config.architecture
+        'resnet8'
+    """
     cfg = ModelConfig.from_json(Path(weights) / CONFIG_FILE)
     return create_model(cfg.architecture, weights=weights)
 
@@ -136,7 +222,26 @@ def save_weights(
 ) -> Path:
     """Write `model.safetensors` and `config.json` into `directory`, each atomically.
 
-    `config` may set `input_size`, `mean` or `std` of the data the model was trained on.
+    Args:
+        model: a model made by `create_model` (its `model_config` says how to rebuild it).
+        directory: where to write; created if missing. Files of the same names there are
+            replaced, each only once the new one is complete.
+        class_names: a name per class, kept in `config.json` (what `predict` prints).
+        **config: `input_size`, `mean` or `std` of the data the model was trained on.
+
+    Returns:
+        The directory.
+
+    Raises:
+        ConfigError: the model was not made by `create_model`, `class_names` does not
+            match the class count, or `config` has another key.
+
+    Examples:
+        >>> import resnetlab, tempfile
+        >>> model = resnetlab.create_model("resnet8", num_classes=2)
+        >>> folder = resnetlab.save_weights(model, tempfile.mkdtemp(), class_names=["a", "b"])
+        >>> sorted(p.name for p in folder.iterdir())
+        ['config.json', 'model.safetensors']
     """
     cfg = _true_head(model, model_config(model))
     unknown = set(config) - {"input_size", "mean", "std"}
@@ -177,7 +282,21 @@ def _true_head(model: nn.Module, cfg: ModelConfig) -> ModelConfig:
 
 
 def load_weights(model: nn.Module, directory: str | os.PathLike[str]) -> None:
-    """Load `model.safetensors` strictly, with a one-line error naming what does not match."""
+    """Load `directory/model.safetensors` into `model` strictly.
+
+    Args:
+        model: the model to load into (its keys and shapes must match exactly).
+        directory: a directory written by `save_weights`.
+
+    Raises:
+        WeightsError: the file is missing or unreadable, or keys or shapes differ (one
+            line naming what does not match).
+
+    Examples:
+        >>> import resnetlab, tempfile
+        >>> folder = resnetlab.save_weights(resnetlab.create_model("resnet8"), tempfile.mkdtemp())
+        >>> resnetlab.load_weights(resnetlab.create_model("resnet8"), folder)
+    """
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise WeightsError(f"{path} is missing")

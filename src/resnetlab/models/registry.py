@@ -121,7 +121,20 @@ ARCH_KEYS = tuple(p for p in inspect.signature(ResNet).parameters if p not in
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style pattern, in table order."""
+    """Registered model names matching a shell-style pattern, in table order.
+
+    Args:
+        pattern: an `fnmatch` pattern (`"resnet5?"`, `"preact*"`); default all.
+
+    Returns:
+        The matching names; any CIFAR depth 6n+2 is also built on request as
+        `cifar_resnetN`, which is not listed.
+
+    Examples:
+        >>> import resnetlab
+        >>> resnetlab.list_models("resnet5?")
+        ['resnet50', 'resnet56']
+    """
     return [n for n in MODELS if fnmatch.fnmatch(n, pattern)]
 
 

@@ -84,6 +84,19 @@ class ResNet(nn.Module):
         avg_down: ResNet-D: subsample shortcuts with a 2x2 average pool, not a strided 1x1.
         preact: pre-activation blocks (ResNet v2) and a final BN-ReLU before the head.
         zero_init_last: start each residual branch at zero (its last BN gamma, or last conv).
+        num_classes: classifier outputs; 0: the head returns pooled features.
+        in_chans: input channels.
+
+    Raises:
+        ConfigError: a block, stem or shortcut option that does not exist.
+
+    Examples:
+        >>> import torch
+        >>> from resnetlab import ResNet
+        >>> net = ResNet("basic", (3, 3, 3), widths=(16, 32, 64), stem="cifar", stem_width=16,
+        ...              shortcut="A", num_classes=10)   # ResNet-20, paper sec. 4.2
+        >>> net(torch.zeros(1, 3, 32, 32)).shape
+        torch.Size([1, 10])
     """
 
     # Set by models/factory.py on the models it makes: name, classes, input size, statistics.

@@ -274,7 +274,27 @@ class Service:
 
 def build_app(models: Sequence[ServedModel], metrics: Metrics | None = None,
               max_body_mb: float = 32.0, topk: int = 5) -> Starlette:
-    """The ASGI app serving `models` (the first is /v1/predict's default)."""
+    """The ASGI app serving `models`: what `resnetlab serve` runs under uvicorn.
+
+    Args:
+        models: the models to serve, each under its own name; the first is
+            `/v1/predict`'s default.
+        metrics: where the Prometheus metrics of `/metrics` are kept; None: a new set.
+        max_body_mb: the largest request body accepted (larger: 413).
+        topk: classes `/v1/predict` answers with by default.
+
+    Returns:
+        A Starlette app with the Open Inference Protocol at `/v2`, `/v1/predict`,
+        `/metrics` and the web page at `/`.
+
+    Raises:
+        ValueError: no models, or two with the same name.
+
+    Examples:
+        >>> from resnetlab.serve import ServedModel, build_app
+        >>> app = build_app([ServedModel("demo", "runs/demo")])  # doctest: +SKIP
+        >>> # then: uvicorn.run(app), or `resnetlab serve runs/demo`
+    """
     if not models:
         raise ValueError("a server needs at least one model")
     names = [m.name for m in models]

@@ -113,16 +113,35 @@ class ThreadChoice:
 
 
 class ServedModel:
-    """A run or weights directory behind the batcher, at the backend and precision asked."""
+    """A run or weights directory behind the batcher, at the backend and precision asked.
+
+    Args:
+        name: the name clients use (`/v2/models/<name>`).
+        weights: a run directory, or a weights directory written by `save_weights`.
+        backend: `auto`, `torch`, `onnxruntime` or `openvino` (`auto`: the fastest one
+            installed).
+        precision: `auto`, `fp32`, `bf16` or `int8`; a reduced one only after its top-1
+            agreement with fp32 is checked on `check` (or the run's test images).
+        check: images to check a reduced precision on; None: the run's own.
+        max_batch: the largest batch concurrent requests are gathered into.
+        max_wait_ms: how long the first request of a batch waits for others.
+        max_queue: requests waiting at most; more are answered 503.
+        probe: measure images/s per batch size at start and keep the best batch.
+        threads: the torch backend's intra-op threads; None chooses them per batch size
+            while serving, 0 leaves torch's own setting. Other backends keep their
+            runtime's threads.
+        min_agreement: the top-1 agreement with fp32 a reduced precision must reach.
+
+    Raises:
+        WeightsError: `weights` is not a run or weights directory.
+        ConfigError: an unknown backend or precision, or one that failed its check.
+    """
 
     def __init__(self, name: str, weights: str | os.PathLike[str], backend: str = "auto",
                  precision: str = "auto", check: ImageSource | None = None,
                  max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
                  probe: bool = True, threads: int | None = None,
                  min_agreement: float = MIN_AGREEMENT) -> None:
-        """`threads`: the torch backend's intra-op threads; None chooses them per batch size
-        while serving (ThreadChoice), 0 leaves torch's own setting. Other backends keep
-        their runtime's threads. `min_agreement`: the bar a reduced precision must pass."""
         self.name, self.weights = name, weights_dir(weights)
         self.predictor = Predictor(self.weights, backend, precision, check, min_agreement)
         self.threads: ThreadChoice | int = 0
