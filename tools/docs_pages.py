@@ -193,7 +193,9 @@ def config_page() -> str:
              "`resnetlab train --print-config` shows it resolved.", "",
              "| key | type | default | meaning |", "|---|---|---|---|"]
     for key, tp, default, meaning in config_rows(TrainConfig):
-        lines.append(f"| `{key}` | `{_cell(tp)}` | `{_cell(default)}` | {_cell(meaning)} |")
+        # a | inside a code span would end the table cell, escaped or not
+        lines.append(f"| `{key}` | `{tp.replace(' | ', ' or ')}` | `{_cell(default)}` | "
+                     f"{_cell(meaning)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -201,6 +201,7 @@ class ResNet(nn.Module):
                 "classifier": "head.fc"}
 
     def get_classifier(self) -> nn.Module:
+        """The classifier, `head.fc` (an `nn.Identity` when num_classes is 0)."""
         return self.head.fc
 
     def reset_classifier(self, num_classes: int) -> None:
@@ -257,15 +258,19 @@ class ResNet(nn.Module):
         return maps
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map (N, C, H/32, W/32 for the ImageNet family), before
+        pooling; after the final BN-ReLU of the pre-activation nets."""
         x = self.stem(x)
         for stage in self.stages:
             x = self._stage(stage, x)
         return self.final_act(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pooling, then the classifier; `pre_logits`: the pooled features."""
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, num_classes) of images (N, in_chans, H, W), global pooling: any size."""
         return self.forward_head(self.forward_features(x))
 
 
