@@ -13,6 +13,7 @@ from PIL import Image
 
 import resnetlab
 from resnetlab.cli import main
+from resnetlab.errors import ConfigError
 from resnetlab.precision import device_name
 from resnetlab.recipes import CifarNet
 from resnetlab.report import MetricsLog
@@ -138,6 +139,30 @@ def test_seeds_are_sub_runs_and_the_report_gives_their_spread(
     short = json.loads((root / "shortcuts" / "results.json").read_text())
     assert short["per_seed"]["C"] == [_eval_error(root / "runs" / "resnet8-C"),
                                       _eval_error(root / "runs" / "resnet8-C-seed1")]
+
+
+def test_plain_nets_can_have_fewer_seeds_than_residual_ones(
+        root: Path, fashion_dir: Path) -> None:
+    """Issue 33: `--seeds 3 --plain-seeds 1` trains the residual nets' third seed only: the
+    plain twins keep seed 0 (their seed-1 runs, made above, are left out), and the report
+    says how many each kind has."""
+    argv = ["reproduce", "degradation", "--scale", "smoke", "--seeds", "3", "--plain-seeds",
+            "1", "--out", str(root), "--data-dir", str(fashion_dir), "--set",
+            "data.verify=false"]
+    assert main(argv) == 0
+    results = json.loads((root / "degradation" / "results.json").read_text())
+    report = (root / "degradation" / "report.md").read_text()
+    assert results["seeds"] == 3 and results["plain_seeds"] == 1
+    for depth in (8, 14):
+        assert len(results["per_seed"][str(depth)]["resnet_train"]) == 3
+        assert results["per_seed"][str(depth)]["plain_test"] == \
+            [_eval_error(root / "runs" / f"plain{depth}")]
+        assert (root / "runs" / f"resnet{depth}-seed2" / "eval.json").is_file()
+        assert not (root / "runs" / f"plain{depth}-seed2").exists()
+    assert "--seeds 3 --plain-seeds 1" in report and "(1 per plain network)" in report
+    assert "The plain nets have 1 seed each" in report
+    with pytest.raises(ConfigError, match="at most as many"):
+        run_experiment("degradation", "smoke", root, seeds=2, plain_seeds=3)
 
 
 def test_finished_sub_runs_are_not_trained_again(root: Path, fashion_dir: Path,

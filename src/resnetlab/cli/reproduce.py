@@ -33,6 +33,9 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
                    help="sub-runs per network (seeds 0..N-1) where errors are compared "
                    "(degradation, shortcuts, preact): reports give mean ± std and each "
                    "seed's number")
+    p.add_argument("--plain-seeds", type=int, metavar="M",
+                   help="sub-runs per plain network, at most --seeds (default: --seeds); "
+                   "e.g. --seeds 3 --plain-seeds 1, where one seed of the control suffices")
     p.add_argument("--jobs", type=int, default=1,
                    help="sub-runs trained at once, each in its own process (on a CPU with "
                    "cores/N threads each; on a GPU, N processes share it)")
@@ -69,6 +72,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print(f"== experiment {i}/{len(names)}: {name} ({EXPERIMENTS[name].summary}), "
               f"scale {args.scale}", flush=True)
         folder = run_experiment(name, args.scale, args.out, args.data_dir, args.sets,
-                                seeds=args.seeds, jobs=args.jobs, archive=args.archive)
+                                seeds=args.seeds, jobs=args.jobs, archive=args.archive,
+                                plain_seeds=args.plain_seeds)
         print(f"report: {folder / 'report.md'}", flush=True)
     return 0

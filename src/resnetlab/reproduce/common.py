@@ -219,6 +219,12 @@ class Context:
     seeds: int = 1  # sub-runs per network in the experiments that compare errors
     jobs: int = 1  # sub-runs trained at once, each in its own process
     archive: Path | None = None  # finished sub-runs' logs, read and added to (module doc)
+    # sub-runs per plain network (None: `seeds`); the plain twins are the control, and one
+    # seed of each can carry the degradation where the residual nets' gap needs three
+    plain_seeds: int | None = None
+
+    def seeds_of(self, net: CifarNet) -> int:
+        return self.plain_seeds if net.plain and self.plain_seeds is not None else self.seeds
 
     def config(self, net: CifarNet, seed: int = 0) -> TrainConfig:
         return self.scale.train_config(net, self.data_dir, self.sets, seed)
@@ -330,18 +336,19 @@ def finished_sub_run(ctx: Context, net: CifarNet, seed: int = 0,
 
 def ensure_seeds(ctx: Context, nets: Sequence[CifarNet], seeds: int | None = None,
                  weights: bool = False) -> dict[CifarNet, list[SubRun]]:
-    """Train each net with seeds 0..seeds-1 (default ctx.seeds) where not yet finished
-    (resuming interrupted sub-runs), one progress line each. Every net's seed 0 comes
-    first, so a partial run already answers with one seed. With ctx.jobs > 1 the
+    """Train each net with seeds 0..seeds-1 (default ctx.seeds_of(net)) where not yet
+    finished (resuming interrupted sub-runs), one progress line each. Every net's seed 0
+    comes first, so a partial run already answers with one seed. With ctx.jobs > 1 the
     unfinished sub-runs train that many at a time, each in its own process. Sub-runs in
     ctx.archive count as finished unless `weights` are needed, and every sub-run finished
     here is added to it as soon as it is (an interrupted experiment loses none)."""
-    n_seeds = ctx.seeds if seeds is None else seeds
-    order = [(net, seed) for seed in range(n_seeds) for net in nets]
+    count = {net: ctx.seeds_of(net) if seeds is None else seeds for net in nets}
+    order = [(net, seed) for seed in range(max(count.values(), default=0)) for net in nets
+             if seed < count[net]]
     done: dict[tuple[CifarNet, int], SubRun] = {}
     todo: list[tuple[str, CifarNet, int]] = []
     for i, (net, seed) in enumerate(order, 1):
-        head = f"[{i}/{len(order)}] {net.label}" + (f" seed {seed}" if n_seeds > 1 else "")
+        head = f"[{i}/{len(order)}] {net.label}" + (f" seed {seed}" if count[net] > 1 else "")
         sub = finished_sub_run(ctx, net, seed, weights)
         if sub is None:
             todo.append((head, net, seed))
@@ -351,7 +358,7 @@ def ensure_seeds(ctx: Context, nets: Sequence[CifarNet], seeds: int | None = Non
                  else f"read from the archive {sub.run_dir}")
         ctx.say(f"{head}: {where}, test error {100 * sub.test_error:.2f}%")
     (_train_each if ctx.jobs == 1 or len(todo) < 2 else _train_parallel)(ctx, todo, done)
-    return {net: [done[net, seed] for seed in range(n_seeds)] for net in nets}
+    return {net: [done[net, seed] for seed in range(count[net])] for net in nets}
 
 
 def _kept(ctx: Context, sub: SubRun) -> SubRun:
@@ -563,12 +570,16 @@ def write_report(folder: Path, title: str, body: Sequence[str], results: dict[st
     """report.md (title, what was run, body) and results.json (the raw numbers).
     `precision` is what the sub-runs recorded (fp32 unless a --set asked for another);
     None where nothing trains."""
-    scale, seeds, jobs = ctx.scale, ctx.seeds, ctx.jobs
+    scale, seeds, jobs, plain = ctx.scale, ctx.seeds, ctx.jobs, ctx.plain_seeds
     (folder / "results.json").write_text(json.dumps(
         {"scale": scale.name, "seeds": seeds, "jobs": jobs, "precision": precision,
+         **({"plain_seeds": plain} if plain is not None else {}),
          "sets": list(ctx.sets), **results}, indent=2) + "\n")
-    runs = f", {seeds} seed{'s' if seeds > 1 else ''} per network"
-    flag = ((f" --seeds {seeds}" if seeds > 1 else "") + (f" --jobs {jobs}" if jobs > 1 else "")
+    runs = (f", {seeds} seed{'s' if seeds > 1 else ''} per network"
+            + (f" ({plain} per plain network)" if plain is not None else ""))
+    flag = ((f" --seeds {seeds}" if seeds > 1 else "")
+            + (f" --plain-seeds {plain}" if plain is not None else "")
+            + (f" --jobs {jobs}" if jobs > 1 else "")
             + (f" --archive {ctx.archive}" if ctx.archive else "")
             + "".join(f" --set {s}" for s in ctx.sets))
     trained = ("" if precision is None else

@@ -233,11 +233,16 @@ def run(ctx: Context) -> dict[str, Any]:
         [[d, r["plain_train"].pct(), r["plain_test"].pct(), r["resnet_train"].pct(),
           r["resnet_test"].pct(), PAPER_RESNET_ERROR.get(d, "—")] for d, r in rows.items()],
         markdown=True)
+    n_plain = ctx.seeds_of(CifarNet(depths[0], plain=True))
     spread = (f" Each cell: mean ± standard deviation over {ctx.seeds} seeds, then every "
               "seed's number; the curves are the mean, shaded between the seeds' extremes. A "
               "difference within the sum of the two standard deviations is called not "
               "distinguishable." if ctx.seeds > 1 else
               " One seed: no spread is known, so small differences mean little.")
+    if n_plain != ctx.seeds:
+        spread += (f" The plain nets have {n_plain} seed{'s' if n_plain > 1 else ''} each"
+                   + (": a comparison with one counts the other side's spread alone."
+                      if n_plain == 1 else "."))
     body = ["![plain (left) and residual (right) nets: training and test error against "
             "iterations](degradation.png)", "",
             "Final errors (%). Training error: mean of the last five logged windows of the "
