@@ -120,6 +120,7 @@ docs: setup
 	@echo "the site is in site/: open site/index.html"
 
 docs-serve: setup
+	$(BIN)/python tools/docs_pages.py
 	$(DOCS_ENV) $(BIN)/mkdocs serve
 
 # The package as a user gets it: an sdist and a wheel built by `python -m build` into

@@ -161,7 +161,7 @@ def test_plain_nets_can_have_fewer_seeds_than_residual_ones(
         assert not (root / "runs" / f"plain{depth}-seed2").exists()
     assert "--seeds 3 --plain-seeds 1" in report and "(1 per plain network)" in report
     assert "The plain nets have 1 seed each" in report
-    with pytest.raises(ConfigError, match="at most as many"):
+    with pytest.raises(ConfigError, match="at most as many"):  # before anything trains
         run_experiment("degradation", "smoke", root, seeds=2, plain_seeds=3)
 
 

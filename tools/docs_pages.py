@@ -37,8 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "reference"
 
 
+def _text(text: object) -> str:
+    """Help text as Markdown shows it: `<scale>` and the like are text, not HTML tags."""
+    return str(text).replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _cell(text: object) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return _text(text).replace("|", "\\|").replace("\n", " ")
 
 
 # ------------------------------------------------------------------------------ the CLI
@@ -51,17 +56,19 @@ def _flags(action: argparse.Action) -> str:
 
 
 def _default(action: argparse.Action) -> str:
-    if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
-            and action.nargs != 0:
-        return f"`{action.default}`"
-    return ""
+    """The default of a flag that takes a value; none for switches, None and empty lists."""
+    d = action.default
+    if not action.option_strings or action.nargs == 0 or d is None or d == [] \
+            or d is argparse.SUPPRESS:
+        return ""
+    return f"`{d}`"
 
 
 def _parser_page(name: str, parser: argparse.ArgumentParser, level: int) -> Iterator[str]:
     yield f"{'#' * level} `{name}`"
     yield ""
     if parser.description:
-        yield parser.description
+        yield _text(parser.description)
         yield ""
     yield "```text"
     yield parser.format_usage().strip()
@@ -93,13 +100,22 @@ def _parser_page(name: str, parser: argparse.ArgumentParser, level: int) -> Iter
 
 
 def cli_page() -> str:
-    os.environ["COLUMNS"] = "100"  # argparse wraps usage lines at the terminal's width
-    parser = build_parser()
+    # argparse wraps usage lines at the terminal's width: fix it, so the page is the same
+    # from any terminal (the suite compares it with the committed one)
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        lines = list(_parser_page("resnetlab", build_parser(), 2))
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
     head = ["# Command line: `resnetlab`", "",
             "Generated from the parser itself (`make docs`): every command and flag "
             "`resnetlab` accepts, with its help text. `resnetlab COMMAND --help` prints the "
             "same.", ""]
-    return "\n".join(head + list(_parser_page("resnetlab", parser, 2))) + "\n"
+    return "\n".join(head + lines) + "\n"
 
 
 # --------------------------------------------------------------------------- the models

@@ -24,13 +24,13 @@ class ModelConfig:
         num_classes: classifier outputs (0: pooled features).
         in_chans: input channels.
         input_size: the side of the images the model was trained on.
-        mean: per-channel mean subtracted from images in [0, 1].
+        mean: mean subtracted from images in [0, 1]: one per channel, or a [C, H, W]
+            image for runs trained with the paper's per-pixel mean.
         std: per-channel standard deviation images are divided by.
         overrides: `ResNet` arguments that differ from the registry's.
         class_names: a name per class, if known.
         format_version: the file format's version.
-        crop_pct: resize the shorter side to input_size / crop_pct, then centre-crop;
-            None: 1.0 below 64 px, else 224/256 (paper sec. 3.4).
+        crop_pct: how an image is brought to input_size (the field's comment).
         interpolation: how images are resized.
     """
 

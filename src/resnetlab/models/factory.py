@@ -169,7 +169,7 @@ def cifar_resnet(depth: int, plain: bool = False, preact: bool = False,
         The model.
 
     Raises:
-        ConfigError: a depth that is not 6n+2 (or 9n+2), naming the nearest valid ones.
+        ConfigError: a depth that is not 6n+2 (or 9n+2), saying which depths are.
 
     Examples:
         >>> import resnetlab

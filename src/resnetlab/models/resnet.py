@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import ConfigError
 from .blocks import BLOCKS, _Block
 from .layers import SHORTCUT_OPTIONS, make_shortcut, make_stem
 
@@ -88,7 +89,9 @@ class ResNet(nn.Module):
         in_chans: input channels.
 
     Raises:
-        ConfigError: a block, stem or shortcut option that does not exist.
+        ValueError: a block or shortcut option that does not exist, layers and widths of
+            different lengths, or zero_init_last on a plain net (`create_model` turns it
+            into a ConfigError).
 
     Examples:
         >>> import torch
@@ -284,7 +287,7 @@ class FeatureNet(nn.Module):
         n = len(model.stage_names)
         self.out_indices = tuple(range(n + 1) if out_indices is None else out_indices)
         if not set(self.out_indices) <= set(range(n + 1)):
-            raise ValueError(f"out_indices must be in 0..{n}, got {self.out_indices}")
+            raise ConfigError(f"out_indices must be in 0..{n}, got {self.out_indices}")
         self.feature_info = [model.feature_info[i] for i in self.out_indices]
         self.model_config = getattr(model, "model_config", None)
         self.stem = model.stem

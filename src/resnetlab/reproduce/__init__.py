@@ -71,19 +71,15 @@ def run_experiment(name: str, scale: str = "cpu", out: str | Path | None = None,
     network where it differs. `jobs`: sub-runs trained at once, in processes.
     `archive`: a folder of finished sub-runs' logs, read instead of training them again and
     added to (reproduce.common's doc)."""
-    for flag, value in (("--seeds", seeds), ("--jobs", jobs), ("--plain-seeds", plain_seeds)):
-        if value is not None and value < 1:
+    for flag, value in (("--seeds", seeds), ("--jobs", jobs)):
+        if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
-    if plain_seeds is not None and plain_seeds > seeds:
-        raise ConfigError(f"--plain-seeds {plain_seeds} is more than --seeds {seeds}; the plain "
-                          "nets are the control: give them at most as many")
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     sc = get_scale(scale)
     root = Path(out) if out is not None else Path("runs") / "reproduce" / sc.name
     ctx = Context(sc, root, data_dir, tuple(sets), progress, seeds=seeds, jobs=jobs,
-                  archive=None if archive is None else Path(archive),
-                  plain_seeds=None if plain_seeds == seeds else plain_seeds)
+                  archive=None if archive is None else Path(archive), plain_seeds=plain_seeds)
     EXPERIMENTS[name].run(ctx)
     return ctx.report_dir(name)
 

@@ -223,6 +223,14 @@ class Context:
     # seed of each can carry the degradation where the residual nets' gap needs three
     plain_seeds: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.plain_seeds is not None and not 1 <= self.plain_seeds <= self.seeds:
+            raise ConfigError(f"--plain-seeds {self.plain_seeds} is not within 1..--seeds "
+                              f"{self.seeds}; the plain nets are the control: give them at "
+                              "most as many")
+        if self.plain_seeds == self.seeds:
+            self.plain_seeds = None
+
     def seeds_of(self, net: CifarNet) -> int:
         return self.plain_seeds if net.plain and self.plain_seeds is not None else self.seeds
 
@@ -566,11 +574,14 @@ def trained_sizes(ctx: Context) -> str:
 
 
 def write_report(folder: Path, title: str, body: Sequence[str], results: dict[str, Any],
-                 ctx: Context, sizes: str | None = None, precision: str | None = "fp32") -> Path:
+                 ctx: Context, sizes: str | None = None, precision: str | None = "fp32",
+                 plain_nets: bool = False) -> Path:
     """report.md (title, what was run, body) and results.json (the raw numbers).
     `precision` is what the sub-runs recorded (fp32 unless a --set asked for another);
-    None where nothing trains."""
-    scale, seeds, jobs, plain = ctx.scale, ctx.seeds, ctx.jobs, ctx.plain_seeds
+    None where nothing trains. `plain_nets`: the experiment compared seeds of plain nets,
+    so --plain-seeds is part of how it was made."""
+    scale, seeds, jobs = ctx.scale, ctx.seeds, ctx.jobs
+    plain = ctx.plain_seeds if plain_nets else None
     (folder / "results.json").write_text(json.dumps(
         {"scale": scale.name, "seeds": seeds, "jobs": jobs, "precision": precision,
          **({"plain_seeds": plain} if plain is not None else {}),

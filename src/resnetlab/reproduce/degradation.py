@@ -241,8 +241,8 @@ def run(ctx: Context) -> dict[str, Any]:
               " One seed: no spread is known, so small differences mean little.")
     if n_plain != ctx.seeds:
         spread += (f" The plain nets have {n_plain} seed{'s' if n_plain > 1 else ''} each"
-                   + (": a comparison with one counts the other side's spread alone."
-                      if n_plain == 1 else "."))
+                   + (": (1a) and (1b) compare single runs, with no spread known, and (4) "
+                      "counts the residual nets' spread alone." if n_plain == 1 else "."))
     body = ["![plain (left) and residual (right) nets: training and test error against "
             "iterations](degradation.png)", "",
             "Final errors (%). Training error: mean of the last five logged windows of the "
@@ -272,5 +272,5 @@ def run(ctx: Context) -> dict[str, Any]:
                         "train_minutes": minutes, "resnet_overtakes_at_epoch": when,
                         "runs": {n.label: [str(r.run_dir) for r in rs]
                                  for n, rs in runs.items()}}, ctx,
-                 precision=precision_of(r for rs in runs.values() for r in rs))
+                 precision=precision_of(r for rs in runs.values() for r in rs), plain_nets=True)
     return errors

@@ -118,14 +118,14 @@ class ServedModel:
     Args:
         name: the name clients use (`/v2/models/<name>`).
         weights: a run directory, or a weights directory written by `save_weights`.
-        backend: `auto`, `torch`, `onnxruntime` or `openvino` (`auto`: the fastest one
-            installed).
+        backend: `auto`, `torch`, `onnxruntime`, `openvino` (or `onnxruntime-int8`, the
+            same as onnxruntime at int8); `auto`: the fastest one installed.
         precision: `auto`, `fp32`, `bf16` or `int8`; a reduced one only after its top-1
             agreement with fp32 is checked on `check` (or the run's test images).
         check: images to check a reduced precision on; None: the run's own.
         max_batch: the largest batch concurrent requests are gathered into.
         max_wait_ms: how long the first request of a batch waits for others.
-        max_queue: requests waiting at most; more are answered 503.
+        max_queue: images waiting at most (at least a batch); more are answered 503.
         probe: measure images/s per batch size at start and keep the best batch.
         threads: the torch backend's intra-op threads; None chooses them per batch size
             while serving, 0 leaves torch's own setting. Other backends keep their
@@ -135,6 +135,7 @@ class ServedModel:
     Raises:
         WeightsError: `weights` is not a run or weights directory.
         ConfigError: an unknown backend or precision, or one that failed its check.
+        ExportError: the backend asked for could not export the weights.
     """
 
     def __init__(self, name: str, weights: str | os.PathLike[str], backend: str = "auto",
