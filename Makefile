@@ -124,8 +124,9 @@ docs-serve: setup
 	$(DOCS_ENV) $(BIN)/mkdocs serve
 
 # The package as a user gets it: an sdist and a wheel built by `python -m build` into
-# dist/, then the wheel installed into a new, empty environment (.venv-package/, the exact
-# versions of constraints.txt) where `resnetlab --help` and a smoke training run must work.
+# dist/, then the wheel installed into a new, empty environment (a temporary folder, the
+# exact versions of constraints.txt) where `resnetlab --help` and a smoke training run must
+# work, then the sdist over it (tools/check_wheel.py).
 package: setup
 	$(BIN)/python -m build --outdir dist .
 	$(PYTHON) tools/check_wheel.py dist
