@@ -30,7 +30,9 @@ class ModelConfig:
         overrides: `ResNet` arguments that differ from the registry's.
         class_names: a name per class, if known.
         format_version: the file format's version.
-        crop_pct: how an image is brought to input_size (the field's comment).
+        crop_pct: how an image is brought to input_size: its shorter side resized to
+            input_size / crop_pct, then centre-cropped; None: 1.0 below 64 px, else
+            224/256 (paper sec. 3.4).
         interpolation: how images are resized.
     """
 
@@ -43,8 +45,6 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] | None = None
     format_version: int = FORMAT_VERSION
-    # How an image is brought to input_size: resize its shorter side to input_size /
-    # crop_pct, then centre-crop (None: 1.0 below 64 px, else 224/256 as paper sec. 3.4).
     crop_pct: float | None = None
     interpolation: str = "bilinear"
 
