@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-stamp
 # item 10): a fresh clone next month installs what was tested, not whatever is newest.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,deploy,serve,docs]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,deploy,serve,docs,cluster]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -24,7 +24,7 @@ setup: $(STAMP)
 UPGRADE := .venv-upgrade
 upgrade:
 	$(PYTHON) -m venv $(UPGRADE)
-	$(UPGRADE)/bin/pip install --quiet --upgrade -e '.[dev,deploy,serve,docs]'
+	$(UPGRADE)/bin/pip install --quiet --upgrade -e '.[dev,deploy,serve,docs,cluster]'
 	touch $(UPGRADE)/.installed-stamp
 	$(MAKE) test VENV=$(UPGRADE) \
 	  PYTEST_ADDOPTS="--deselect tests/test_setup.py::test_the_environment_is_the_pinned_one"
@@ -105,7 +105,7 @@ MUTANTS := 'resnetlab.evaluation.evaluate.*' 'resnetlab.train.schedule.*' 'resne
 	'resnetlab.models.layers.x_make_shortcut*'
 
 mutation: setup
-	$(BIN)/pip install --quiet -e '.[dev,deploy,serve,docs,mutation]'
+	$(BIN)/pip install --quiet -e '.[dev,deploy,serve,docs,cluster,mutation]'
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $(MUTANTS)
 	$(BIN)/mutmut results --all true | $(BIN)/python tools/mutation_table.py
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from resnetlab.cli import build_parser, main
-from resnetlab.config import TrainConfig
+from resnetlab.config import ClusterConfig, TrainConfig
 from resnetlab.models.registry import list_models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +111,10 @@ def test_the_generated_references_hold_what_the_code_has(site: Path) -> None:
     for section in ("optim.lr", "schedule.milestones", "data.dataset", "finetune.init",
                     "log.tensorboard"):
         assert f"<code>{section}</code>" in config, section
-    assert config.count("<tr>") - 1 == len(list(docs_pages.config_rows(TrainConfig)))
+    # one header row per table: the training settings and the cluster section
+    assert config.count("<tr>") - 2 == len(list(docs_pages.config_rows(TrainConfig))) + \
+        len(list(docs_pages.config_rows(ClusterConfig)))
+    assert "<code>array_parallelism</code>" in config and 'id="cluster-section"' in config
     api = (site / "reference/api.html").read_text()
     for name in ("resnetlab.create_model", "resnetlab.load_model", "resnetlab.save_weights",
                  "resnetlab.config.resolve", "resnetlab.serve.build_app"):

@@ -21,14 +21,14 @@ def _pins() -> dict[str, str]:
 def test_every_dependency_is_pinned() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    wanted = [*project["dependencies"],
-              *(r for extra in ("dev", "deploy", "serve", "docs") for r in extras[extra])]
+    wanted = [*project["dependencies"], *(r for extra in ("dev", "deploy", "serve", "docs",
+                                                          "cluster") for r in extras[extra])]
     pins = _pins()
     names = {canonicalize_name(Requirement(r).name) for r in wanted}
     assert names - set(pins) == set()
     assert all(re.fullmatch(r"[0-9][0-9A-Za-z.+!-]*", v) for v in pins.values())
     # and the setup installs with them
-    assert "pip install --quiet -c constraints.txt -e '.[dev,deploy,serve,docs]'" in \
+    assert "pip install --quiet -c constraints.txt -e '.[dev,deploy,serve,docs,cluster]'" in \
         (ROOT / "Makefile").read_text()
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from resnetlab.cli import build_parser
-from resnetlab.config import TrainConfig
+from resnetlab.config import ClusterConfig, TrainConfig
 from resnetlab.models.complexity import model_summary
 from resnetlab.models.registry import PAPER_MACS, list_models
 
@@ -208,11 +208,21 @@ def config_page() -> str:
              "schedule.milestones=[100,200]`); a run saves the result as its `config.yaml`. "
              "`resnetlab train --print-config` shows it resolved.", "",
              "| key | type | default | meaning |", "|---|---|---|---|"]
-    for key, tp, default, meaning in config_rows(TrainConfig):
-        # a | inside a code span would end the table cell, escaped or not
-        lines.append(f"| `{key}` | `{tp.replace(' | ', ' or ')}` | `{_cell(default)}` | "
-                     f"{_cell(meaning)} |")
+    lines += _config_table(TrainConfig)
+    lines += ["", "## Cluster section", "",
+              "Where `--executor` runs jobs and with what (`resnetlab.config.ClusterConfig`): "
+              "the `cluster:` section of a `--cluster-config FILE.yaml`, then the flags of "
+              "`train` and `reproduce` (`--partition`, `--time-limit`, ...); [the researcher's "
+              "guide](../distributed.md#slurm-through-submitit-executor-slurm) shows both.", "",
+              "| key | type | default | meaning |", "|---|---|---|---|",
+              *_config_table(ClusterConfig)]
     return "\n".join(lines) + "\n"
+
+
+def _config_table(cls: type) -> list[str]:
+    # a | inside a code span would end the table cell, escaped or not
+    return [f"| `{key}` | `{tp.replace(' | ', ' or ')}` | `{_cell(default)}` | {_cell(meaning)} |"
+            for key, tp, default, meaning in config_rows(cls)]
 
 
 PAGES = {"cli.md": cli_page, "models.md": models_page, "config.md": config_page}

@@ -1,5 +1,5 @@
-"""Write the versions installed for resnetlab[dev,deploy,serve,docs], and everything they need,
-as pip constraints (`make upgrade`; `make setup` installs with them).
+"""Write the versions installed for resnetlab[dev,deploy,serve,docs,cluster], and everything
+they need, as pip constraints (`make upgrade`; `make setup` installs with them).
 
 Walks the requirements of the installed distributions from resnetlab's own, evaluating
 their environment markers here, so the file holds what this project needs and nothing
@@ -37,7 +37,7 @@ def closure(root: str, extras: set[str]) -> dict[str, str]:
 
 
 def main() -> int:
-    pins = closure("resnetlab", {"dev", "deploy", "serve", "docs"})
+    pins = closure("resnetlab", {"dev", "deploy", "serve", "docs", "cluster"})
     pins.pop("resnetlab")
     print("# Written by `make upgrade` (tools/pin.py) from an environment that passed the")
     print("# whole test suite; `make setup` installs with these versions.")

@@ -134,6 +134,39 @@ class TrainConfig:
     dist_timeout_s: int = 300  # how long ranks wait for a dead peer before the job fails
 
 
+
+EXECUTORS = ("local", "slurm", "debug")
+
+
+@dataclass
+class ClusterConfig:
+    """Where and with what `--executor` runs jobs (resnetlab.cluster): the `cluster:` section
+    of a `--cluster-config` YAML file, then the command's flags; `resolve_cluster` checks it."""
+
+    # local: processes on this machine; slurm: sbatch (arrays for sub-runs); debug: in this
+    # process, one after the other (tests, pdb)
+    executor: str = "local"
+    partition: str | None = None  # sbatch --partition
+    account: str | None = None  # sbatch --account
+    qos: str | None = None  # sbatch --qos
+    # minutes per job; SLURM warns a job 90 s before, and it is requeued to resume
+    time_limit_min: int = 240
+    nodes: int = 1  # machines of one `train` job (a reproduce sub-run is one process)
+    gpus_per_node: int = 0  # GPUs per machine; a `train` job runs one process per GPU
+    cpus_per_task: int = 2  # cores per process, and its PyTorch threads
+    mem_gb: float | None = None  # memory per machine; None: the partition's default
+    array_parallelism: int = 32  # sub-runs of one experiment running at once
+    max_requeues: int = 3  # times a job that reaches its time limit is requeued (pre-emptions: any)
+    setup: list[str] = field(default_factory=list)  # shell lines before the job (module load, ...)
+    # other sbatch options, e.g. {constraint: a100, exclude: node7}
+    sbatch: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tasks_per_node(self) -> int:
+        """Processes per machine of a `train` job: one per GPU, else one."""
+        return max(self.gpus_per_node, 1)
+
+
 # ----------------------------------------------------------------------- the override path
 
 def _closest(key: str, choices: list[str]) -> str:
@@ -376,6 +409,30 @@ def resolve(preset: str | None, config_file: str | None = None,
     if sets:
         cfg = _merge(cfg, parse_set(sets))
     return validate(cfg)
+
+
+def resolve_cluster(config_file: str | None = None,
+                    flags: Mapping[str, Any] | None = None) -> ClusterConfig:
+    """The cluster settings: defaults, then the `cluster:` section of `config_file`, then the
+    command's flags (None: not given); every key, type and value checked."""
+    cc = ClusterConfig()
+    if config_file:
+        data = load_yaml(config_file)
+        if set(data) != {"cluster"}:
+            raise ConfigError(f"{config_file} must hold one section, cluster: (its keys: "
+                              f"{', '.join(f.name for f in dataclasses.fields(ClusterConfig))})")
+        cc = _merge(cc, data["cluster"] or {}, "cluster.")
+    cc = _merge(cc, {k: v for k, v in (flags or {}).items() if v is not None}, "cluster.")
+    _check_range(cc.executor in EXECUTORS,
+                 f"cluster.executor must be one of {', '.join(EXECUTORS)}")
+    _check_range(min(cc.time_limit_min, cc.nodes, cc.cpus_per_task, cc.array_parallelism) >= 1,
+                 "cluster.time_limit_min, nodes, cpus_per_task and array_parallelism must be >= 1")
+    _check_range(min(cc.gpus_per_node, cc.max_requeues) >= 0,
+                 "cluster.gpus_per_node and max_requeues must be >= 0")
+    _check_range(cc.nodes == 1 or cc.executor == "slurm",
+                 f"cluster.nodes={cc.nodes} needs --executor slurm (local and debug run on "
+                 "this machine)")
+    return cc
 
 
 def saved_config(path: str | Path) -> dict[str, Any]:

@@ -15,6 +15,8 @@
       eval.json                 the final test report; confusion.png, curves.png its figures
       tensorboard/              TensorBoard event files (log.tensorboard=true; report.py)
       .lock                     who is training in it now (RunDir.lock)
+      jobs/                     `train --executor`: the job's script, pickles and logs
+                                (resnetlab.cluster)
 
 A weights directory outside any run (`save_weights`) has the same `export/` and eval reports.
 `run_config` and `run_data` give the config and the data a run's weights were trained on.
@@ -68,6 +70,7 @@ class RunDir:
     summary = _In("summary.csv")
     checkpoints = _In("checkpoints")
     pointer = _In("checkpoints", "latest")  # names the newest complete checkpoint
+    jobs = _In("jobs")  # submitit's folder of `train --executor`
     final = _In("final")
     eval_report = _In("eval.json")
     curves = _In("curves.png")

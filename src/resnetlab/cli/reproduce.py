@@ -6,6 +6,8 @@ import argparse
 import textwrap
 
 from ..reproduce import EXPERIMENTS, REFERENCE_CPU, SCALES, Experiment, run_experiment
+from ..reproduce import experiment_status as status
+from .cluster import add_cluster_flags, cluster_from_args
 
 
 def _scales(experiment: Experiment | None) -> str:
@@ -46,6 +48,10 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
                    "finish across machines")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training setting of every sub-run (repeatable)")
+    p.add_argument("--status", action="store_true",
+                   help="say where each sub-run stands (done, pending, running, failed, "
+                   "started, not started) and exit, without training or waiting")
+    add_cluster_flags(p, train=False)
 
 
 def add_reproduce_parser(sub: argparse._SubParsersAction,
@@ -68,11 +74,20 @@ def add_reproduce_parser(sub: argparse._SubParsersAction,
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    if args.status:
+        for name in names:
+            states = status(name, args.scale, args.out, args.data_dir, args.sets,
+                                       args.seeds, args.archive, args.plain_seeds)
+            print(f"{name}, scale {args.scale}:" + ("" if states else " no sub-runs"))
+            for head, state in states:
+                print(f"  {head}: {state}")
+        return 0
+    cluster = cluster_from_args(args)
     for i, name in enumerate(names, 1):
         print(f"== experiment {i}/{len(names)}: {name} ({EXPERIMENTS[name].summary}), "
               f"scale {args.scale}", flush=True)
         folder = run_experiment(name, args.scale, args.out, args.data_dir, args.sets,
                                 seeds=args.seeds, jobs=args.jobs, archive=args.archive,
-                                plain_seeds=args.plain_seeds)
+                                plain_seeds=args.plain_seeds, cluster=cluster)
         print(f"report: {folder / 'report.md'}", flush=True)
     return 0

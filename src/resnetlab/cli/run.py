@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .. import cluster
 from ..config import PRESETS, TrainConfig, to_yaml
 from ..data.scan import FolderScan
 from ..deploy.agreement import MIN_AGREEMENT
@@ -24,6 +25,7 @@ from ..runs import RunDir
 from ..tables import format_duration
 from ..train.loop import train
 from ..train.request import train_config
+from .cluster import add_cluster_flags, cluster_from_args
 
 BACKEND_HELP = ("inference runtime; auto: the fastest installed (openvino, onnxruntime, then "
                 "torch); the first use of a graph runtime exports the weights once; "
@@ -85,6 +87,7 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     t.add_argument("--print-config", action="store_true", help="print the resolved config")
     t.add_argument("--nproc", type=positive_int, default=1,
                    help="data-parallel processes on this machine (runs torchrun for you)")
+    add_cluster_flags(t, train=True)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", parents=[common],
@@ -186,6 +189,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out) if args.out else \
         Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cc = cluster_from_args(args)
+    if cc is not None and args.nproc > 1:
+        raise ConfigError("--nproc starts torchrun here; with --executor give --nodes and "
+                          "--gpus-per-node instead")
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _torchrun(cfg, args.nproc, out, args.resume)
     main_rank = os.environ.get("RANK", "0") == "0"
@@ -199,11 +206,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{cfg.schedule.iterations:,} iterations"
         print(f"training {cfg.model.name} on {cfg.data.dataset} ({length}) into {out} with "
               f"{recipe}", flush=True)
-    res = train(cfg, out, resume=args.resume == "auto")
+    if cc is not None:
+        cluster.train_job(cc, cfg, out, args.resume == "auto", say=print)
+        res = train(cfg, out, resume=True)  # the finished run, read back from its files
+    else:
+        res = train(cfg, out, resume=args.resume == "auto")
     if not main_rank:
         return 0
     acc = 100 * (1 - res.test.top1_error)
-    if res.already_finished:
+    if res.already_finished and cc is None:
         print(f"{out} had finished; nothing trained, its results:")
     print(f"test accuracy {acc:.2f}% (top-1 error {100 * res.test.top1_error:.2f}%, "
           f"top-5 error {100 * res.test.top5_error:.2f}%) on {res.test.count:,} test images")

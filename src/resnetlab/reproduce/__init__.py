@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import ClusterConfig
 from ..errors import ConfigError
 from ..recipes import CifarNet
 from . import degradation, gradients, lesion, preact, responses, shortcuts, table1
-from .common import REFERENCE_CPU, SCALES, Context, Scale, get_scale
+from .common import REFERENCE_CPU, SCALES, Context, Scale, get_scale, sub_run_states
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +62,10 @@ EXPERIMENTS: dict[str, Experiment] = {
 }
 
 
-def run_experiment(name: str, scale: str = "cpu", out: str | Path | None = None,
-                   data_dir: str | None = None, sets: Sequence[str] = (),
-                   progress: bool | None = None, seeds: int = 1, jobs: int = 1,
-                   archive: str | Path | None = None, plain_seeds: int | None = None) -> Path:
-    """Run one experiment (training what it lacks); returns its report folder. `seeds`:
-    sub-runs per network where an experiment compares errors (degradation, shortcuts,
-    preact; the analyses use seed 0), and `plain_seeds` (at most `seeds`) per plain
-    network where it differs. `jobs`: sub-runs trained at once, in processes.
-    `archive`: a folder of finished sub-runs' logs, read instead of training them again and
-    added to (reproduce.common's doc)."""
+def _context(name: str, scale: str, out: str | Path | None, data_dir: str | None,
+             sets: Sequence[str], progress: bool | None, seeds: int, jobs: int,
+             archive: str | Path | None, plain_seeds: int | None,
+             cluster: ClusterConfig | None) -> Context:
     for flag, value in (("--seeds", seeds), ("--jobs", jobs)):
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
@@ -78,10 +73,40 @@ def run_experiment(name: str, scale: str = "cpu", out: str | Path | None = None,
         raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
     sc = get_scale(scale)
     root = Path(out) if out is not None else Path("runs") / "reproduce" / sc.name
-    ctx = Context(sc, root, data_dir, tuple(sets), progress, seeds=seeds, jobs=jobs,
-                  archive=None if archive is None else Path(archive), plain_seeds=plain_seeds)
+    return Context(sc, root, data_dir, tuple(sets), progress, seeds=seeds, jobs=jobs,
+                   archive=None if archive is None else Path(archive), plain_seeds=plain_seeds,
+                   cluster=cluster)
+
+
+def run_experiment(name: str, scale: str = "cpu", out: str | Path | None = None,
+                   data_dir: str | None = None, sets: Sequence[str] = (),
+                   progress: bool | None = None, seeds: int = 1, jobs: int = 1,
+                   archive: str | Path | None = None, plain_seeds: int | None = None,
+                   cluster: ClusterConfig | None = None) -> Path:
+    """Run one experiment (training what it lacks); returns its report folder. `seeds`:
+    sub-runs per network where an experiment compares errors (degradation, shortcuts,
+    preact; the analyses use seed 0), and `plain_seeds` (at most `seeds`) per plain
+    network where it differs. `jobs`: sub-runs trained at once, in processes; `cluster`:
+    each sub-run a submitit job instead (`--executor`, resnetlab.cluster).
+    `archive`: a folder of finished sub-runs' logs, read instead of training them again and
+    added to (reproduce.common's doc)."""
+    ctx = _context(name, scale, out, data_dir, sets, progress, seeds, jobs, archive,
+                   plain_seeds, cluster)
     EXPERIMENTS[name].run(ctx)
     return ctx.report_dir(name)
 
 
-__all__ = ["EXPERIMENTS", "REFERENCE_CPU", "SCALES", "Experiment", "run_experiment"]
+def experiment_status(name: str, scale: str = "cpu", out: str | Path | None = None,
+                      data_dir: str | None = None, sets: Sequence[str] = (), seeds: int = 1,
+                      archive: str | Path | None = None, plain_seeds: int | None = None
+                      ) -> list[tuple[str, str]]:
+    """(sub-run, where it stands) for each sub-run the experiment trains with these
+    arguments, without training or waiting (`reproduce EXPERIMENT --status`)."""
+    ctx = _context(name, scale, out, data_dir, sets, None, seeds, 1, archive, plain_seeds,
+                   None)
+    exp = EXPERIMENTS[name]
+    return sub_run_states(ctx, exp.nets(ctx.scale), None if exp.seeded else 1)
+
+
+__all__ = ["EXPERIMENTS", "REFERENCE_CPU", "SCALES", "Experiment", "experiment_status",
+           "run_experiment"]

@@ -13,6 +13,10 @@ its finished sub-runs' logs in an archive, a folder committed beside its report:
 On the next machine the same command with the same `--archive` reads those sub-runs back
 instead of training them, trains the rest, and adds them. An archive holds no weights, so
 the analyses that load a model (responses, lesion) train their sub-runs where they run.
+
+With `--executor` (resnetlab.cluster) each unfinished sub-run is one submitit job (on SLURM,
+one job array per experiment), whose scripts and logs go to `<out>/jobs/`; the report is
+written when all have ended, and `--status` says where each stands without waiting.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from typing import Any
 
 import torch
 
-from ..config import TrainConfig, changes, resolve, saved_config
+from .. import cluster
+from ..config import ClusterConfig, TrainConfig, changes, resolve, saved_config
 from ..data import build_data
 from ..errors import ConfigError
 from ..models.factory import create_model, load_model
@@ -216,6 +221,7 @@ class Context:
     # sub-runs per plain network (None: `seeds`); the plain twins are the control, and one
     # seed of each can carry the degradation where the residual nets' gap needs three
     plain_seeds: int | None = None
+    cluster: ClusterConfig | None = None  # --executor: sub-runs as submitit jobs
 
     def __post_init__(self) -> None:
         if self.plain_seeds is not None and not 1 <= self.plain_seeds <= self.seeds:
@@ -242,6 +248,11 @@ class Context:
     def archived(self, net: CifarNet, seed: int = 0) -> RunDir | None:
         """Where the archive keeps this sub-run's logs; None without an archive."""
         return None if self.archive is None else RunDir(self.archive / self.label(net, seed))
+
+    @property
+    def jobs_dir(self) -> Path:
+        """submitit's folder of the sub-runs' jobs (cluster's module doc)."""
+        return self.out / "jobs"
 
     def report_dir(self, experiment: str) -> Path:
         path = self.out / experiment
@@ -341,16 +352,14 @@ def ensure_seeds(ctx: Context, nets: Sequence[CifarNet], seeds: int | None = Non
     """Train each net with seeds 0..seeds-1 (default ctx.seeds_of(net)) where not yet
     finished (resuming interrupted sub-runs), one progress line each. Every net's seed 0
     comes first, so a partial run already answers with one seed. With ctx.jobs > 1 the
-    unfinished sub-runs train that many at a time, each in its own process. Sub-runs in
+    unfinished sub-runs train that many at a time, each in its own process; with
+    ctx.cluster, each is a submitit job (`_train_cluster`). Sub-runs in
     ctx.archive count as finished unless `weights` are needed, and every sub-run finished
     here is added to it as soon as it is (an interrupted experiment loses none)."""
-    count = {net: ctx.seeds_of(net) if seeds is None else seeds for net in nets}
-    order = [(net, seed) for seed in range(max(count.values(), default=0)) for net in nets
-             if seed < count[net]]
+    count = _seed_counts(ctx, nets, seeds)
     done: dict[tuple[CifarNet, int], SubRun] = {}
     todo: list[tuple[str, CifarNet, int]] = []
-    for i, (net, seed) in enumerate(order, 1):
-        head = f"[{i}/{len(order)}] {net.label}" + (f" seed {seed}" if count[net] > 1 else "")
+    for head, net, seed in plan(ctx, nets, seeds):
         sub = finished_sub_run(ctx, net, seed, weights)
         if sub is None:
             todo.append((head, net, seed))
@@ -359,8 +368,49 @@ def ensure_seeds(ctx: Context, nets: Sequence[CifarNet], seeds: int | None = Non
         where = ("already trained" if sub.run_dir == ctx.run_dir(net, seed)
                  else f"read from the archive {sub.run_dir}")
         ctx.say(f"{head}: {where}, test error {100 * sub.test_error:.2f}%")
-    (_train_each if ctx.jobs == 1 or len(todo) < 2 else _train_parallel)(ctx, todo, done)
+    train_todo = (_train_cluster if ctx.cluster else
+                  _train_each if ctx.jobs == 1 or len(todo) < 2 else _train_parallel)
+    if todo:
+        train_todo(ctx, todo, done)
     return {net: [done[net, seed] for seed in range(count[net])] for net in nets}
+
+
+def _seed_counts(ctx: Context, nets: Sequence[CifarNet], seeds: int | None
+                 ) -> dict[CifarNet, int]:
+    return {net: ctx.seeds_of(net) if seeds is None else seeds for net in nets}
+
+
+def plan(ctx: Context, nets: Sequence[CifarNet], seeds: int | None = None
+         ) -> list[tuple[str, CifarNet, int]]:
+    """The sub-runs of `nets`, in training order (every net's seed 0 first), each with its
+    progress head ("[2/8] resnet56 seed 1")."""
+    count = _seed_counts(ctx, nets, seeds)
+    order = [(net, seed) for seed in range(max(count.values(), default=0)) for net in nets
+             if seed < count[net]]
+    return [(f"[{i}/{len(order)}] {net.label}" + (f" seed {seed}" if count[net] > 1 else ""),
+             net, seed) for i, (net, seed) in enumerate(order, 1)]
+
+
+def sub_run_states(ctx: Context, nets: Sequence[CifarNet], seeds: int | None = None
+                   ) -> list[tuple[str, str]]:
+    """(head, where it stands) of each sub-run, without waiting: done (with its test error),
+    a job's state (pending, running, failed; `--executor`), started (a checkpoint to
+    resume from) or not started."""
+    jobs = cluster.read_jobs(ctx.jobs_dir)
+    states = []
+    for head, net, seed in plan(ctx, nets, seeds):
+        sub = finished_sub_run(ctx, net, seed)
+        label, run = ctx.label(net, seed), RunDir(ctx.run_dir(net, seed))
+        if sub is not None:
+            state = f"done, test error {100 * sub.test_error:.2f}%"
+        elif label in jobs:
+            entry = jobs[label]
+            state = (f"{cluster.job_state(ctx.jobs_dir, entry)} ({entry['executor']} job "
+                     f"{entry['job_id']})")
+        else:
+            state = "started, resumable" if run.pointer.exists() else "not started"
+        states.append((head, state))
+    return states
 
 
 def _kept(ctx: Context, sub: SubRun) -> SubRun:
@@ -428,6 +478,34 @@ def _train_parallel(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
                                                       seed))
             ctx.say(f"{head}: test error {100 * done[net, seed].test_error:.2f}% "
                     f"({seconds / 60:.1f} min, process {pid})")
+    if errors:
+        raise errors[0]
+
+
+def _train_cluster(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
+                   done: dict[tuple[CifarNet, int], SubRun]) -> None:
+    """--executor: each sub-run one submitit job on cpus_per_task threads (on SLURM, one
+    array); as with --jobs, a failed sub-run does not stop the others, and the first error
+    is raised when all have ended."""
+    cc = ctx.cluster
+    assert cc is not None
+    heads = {ctx.label(net, seed): (head, net, seed) for head, net, seed in todo}
+    jobs = []
+    for label, (head, net, seed) in heads.items():
+        cfg, run = ctx.config(net, seed), RunDir(ctx.run_dir(net, seed))
+        _starting(ctx, head, cfg, run, queued=True)
+        jobs.append((label, cluster.TrainJob(cfg, str(run.path.resolve()), cc.cpus_per_task)))
+    errors: list[BaseException] = []
+    for label, outcome in cluster.run_jobs(cc, ctx.jobs_dir, jobs, ctx.say):
+        head, net, seed = heads[label]
+        if isinstance(outcome, BaseException):
+            ctx.say(f"{head}: failed: {outcome}")
+            errors.append(outcome)
+            continue
+        done[net, seed] = _kept(ctx, load_sub_run(net, RunDir(ctx.run_dir(net, seed)), seed))
+        seconds = outcome["seconds"] or 0.0
+        ctx.say(f"{head}: test error {100 * done[net, seed].test_error:.2f}% "
+                f"({seconds / 60:.1f} min, {cc.executor} job)")
     if errors:
         raise errors[0]
 
@@ -576,15 +654,18 @@ def write_report(folder: Path, title: str, body: Sequence[str], results: dict[st
     so --plain-seeds is part of how it was made."""
     scale, seeds, jobs = ctx.scale, ctx.seeds, ctx.jobs
     plain = ctx.plain_seeds if plain_nets else None
+    executor = ctx.cluster.executor if ctx.cluster else None
     (folder / "results.json").write_text(json.dumps(
         {"scale": scale.name, "seeds": seeds, "jobs": jobs, "precision": precision,
          **({"plain_seeds": plain} if plain is not None else {}),
+         **({"executor": executor} if executor else {}),
          "sets": list(ctx.sets), **results}, indent=2) + "\n")
     runs = (f", {seeds} seed{'s' if seeds > 1 else ''} per network"
             + (f" ({plain} per plain network)" if plain is not None else ""))
     flag = ((f" --seeds {seeds}" if seeds > 1 else "")
             + (f" --plain-seeds {plain}" if plain is not None else "")
             + (f" --jobs {jobs}" if jobs > 1 else "")
+            + (f" --executor {executor}" if executor else "")
             + (f" --archive {ctx.archive}" if ctx.archive else "")
             + "".join(f" --set {s}" for s in ctx.sets))
     trained = ("" if precision is None else
