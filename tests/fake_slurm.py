@@ -11,9 +11,10 @@ state_dir (FAKE_SLURM_DIR):
 
 sbatch starts a detached runner that runs the script's tasks (an array's, at most its %N at
 once) with SLURM's environment; with FAKE_SLURM_HOLD=1 in sbatch's environment the jobs
-stay PENDING until `fake_slurm.py release ID`. `scontrol requeue KEY` marks a task REQUEUED,
-and the runner runs it again when its script ends, as SLURM requeues a job. srun starts
-nodes x ntasks-per-node processes with SLURM_PROCID, SLURM_LOCALID and SLURM_NODEID.
+stay PENDING until `fake_slurm.py release ID`, and a partition named "missing" is refused.
+`scontrol requeue KEY` marks a task REQUEUED, and the runner runs it again when its script
+ends, as SLURM requeues a job. srun starts nodes x ntasks-per-node processes with
+SLURM_PROCID, SLURM_LOCALID and SLURM_NODEID.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ def _directives(script: str) -> dict[str, str]:
 
 def sbatch(args: list[str]) -> int:
     script = Path(args[-1]).read_text()
+    refused = re.search(r"^#SBATCH --partition=(?:'?)missing", script, re.M)
+    if refused:  # as SLURM answers a partition it does not have
+        print("sbatch: error: Batch job submission failed: Invalid partition name specified",
+              file=sys.stderr)
+        return 1
     counter = _state() / "next_id"
     job_id = int(counter.read_text()) if counter.exists() else 1000
     counter.write_text(str(job_id + 1))

@@ -22,7 +22,7 @@ from resnetlab.cli import main
 from resnetlab.config import ClusterConfig, resolve, resolve_cluster
 from resnetlab.errors import ConfigError
 from resnetlab.reproduce import run_experiment
-from resnetlab.runs import RunDir
+from resnetlab.runs import RunDir, hold
 from resnetlab.train.loop import train
 
 from . import fake_slurm
@@ -112,6 +112,48 @@ def test_resource_flags_without_an_executor_and_no_submitit_say_what_to_do(
     assert not (tmp_path / "runs").exists()
 
 
+def test_settings_an_executor_would_ignore_are_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(yaml.safe_dump({"cluster": {"partition": "gpu"}}))
+    argv = ["reproduce", "degradation", "--scale", "smoke", "--out", str(tmp_path / "out")]
+    for flags, says in [
+            (["--executor", "local", "--partition", "gpu"], "--partition is for --executor slurm"),
+            (["--executor", "debug", "--time-limit", "9"], "--time-limit is for --executor slurm"),
+            (["--executor", "local", "--jobs", "2"], "--jobs runs sub-runs in processes here"),
+            (["--cluster-config", str(site)], "names no executor"),
+            (["--executor", "slurm", "--gpus-per-node", "2"], "each reproduce sub-run is one")]:
+        assert main([*argv, *flags]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, (flags, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_jobs_of_unknown_state_or_held_folders_are_not_submitted_again(
+        tmp_path: Path, fashion_dir: Path, slurm: Path) -> None:
+    """A job jobs.json names and SLURM no longer (or not yet) reports may still train into
+    its run directory: refused, naming it. Two calls never submit from one folder at once,
+    and sbatch's refusal is one line."""
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    (folder / cluster.JOBS_FILE).write_text(json.dumps(
+        {"resnet8": {"executor": "slurm", "job_id": "4242_0"}}))
+    cfg = resolve("smoke", sets=[f"data.data_dir={fashion_dir}", *SMOKE])
+    job = [("resnet8", cluster.TrainJob(cfg, str(tmp_path / "run")))]
+    cc = resolve_cluster(None, {"executor": "slurm"})
+    with pytest.raises(ConfigError, match=r"job 4242_0 from an earlier call is unknown "
+                       r"\(squeue -j 4242_0"):
+        list(cluster.run_jobs(cc, folder, job))
+    with hold(folder / ".lock", folder), pytest.raises(ConfigError, match="is in use by pid"):
+        list(cluster.run_jobs(cc, folder, [("resnet14", job[0][1])]))
+    refused = resolve_cluster(None, {"executor": "slurm", "partition": "missing"})
+    with pytest.raises(ConfigError, match="slurm refused the job: sbatch: error: Batch job "
+                       "submission failed: Invalid partition name"):
+        list(cluster.run_jobs(refused, folder, [("resnet14", job[0][1])]))
+    assert not (slurm / "scripts").exists()  # nothing was submitted
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("executor", ["local", "debug"])
 def test_local_and_debug_jobs_give_the_numbers_of_a_run_in_this_process(
         executor: str, tmp_path: Path, fashion_dir: Path, one_thread: Path) -> None:
@@ -132,6 +174,11 @@ def test_local_and_debug_jobs_give_the_numbers_of_a_run_in_this_process(
         jobs = cluster.read_jobs(tmp_path / "jobs")
         assert sorted(jobs) == sorted(LABELS)
         assert len({j["job_id"] for j in jobs.values()}) == 4  # a process each
+        import submitit  # each job sees the GPUs this shell sees, though it asked for none
+
+        pickled = tmp_path / "jobs" / f"{jobs['resnet8']['job_id']}_submitted.pkl"
+        assert submitit.core.utils.pickle_load(pickled).function.gpus_seen == \
+            os.environ.get("CUDA_VISIBLE_DEVICES", cluster._NO_GPU_SETTING)
 
 
 def test_sub_runs_as_one_slurm_array_give_the_numbers_of_a_run_in_this_process(
@@ -235,8 +282,13 @@ def test_a_preempted_job_is_requeued_and_ends_as_an_uninterrupted_run(
     log = "".join((RunDir(run).jobs / f"1000_0_log.{s}").read_text() for s in ("out", "err"))
     assert "this job is preempted" in log and "Requeued job 1000" in log
     assert log.count("resuming ") == 1 and "from iteration" in log
-    assert result["test_error"] == reference.test.top1_error
+    assert result.test.top1_error == reference.test.top1_error and not result.already_finished
     assert _same_weights(run / "final", reference.weights)
+    # Again: a finished run is reported, not submitted; --resume no is refused before sbatch.
+    assert cluster.train_job(cc, cfg, run, resume=True).already_finished
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume auto"):
+        cluster.train_job(cc, cfg, run, resume=False)
+    assert not (slurm / "scripts" / "1001.sh").exists()
 
 
 @pytest.mark.stochastic(precisions=["fp32"])

@@ -134,7 +134,6 @@ class TrainConfig:
     dist_timeout_s: int = 300  # how long ranks wait for a dead peer before the job fails
 
 
-
 EXECUTORS = ("local", "slurm", "debug")
 
 
@@ -149,14 +148,17 @@ class ClusterConfig:
     partition: str | None = None  # sbatch --partition
     account: str | None = None  # sbatch --account
     qos: str | None = None  # sbatch --qos
-    # minutes per job; SLURM warns a job 90 s before, and it is requeued to resume
+    # minutes per SLURM job (local jobs have no limit); SLURM warns a job 90 s before,
+    # and it is requeued to resume
     time_limit_min: int = 240
     nodes: int = 1  # machines of one `train` job (a reproduce sub-run is one process)
     gpus_per_node: int = 0  # GPUs per machine; a `train` job runs one process per GPU
     cpus_per_task: int = 2  # cores per process, and its PyTorch threads
     mem_gb: float | None = None  # memory per machine; None: the partition's default
     array_parallelism: int = 32  # sub-runs of one experiment running at once
-    max_requeues: int = 3  # times a job that reaches its time limit is requeued (pre-emptions: any)
+    # requeues of a job that reached its time limit; a pre-emption (SLURM's signal before
+    # both 80% of the limit and its last 10 minutes) is requeued any number of times
+    max_requeues: int = 3
     setup: list[str] = field(default_factory=list)  # shell lines before the job (module load, ...)
     # other sbatch options, e.g. {constraint: a100, exclude: node7}
     sbatch: dict[str, Any] = field(default_factory=dict)
@@ -320,7 +322,6 @@ def frozen_parts(spec: str, stages: list[str]) -> list[str]:
     return list(dict.fromkeys(parts))
 
 
-
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Checks no type annotation can express: choices and ranges."""
     d, s, o = cfg.data, cfg.schedule, cfg.optim
@@ -421,7 +422,11 @@ def resolve_cluster(config_file: str | None = None,
         if set(data) != {"cluster"}:
             raise ConfigError(f"{config_file} must hold one section, cluster: (its keys: "
                               f"{', '.join(f.name for f in dataclasses.fields(ClusterConfig))})")
-        cc = _merge(cc, data["cluster"] or {}, "cluster.")
+        section = data["cluster"] or {}
+        cc = _merge(cc, section, "cluster.")
+        if "executor" not in section and (flags or {}).get("executor") is None:
+            raise ConfigError(f"{config_file} names no executor: add executor: slurm (or "
+                              "local) to its cluster: section, or give --executor")
     cc = _merge(cc, {k: v for k, v in (flags or {}).items() if v is not None}, "cluster.")
     _check_range(cc.executor in EXECUTORS,
                  f"cluster.executor must be one of {', '.join(EXECUTORS)}")

@@ -49,6 +49,43 @@ def _in_use(path: Path, holder: str) -> ConfigError:
                        "another --out")
 
 
+@contextlib.contextmanager
+def hold(lock_file: Path, what: Path) -> Iterator[None]:
+    """Hold `what` for this process through `lock_file`: another process, or another hold
+    in this one, is refused in one line naming the holder.
+
+    A POSIX record lock (lockf): the kernel drops it when its holder dies, so a killed
+    process leaves no stale lock, and forked children (DataLoader workers, which outlive a
+    SIGKILLed trainer by seconds) do not inherit it, as they would an flock. Such locks do
+    not exclude the process that holds them, so this process's own holds are kept in _HELD;
+    and closing any descriptor of the file would drop the lock, so nothing else here opens
+    it while it is held.
+    """
+    key = lock_file.resolve()
+    if key in _HELD:
+        raise _in_use(what, _HELD[key])
+    with open(lock_file, "a+") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            f.seek(0)
+            raise _in_use(what, f.read().strip() or "another process") from None
+        holder = (f"pid {os.getpid()} on {socket.gethostname()} since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.seek(0)
+        f.truncate()
+        f.write(holder + "\n")
+        f.flush()
+        _HELD[key] = holder
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            f.truncate(0)
+
+
 class _In:
     """A path below the run directory: `RunDir(p).config` is `p / "config.yaml"`."""
 
@@ -103,43 +140,17 @@ class RunDir:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the run for one process: another is refused, naming the holder.
-
-        A POSIX record lock (lockf) on RUN/.lock: the kernel drops it when its holder dies,
-        so a killed run leaves no stale lock, and forked children (DataLoader workers, which
-        outlive a SIGKILLed trainer by seconds) do not inherit it, as they would an flock.
-        Such locks do not exclude the process that holds them, so this process's own holds
-        are kept in _HELD; and closing any descriptor of the file would drop the lock, so
-        nothing else here opens it while it is held.
+        """Hold the run for one process: another is refused, naming the holder (`hold`).
 
         A run that never got as far as writing its config.yaml (a refused start) leaves
         nothing: the lock file and the directory go again if this call created them.
         """
         created = [p for p in (self.path, self.lock_file) if not p.exists()]
         self.make()
-        key = self.lock_file.resolve()
-        if key in _HELD:
-            raise _in_use(self.path, _HELD[key])
-        with open(self.lock_file, "a+") as f:
-            try:
-                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EACCES, errno.EAGAIN):
-                    raise
-                f.seek(0)
-                raise _in_use(self.path, f.read().strip() or "another process") from None
-            holder = (f"pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
-            f.seek(0)
-            f.truncate()
-            f.write(holder + "\n")
-            f.flush()
-            _HELD[key] = holder
+        with hold(self.lock_file, self.path):
             try:
                 yield
             finally:
-                del _HELD[key]
-                f.truncate(0)
                 if not self.config.exists():  # still held: no other process comes between
                     self._remove_if_created(created)
 

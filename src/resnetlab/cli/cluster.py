@@ -7,8 +7,9 @@ import argparse
 from ..config import EXECUTORS, ClusterConfig, resolve_cluster
 from ..errors import ConfigError
 
-# flag dest -> ClusterConfig key, for the flags both commands have
+# the flags both commands have, each named as its ClusterConfig key
 _SHARED = ("partition", "time_limit_min", "cpus_per_task", "gpus_per_node", "mem_gb")
+_SLURM_ONLY = ("partition", "time_limit_min", "mem_gb")  # a local job runs here, unlimited
 
 
 def add_cluster_flags(p: argparse.ArgumentParser, train: bool) -> None:
@@ -43,15 +44,29 @@ def add_cluster_flags(p: argparse.ArgumentParser, train: bool) -> None:
                        help="sub-runs running at once (default 32)")
 
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-").replace("-min", "")
+
+
 def cluster_from_args(args: argparse.Namespace) -> ClusterConfig | None:
     """The ClusterConfig the flags ask for; None without --executor or --cluster-config
-    (and then no resource flag may be given)."""
-    keys = [*_SHARED, "nodes" if hasattr(args, "nodes") else "array_parallelism"]
+    (and then no resource flag may be given). A flag the executor would ignore is refused;
+    a site file's SLURM settings simply do not apply to local jobs."""
+    train = hasattr(args, "nodes")
+    keys = [*_SHARED, "nodes" if train else "array_parallelism"]
     flags = {k: getattr(args, k) for k in keys}
+    given = [k for k, v in flags.items() if v is not None]
     if args.executor is None and args.cluster_config is None:
-        given = [k for k, v in flags.items() if v is not None]
         if given:
-            raise ConfigError(f"--{given[0].replace('_', '-').replace('-min', '')} needs "
-                              "--executor (slurm, local or debug)")
+            raise ConfigError(f"{_flag(given[0])} needs --executor (slurm, local or debug)")
         return None
-    return resolve_cluster(args.cluster_config, {**flags, "executor": args.executor})
+    cc = resolve_cluster(args.cluster_config, {**flags, "executor": args.executor})
+    ignored = [k for k in given if k in _SLURM_ONLY]
+    if cc.executor != "slurm" and ignored:
+        raise ConfigError(f"{_flag(ignored[0])} is for --executor slurm; {cc.executor} jobs "
+                          "run on this machine, without a time limit")
+    if not train and (cc.nodes != 1 or cc.gpus_per_node > 1):
+        raise ConfigError("each reproduce sub-run is one process on one machine with at most "
+                          "one GPU: cluster.nodes must be 1 and gpus_per_node 0 or 1 "
+                          "(train --executor takes more)")
+    return cc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from ..errors import ConfigError
 from ..reproduce import EXPERIMENTS, REFERENCE_CPU, SCALES, Experiment, run_experiment
 from ..reproduce import experiment_status as status
 from .cluster import add_cluster_flags, cluster_from_args
@@ -77,12 +78,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.status:
         for name in names:
             states = status(name, args.scale, args.out, args.data_dir, args.sets,
-                                       args.seeds, args.archive, args.plain_seeds)
+                            args.seeds, args.archive, args.plain_seeds)
             print(f"{name}, scale {args.scale}:" + ("" if states else " no sub-runs"))
             for head, state in states:
                 print(f"  {head}: {state}")
         return 0
     cluster = cluster_from_args(args)
+    if cluster is not None and args.jobs != 1:
+        raise ConfigError("--jobs runs sub-runs in processes here; with --executor each is "
+                          "a job already (--array-parallelism sets how many at once)")
     for i, name in enumerate(names, 1):
         print(f"== experiment {i}/{len(names)}: {name} ({EXPERIMENTS[name].summary}), "
               f"scale {args.scale}", flush=True)

@@ -206,15 +206,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{cfg.schedule.iterations:,} iterations"
         print(f"training {cfg.model.name} on {cfg.data.dataset} ({length}) into {out} with "
               f"{recipe}", flush=True)
-    if cc is not None:
-        cluster.train_job(cc, cfg, out, args.resume == "auto", say=print)
-        res = train(cfg, out, resume=True)  # the finished run, read back from its files
-    else:
-        res = train(cfg, out, resume=args.resume == "auto")
+    res = cluster.train_job(cc, cfg, out, args.resume == "auto", say=print) if cc else \
+        train(cfg, out, resume=args.resume == "auto")
     if not main_rank:
         return 0
     acc = 100 * (1 - res.test.top1_error)
-    if res.already_finished and cc is None:
+    if res.already_finished:
         print(f"{out} had finished; nothing trained, its results:")
     print(f"test accuracy {acc:.2f}% (top-1 error {100 * res.test.top1_error:.2f}%, "
           f"top-5 error {100 * res.test.top5_error:.2f}%) on {res.test.count:,} test images")

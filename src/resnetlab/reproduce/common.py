@@ -498,11 +498,15 @@ def _train_cluster(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
     errors: list[BaseException] = []
     for label, outcome in cluster.run_jobs(cc, ctx.jobs_dir, jobs, ctx.say):
         head, net, seed = heads[label]
-        if isinstance(outcome, BaseException):
-            ctx.say(f"{head}: failed: {outcome}")
-            errors.append(outcome)
+        try:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            done[net, seed] = _kept(ctx, load_sub_run(net, RunDir(ctx.run_dir(net, seed)),
+                                                      seed))
+        except Exception as e:  # the others go on; raised below
+            ctx.say(f"{head}: failed: {e}")
+            errors.append(e)
             continue
-        done[net, seed] = _kept(ctx, load_sub_run(net, RunDir(ctx.run_dir(net, seed)), seed))
         seconds = outcome["seconds"] or 0.0
         ctx.say(f"{head}: test error {100 * done[net, seed].test_error:.2f}% "
                 f"({seconds / 60:.1f} min, {cc.executor} job)")

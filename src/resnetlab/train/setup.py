@@ -211,9 +211,16 @@ def checked_config(cfg: TrainConfig, run: RunDir, resume: bool, dist: DistInfo
     """The precision `cfg` trains in on this device, once `cfg` is checked against what
     `run` already holds, and that run's saved config (None for a new run): its config.yaml
     is read here, once."""
+    saved = check_run_dir(cfg, run, resume)
+    return _precision(cfg, dist.device(cfg.device), run, saved), saved
+
+
+def check_run_dir(cfg: TrainConfig, run: RunDir, resume: bool) -> dict[str, Any] | None:
+    """Whether `cfg` may train into `run` (a new run, or with `resume` the same config):
+    else a one-line ConfigError. Returns the run's saved config (None for a new run)."""
     saved = saved_config(run.config) if resume and run.config.exists() else None
     _check_run_dir(run, cfg, resume, saved)
-    return _precision(cfg, dist.device(cfg.device), run, saved), saved
+    return saved
 
 
 def _with_epochs(cfg: TrainConfig, steps: int, run: RunDir,
