@@ -234,6 +234,32 @@ def test_resume_before_the_warmup_ends_and_final_holds_the_ema(
     assert not all(torch.equal(a[k], stepped[k]) for k in a)
 
 
+def test_the_ema_decay_warms_up_as_min_of_decay_and_one_plus_n_over_ten_plus_n() -> None:
+    """A fixed decay of 0.999 would hold 0.999^n of the first weights; warmed up, the
+    average follows the weights from the start and decays at `decay` once (1+n)/(10+n)
+    exceeds it."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from resnetlab.train.setup import ema_warmed_up
+
+    net = nn.Linear(1, 1, bias=False)
+    ema = AveragedModel(net, multi_avg_fn=ema_warmed_up(0.999), use_buffers=True)
+    expected = 0.0
+    for n in range(30):
+        with torch.no_grad():
+            net.weight.fill_(float(n % 3))
+        ema.update_parameters(net)
+        d = 0.0 if n == 0 else min(0.999, (1 + n) / (10 + n))  # the first update copies
+        expected = d * expected + (1 - d) * float(n % 3)
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6), n
+    ema = AveragedModel(net, multi_avg_fn=ema_warmed_up(0.5), use_buffers=True)
+    for value in (0.0, 4.0):  # at n=1 the warm-up's 2/11 is below 0.5: it decides
+        with torch.no_grad():
+            net.weight.fill_(value)
+        ema.update_parameters(net)
+    assert ema.module.weight.item() == pytest.approx(4.0 * (1 - 2 / 11))
+
+
 def test_existing_run_needs_resume(tmp_path: Path, fashion_dir: Path) -> None:
     cfg = _smoke(fashion_dir, "schedule.iterations=4", "eval_every=4")
     train(cfg, tmp_path / "r", progress=False)

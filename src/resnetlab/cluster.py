@@ -55,9 +55,7 @@ _SLURM_STATES = {
     "COMPLETED": "done", "UNKNOWN": "unknown"}
 # Locally there is no queue to set a limit: a job runs until it ends.
 _LOCAL_TIME_LIMIT_MIN = 60 * 24 * 365
-
-
-_NO_GPU_SETTING = "<unset>"
+_NO_GPU_SETTING = "<unset>"  # TrainJob.gpus_seen: the shell had no CUDA_VISIBLE_DEVICES
 
 
 class JobFailed(ResNetLabError):

@@ -110,7 +110,9 @@ class TrainConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval_every: int = 0  # iterations between evaluations; 0: once an epoch
     checkpoint_every: int = 0  # iterations between extra checkpoints (each evaluation saves one)
-    ema_decay: float = 0.0  # > 0: evaluate and ship an exponential moving average of weights
+    # > 0: evaluate and ship an exponential moving average of the weights, its decay warmed
+    # up as min(ema_decay, (1 + n) / (10 + n)) after n steps
+    ema_decay: float = 0.0
     # the views every evaluation of training scores: "center", or "flip" (the image and its
     # mirror, averaged; free where training flips); `resnetlab eval --tta` has the others
     tta: str = "center"
