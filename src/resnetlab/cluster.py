@@ -327,10 +327,10 @@ def train_job(cc: ClusterConfig, cfg: TrainConfig, run_dir: Path, resume: bool,
         return finished_result(run, cfg)
     tasks = cc.tasks_per_node
     job = TrainJob(cfg, str(run.path.resolve()), cc.cpus_per_task, cc.nodes * tasks > 1, resume)
-    again = "the same command resumes it" if resume else \
-        "the same command with --resume auto resumes it"
+    again = "the same command" + ("" if resume else " with --resume auto") + \
+        " resumes it from its last checkpoint"
     [(_, outcome)] = run_jobs(cc, run.jobs, [(run.path.name, job)], say, cc.nodes, tasks,
-                              again + " from its last checkpoint")
+                              again)
     if isinstance(outcome, BaseException):
         raise outcome
     if not run.finished():

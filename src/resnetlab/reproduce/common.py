@@ -498,14 +498,15 @@ def _train_cluster(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
     errors: list[BaseException] = []
     for label, outcome in cluster.run_jobs(cc, ctx.jobs_dir, jobs, ctx.say):
         head, net, seed = heads[label]
-        try:
-            if isinstance(outcome, BaseException):
-                raise outcome
-            done[net, seed] = _kept(ctx, load_sub_run(net, RunDir(ctx.run_dir(net, seed)),
-                                                      seed))
-        except Exception as e:  # the others go on; raised below
-            ctx.say(f"{head}: failed: {e}")
-            errors.append(e)
+        if not isinstance(outcome, BaseException):
+            try:  # a run the job left unreadable fails as a failed job does
+                done[net, seed] = _kept(ctx, load_sub_run(net, RunDir(ctx.run_dir(net, seed)),
+                                                          seed))
+            except Exception as e:
+                outcome = e
+        if isinstance(outcome, BaseException):  # the others go on; raised below
+            ctx.say(f"{head}: failed: {outcome}")
+            errors.append(outcome)
             continue
         seconds = outcome["seconds"] or 0.0
         ctx.say(f"{head}: test error {100 * done[net, seed].test_error:.2f}% "

@@ -101,21 +101,6 @@ def read_choice(run: RunDir) -> Choice | None:
         return None
 
 
-def _check_run_dir(run: RunDir, cfg: TrainConfig, resume: bool,
-                   saved: dict[str, Any] | None) -> None:
-    if not run.started():
-        return
-    if not resume:
-        raise ConfigError(f"{run.path} already holds a run; pass --resume auto to continue it "
-                          "or choose another --out")
-    diff = changes(saved or {}, cfg)
-    if diff:
-        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
-        raise ConfigError(f"{run.path} was started with another config ({', '.join(diff[:3])}"
-                          f"{more}); to resume it, give no --preset, --config or --set (its "
-                          "config.yaml is used), or choose another --out")
-
-
 def _prepare_model(cfg: TrainConfig, n_classes: int, in_chans: int, device: torch.device,
                    dist: DistInfo, fuse: bool, fresh: bool) -> tuple[nn.Module, ResNet]:
     """(the model to step, the plain model whose parameters it steps, for saving and
@@ -236,7 +221,17 @@ def check_run_dir(cfg: TrainConfig, run: RunDir, resume: bool) -> dict[str, Any]
     """Whether `cfg` may train into `run` (a new run, or with `resume` the same config):
     else a one-line ConfigError. Returns the run's saved config (None for a new run)."""
     saved = saved_config(run.config) if resume and run.config.exists() else None
-    _check_run_dir(run, cfg, resume, saved)
+    if not run.started():
+        return saved
+    if not resume:
+        raise ConfigError(f"{run.path} already holds a run; pass --resume auto to continue it "
+                          "or choose another --out")
+    diff = changes(saved or {}, cfg)
+    if diff:
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise ConfigError(f"{run.path} was started with another config ({', '.join(diff[:3])}"
+                          f"{more}); to resume it, give no --preset, --config or --set (its "
+                          "config.yaml is used), or choose another --out")
     return saved
 
 
