@@ -26,16 +26,16 @@ def add_cluster_flags(p: argparse.ArgumentParser, train: bool) -> None:
                    help="YAML file with a cluster: section (partition, account, qos, setup "
                    "lines, sbatch options, ...; the configuration reference lists them); "
                    "the flags override it")
-    g.add_argument("--partition", help="SLURM partition")
+    g.add_argument("--partition", help="SLURM partition (slurm only)")
     g.add_argument("--time-limit", dest="time_limit_min", type=int, metavar="MIN",
-                   help="minutes per job (default 240); a job that reaches it is requeued "
-                   "and resumes")
+                   help="minutes per SLURM job (default 240; slurm only: local jobs have "
+                   "no limit); a job that reaches it is requeued and resumes")
     g.add_argument("--cpus-per-task", type=int, metavar="N",
                    help="cores per process, and its PyTorch threads (default 2)")
     g.add_argument("--gpus-per-node", type=int, metavar="G",
                    help="GPUs per machine (default 0)"
                    + ("; one process per GPU" if train else ""))
-    g.add_argument("--mem-gb", type=float, metavar="GB", help="memory per machine")
+    g.add_argument("--mem-gb", type=float, metavar="GB", help="memory per machine (slurm only)")
     if train:
         g.add_argument("--nodes", type=int, metavar="N",
                        help="machines (default 1): one data-parallel job over N x G processes")
