@@ -22,7 +22,7 @@ from resnetlab.train.loop import KILL_AT_ENV, train
 # 16 batches an epoch (512 examples, batch 32): checkpoints every 3 iterations fall
 # mid-epoch, and the evaluation at each epoch end (16, 32) saves one on the boundary.
 SETS = ["data.verify=false", "schedule.iterations=40", "eval_every=16", "checkpoint_every=3",
-        "log_every=4", "ema_decay=0.9"]
+        "log_every=4", "ema_decay=0.9", "optim.lookahead=true"]
 # In-memory batches (no loader workers) and an image folder read by 2 DataLoader workers.
 KINDS = {"memory-0-workers": [],
          "folder-2-workers": ["data.dataset=folder", "data.image_size=28", "data.workers=2"]}
@@ -77,6 +77,8 @@ def test_sigkill_mid_epoch_and_at_epoch_boundary_then_resume_is_bit_identical(
         assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
     assert sa["ema"].keys() == sb["ema"].keys()
     assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])
+    assert sa["lookahead"].keys() == sb["lookahead"].keys()
+    assert all(torch.equal(sa["lookahead"][k], sb["lookahead"][k]) for k in sa["lookahead"])
     # The log has each logged iteration once, as the uninterrupted run has it.
     logged = [(r["kind"], r["iteration"]) for r in MetricsLog(RunDir(out)).records()]
     assert logged == [(r["kind"], r["iteration"])

@@ -522,3 +522,41 @@ def test_a_dense_test_curve_scores_a_fixed_subset_and_the_end_scores_all(
     assert evals[-1]["test_error"] == res.test.top1_error and res.test.count == 256
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("iteration 2/")]
     assert len(said) == 1 and said[0].endswith("% (of the first 128 test images)"), said
+
+
+def test_lookahead_pulls_every_fifth_step_by_the_cubic_schedule_and_ends_on_the_slow_copy(
+        ) -> None:
+    """The slow copy is the weights after step 1; between pulls the weights are the
+    optimizer's; at a pull both become keep * slow + (1 - keep) * fast with
+    keep = 0.95^5 (t/T)^3; the last step (T, not a multiple of 5 here) leaves the slow copy.
+    BN statistics are pulled alike; a checkpoint's copy restores the same pulls."""
+    from resnetlab.train.lookahead import Lookahead
+
+    def run(la: Lookahead, steps: range, total: int = 12) -> list[float]:
+        seen = []
+        for it in steps:
+            fast = float(it * it)  # what an optimizer step left
+            with torch.no_grad():
+                net[0].weight.fill_(fast)
+                net[1].running_mean.fill_(-fast)
+            la.after_step(it, total)
+            seen.append(net[0].weight.item())
+            assert net[1].running_mean.item() == pytest.approx(-seen[-1], rel=1e-6), it
+        return seen
+
+    net = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
+    seen, slow = run(Lookahead(net), range(1, 13)), 1.0
+    for it, got in zip(range(1, 13), seen, strict=True):
+        if it % 5 == 0:
+            keep = 0.95 ** 5 * (it / 12) ** 3
+            slow = keep * slow + (1 - keep) * it * it
+            assert 0.0 < keep < 0.95 ** 5 and got == pytest.approx(slow, rel=1e-6), it
+        elif it == 12:
+            assert got == pytest.approx(slow, rel=1e-6)  # keep 1: back to the slow copy
+        else:
+            assert got == it * it, it  # not due: left alone
+    first = Lookahead(net)
+    head = run(first, range(1, 8))
+    resumed = Lookahead(net)
+    resumed.load_state_dict({k: v.clone() for k, v in first.state_dict().items()})
+    assert head + run(resumed, range(8, 13)) == seen

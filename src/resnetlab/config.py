@@ -51,6 +51,9 @@ class OptimConfig:
     decay_bn_and_bias: bool = True  # False: no weight decay on BN parameters and biases
     label_smoothing: float = 0.0  # weight of the uniform target in the loss (0: none)
     grad_clip: float = 0.0  # max global gradient norm; 0 disables
+    # every 5 steps pull the weights into a slow copy and reset them to it, more strongly
+    # as the run ends (train/lookahead.py; the fast CIFAR-10 recipes' lookahead)
+    lookahead: bool = False
 
 
 @dataclass

@@ -170,9 +170,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The demo's budget spent for accuracy (issue 32): every choice made on the validation
     # split, one ingredient at a time (docs/results/fast-recipe); the test set only reports.
     # One evaluation, at the end (each costs seconds of a minutes-long budget), of the image
-    # and its mirror.
+    # and its mirror. No random crop: at 5 epochs the shifted copies cost more than they teach.
     "fashion-mnist-fast": {
         **_FASHION_MNIST,
+        "data": {**_FASHION_MNIST["data"], "pad": 0},
         "optim": {**_FASHION_MNIST["optim"], "label_smoothing": 0.2},
         "eval_every": ONLY_AT_THE_END, "tta": "flip",
     },

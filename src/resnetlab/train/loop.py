@@ -158,8 +158,8 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool | None,
         metrics.truncate_after(s.it)
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     # bf16 autocast: activations and weights in bf16 for the convolutions, BN statistics and
-    # the loss in fp32. The fused BN-ReLU kernels are fp32 only: unfused bf16 measured faster
-    # than fused fp32 on an AVX512-BF16 CPU (docs/performance.md).
+    # the loss in fp32 (the fused BN-ReLU kernels widen bf16 activations to fp32 in cache and
+    # round once on the way out; docs/performance.md).
     autocast = torch.autocast(s.device.type, dtype=torch.bfloat16) \
         if s.choice.precision == "bf16" else contextlib.nullcontext()
     show = sys.stderr.isatty() if progress is None else progress
@@ -198,6 +198,8 @@ def _step(s: TrainState, x: torch.Tensor, y: torch.Tensor, crit: nn.Module,
     for g in s.opt.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)  # finetune.backbone_lr (make_optimizer)
     loss, wrong = train_step(s.model, s.opt, crit, x, y, s.cfg, autocast, s.dist)
+    if s.lookahead is not None:
+        s.lookahead.after_step(s.it + 1, s.cfg.schedule.iterations)
     if loss is None:
         log.warning("iteration %d: non-finite loss, step skipped", s.it)
     else:

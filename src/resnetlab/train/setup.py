@@ -35,6 +35,7 @@ from .allocator import keep_freed_memory
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, convert_sync_bn
 from .finetune import freeze, init_from
+from .lookahead import Lookahead
 from .schedule import LRSchedule
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class TrainState:
     model: nn.Module  # what the step calls: `core`, or a wrapper sharing its parameters
     core: ResNet
     ema: AveragedModel | None
+    lookahead: Lookahead | None
     opt: torch.optim.SGD
     sched: LRSchedule
     it: int = 0
@@ -168,7 +170,9 @@ class TrainState:
                      "optimizer": self.opt.state_dict(), "schedule": self.sched.state_dict(),
                      "recent_errors": list(self.recent), "rng": torch.get_rng_state(),
                      "train_seconds": self.seconds(),
-                     **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
+                     **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+                     **({"lookahead": self.lookahead.state_dict()}
+                        if self.lookahead is not None else {})}
             data = {"input_size": self.data.input_size, "mean": self.data.mean,
                     "std": self.data.std}
             save_checkpoint(self.run, self.core, state, self.data.classes, data)
@@ -185,6 +189,8 @@ class TrainState:
         self.recent.extend(state["recent_errors"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.lookahead is not None:
+            self.lookahead.load_state_dict(state["lookahead"])
         torch.set_rng_state(state["rng"])
         self.it = int(state["iteration"])
         self.seconds_before = float(state.get("train_seconds", 0.0))  # older checkpoints: none
@@ -290,8 +296,9 @@ def start(cfg: TrainConfig, choice: Choice, run: RunDir, resume: bool,
     model = maybe_compile(model, compiled)
     ema = AveragedModel(core, multi_avg_fn=ema_warmed_up(cfg.ema_decay),
                         use_buffers=True) if cfg.ema_decay else None
+    lookahead = Lookahead(core) if cfg.optim.lookahead else None
     opt = make_optimizer(core, cfg)  # the parameters every wrapper of it steps
-    state = TrainState(cfg, run, dist, device, choice, data, model, core, ema, opt,
+    state = TrainState(cfg, run, dist, device, choice, data, model, core, ema, lookahead, opt,
                        LRSchedule(cfg.schedule, cfg.optim.lr))
     if resume:
         state.restore()
