@@ -215,6 +215,7 @@ def test_sub_runs_as_one_slurm_array_give_the_numbers_of_a_run_in_this_process(
     assert len(status) == 4 and all(": done, test error " in s for s in status)
 
 
+@pytest.mark.slow  # 24 s on 2 cores: `make test-slow`
 def test_status_says_pending_and_failed_without_waiting(
         tmp_path: Path, fashion_dir: Path, slurm: Path, capsys: pytest.CaptureFixture[str]
         ) -> None:

@@ -119,6 +119,7 @@ def test_two_nodes_train_and_resume_as_one_job(tmp_path: Path, fashion_dir: Path
     assert _leftovers(str(out)) == []
 
 
+@pytest.mark.slow  # 40 s on 2 cores: `make test-slow` (the two-node test above stays)
 def test_an_elastic_job_goes_on_when_a_node_dies(tmp_path: Path, fashion_dir: Path,
                                                   one_process: dict[str, torch.Tensor]) -> None:
     """`--nnodes=1:2 --max-restarts=1`: the second agent and its worker are SIGKILLed right

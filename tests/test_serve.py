@@ -595,6 +595,7 @@ def test_the_bench_client_reads_statuses_and_reconnects(addr: str) -> None:
     bad.close()
 
 
+@pytest.mark.slow  # 27 s on 2 cores: `make test-slow`
 def test_bench_serve_compares_batched_naive_and_bare(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """`resnetlab bench serve` end to end at toy size: both servers answer every request,
