@@ -269,3 +269,19 @@ def test_cpu_sync_bn_in_one_process_is_batchnorm(tmp_path: Path, affine: bool,
     if affine:
         torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_lookahead_under_per_rank_bn_ends_with_rank_0s_statistics_on_every_rank(
+        tmp_path: Path, fashion_dir: Path) -> None:
+    """Without sync_bn each rank's BN statistics are its own; the lookahead pulls give every
+    rank rank 0's (those a checkpoint keeps), so the sharded evaluation after the last pull
+    scores the model final/ holds, as one process scoring final/ does."""
+    run = _ddp_train(fashion_dir, tmp_path / "run", "sync_bn=false", "optim.lookahead=true")
+    cfg = resolve("smoke", sets=[f"data.data_dir={fashion_dir}", *SETS])
+    model = resnetlab.load_model(run / "final")
+    data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
+                      stats=(model.model_config.mean, model.model_config.std))
+    single = evaluate(model, data.test.batches(0), 10)
+    distributed = json.loads((run / "eval.json").read_text())
+    assert (single.top1_error, single.top5_error, single.loss) == pytest.approx(
+        (distributed["top1_error"], distributed["top5_error"], distributed["loss"]), abs=1e-6)

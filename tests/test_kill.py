@@ -77,7 +77,8 @@ def test_sigkill_mid_epoch_and_at_epoch_boundary_then_resume_is_bit_identical(
         assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
     assert sa["ema"].keys() == sb["ema"].keys()
     assert all(torch.equal(sa["ema"][k], sb["ema"][k]) for k in sa["ema"])
-    assert sa["lookahead"].keys() == sb["lookahead"].keys()
+    floats = {k for k, v in a.items() if v.is_floating_point()}  # the model's, as saved
+    assert sa["lookahead"].keys() == sb["lookahead"].keys() == floats
     assert all(torch.equal(sa["lookahead"][k], sb["lookahead"][k]) for k in sa["lookahead"])
     # The log has each logged iteration once, as the uninterrupted run has it.
     logged = [(r["kind"], r["iteration"]) for r in MetricsLog(RunDir(out)).records()]

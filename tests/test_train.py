@@ -560,3 +560,7 @@ def test_lookahead_pulls_every_fifth_step_by_the_cubic_schedule_and_ends_on_the_
     resumed = Lookahead(net)
     resumed.load_state_dict({k: v.clone() for k, v in first.state_dict().items()})
     assert head + run(resumed, range(8, 13)) == seen
+    # T a multiple of 5: the last step returns to the copy of the pull at 5 (no last pull).
+    k5 = 0.95 ** 5 * 0.5 ** 3
+    assert run(Lookahead(net), range(1, 11), total=10)[-1] == pytest.approx(
+        k5 * 1.0 + (1 - k5) * 25.0, rel=1e-6)

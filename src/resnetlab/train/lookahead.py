@@ -5,13 +5,18 @@ KellerJordan/cifar10-airbench's airbench94).
 The slow copy is taken after the first step. Every EVERY steps the weights and BN
 statistics are pulled into it and then reset to it: slow <- keep * slow + (1 - keep) * fast.
 `keep` grows as KEEP_MAX * (t / T)^3, so the early steps, at a high lr, are left alone and
-the late ones are averaged; the last step leaves the slow copy, which is what evaluations
-then score and final/ holds.
+the late ones are averaged. The last step returns the weights to the slow copy (keep 1;
+airbench94 first pulls once more when T is a multiple of EVERY, here the last steps since
+the previous pull, at the schedule's smallest lr, are dropped); evaluations score that and
+final/ holds it, or, with `ema_decay`, the average of the weights after each step.
+Under data parallelism the slow BN statistics are rank 0's at every pull: without sync_bn
+each rank's own differ, and rank 0's are the ones a checkpoint keeps.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 EVERY = 5  # steps between pulls
@@ -29,19 +34,28 @@ class Lookahead:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.slow: dict[str, torch.Tensor] = {}
+        self.buffers = {name for name, _ in model.named_buffers()}
 
     @torch.no_grad()
     def after_step(self, it: int, total: int) -> None:
         """After step `it` (counted from 1): the slow copy's first take, and the pull and
         reset if the step is due for one."""
+        due = it % EVERY == 0 or it >= total
+        if self.slow and not due:
+            return
         fast = self.model.state_dict()
         if not self.slow:
             self.slow = {k: v.detach().clone() for k, v in fast.items() if v.is_floating_point()}
-        if it % EVERY and it < total:
+        if not due:
             return
         k = keep(it, total)
         for name, slow in self.slow.items():
             slow.lerp_(fast[name], 1.0 - k)
+        if dist.is_available() and dist.is_initialized():
+            for name in self.slow:  # state_dict order: the same on every rank
+                if name in self.buffers:
+                    dist.broadcast(self.slow[name], 0)
+        for name, slow in self.slow.items():
             fast[name].copy_(slow)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
