@@ -18,7 +18,7 @@ from torch import nn
 import resnetlab
 from resnetlab.config import resolve
 from resnetlab.data import build_data
-from resnetlab.evaluation.evaluate import evaluate
+from resnetlab.evaluation.evaluate import EvalResult, evaluate
 from resnetlab.train.distributed import CPUSyncBatchNorm, convert_sync_bn
 from resnetlab.train.loop import train
 
@@ -93,18 +93,22 @@ def test_two_ranks_of_64_match_one_process_of_128(ddp_run: Path, fashion_dir: Pa
     assert other > TOLERANCE
 
 
+def _final_scored_in_one_process(run: Path, fashion_dir: Path) -> tuple[EvalResult, dict]:
+    """(one process's evaluation of the run's final/ on the test split, the run's eval.json)"""
+    cfg = resolve("smoke", sets=[f"data.data_dir={fashion_dir}", *SETS])
+    model = resnetlab.load_model(run / "final")
+    data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
+                      stats=(model.model_config.mean, model.model_config.std))
+    return evaluate(model, data.test.batches(0), 10), json.loads((run / "eval.json").read_text())
+
+
 def test_only_rank_0_writes_and_eval_equals_single_process(ddp_run: Path,
                                                            fashion_dir: Path) -> None:
     records = [json.loads(ln) for ln in (ddp_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [2, 2, 4, 4]  # one writer, no duplicates
     assert sorted(p.name for p in (ddp_run / "checkpoints").iterdir()) == ["ckpt-00000004",
                                                                           "latest"]
-    cfg = resolve("smoke", sets=[f"data.data_dir={fashion_dir}", *SETS])
-    model = resnetlab.load_model(ddp_run / "final")
-    data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
-                      stats=(model.model_config.mean, model.model_config.std))
-    single = evaluate(model, data.test.batches(0), 10)
-    distributed = json.loads((ddp_run / "eval.json").read_text())
+    single, distributed = _final_scored_in_one_process(ddp_run, fashion_dir)
     assert single.count == distributed["count"] == 255  # 255 does not divide by 2 ranks
     assert single.top1_error == distributed["top1_error"]
     assert single.top5_error == distributed["top5_error"]
@@ -277,11 +281,6 @@ def test_lookahead_under_per_rank_bn_ends_with_rank_0s_statistics_on_every_rank(
     rank rank 0's (those a checkpoint keeps), so the sharded evaluation after the last pull
     scores the model final/ holds, as one process scoring final/ does."""
     run = _ddp_train(fashion_dir, tmp_path / "run", "sync_bn=false", "optim.lookahead=true")
-    cfg = resolve("smoke", sets=[f"data.data_dir={fashion_dir}", *SETS])
-    model = resnetlab.load_model(run / "final")
-    data = build_data(cfg.data, cfg.batch_size, cfg.eval_batch_size, cfg.seed,
-                      stats=(model.model_config.mean, model.model_config.std))
-    single = evaluate(model, data.test.batches(0), 10)
-    distributed = json.loads((run / "eval.json").read_text())
+    single, distributed = _final_scored_in_one_process(run, fashion_dir)
     assert (single.top1_error, single.top5_error, single.loss) == pytest.approx(
         (distributed["top1_error"], distributed["top5_error"], distributed["loss"]), abs=1e-6)
