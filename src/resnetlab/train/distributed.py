@@ -52,6 +52,11 @@ class DistInfo:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
+    def broadcast(self, t: torch.Tensor) -> None:
+        """Rank 0's `t` into `t` on every rank, in place."""
+        if self.enabled:
+            dist.broadcast(t, 0)
+
 
 def init_from_env(timeout_s: float) -> DistInfo:
     """Join the process group torchrun describes, or return a single-process DistInfo."""

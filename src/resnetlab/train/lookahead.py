@@ -16,8 +16,9 @@ each rank's own differ, and rank 0's are the ones a checkpoint keeps.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from .distributed import SINGLE_PROCESS, DistInfo
 
 EVERY = 5  # steps between pulls
 KEEP_MAX = 0.95**EVERY  # `keep` at the last pull: a per-step average of 0.95
@@ -31,8 +32,8 @@ def keep(it: int, total: int) -> float:
 class Lookahead:
     """The slow copy of `model`'s floating-point state (parameters and BN statistics)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, dist: DistInfo = SINGLE_PROCESS) -> None:
+        self.model, self.dist = model, dist
         self.slow: dict[str, torch.Tensor] = {}
         self.buffers = {name for name, _ in model.named_buffers()}
 
@@ -44,18 +45,15 @@ class Lookahead:
         if self.slow and not due:
             return
         fast = self.model.state_dict()
-        if not self.slow:
-            self.slow = {k: v.detach().clone() for k, v in fast.items() if v.is_floating_point()}
+        self.slow = self.slow or {k: v.detach().clone() for k, v in fast.items()
+                                  if v.is_floating_point()}
         if not due:
             return
         k = keep(it, total)
-        for name, slow in self.slow.items():
+        for name, slow in self.slow.items():  # state_dict order: the same on every rank
             slow.lerp_(fast[name], 1.0 - k)
-        if dist.is_available() and dist.is_initialized():
-            for name in self.slow:  # state_dict order: the same on every rank
-                if name in self.buffers:
-                    dist.broadcast(self.slow[name], 0)
-        for name, slow in self.slow.items():
+            if name in self.buffers:
+                self.dist.broadcast(slow)
             fast[name].copy_(slow)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

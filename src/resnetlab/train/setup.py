@@ -296,7 +296,7 @@ def start(cfg: TrainConfig, choice: Choice, run: RunDir, resume: bool,
     model = maybe_compile(model, compiled)
     ema = AveragedModel(core, multi_avg_fn=ema_warmed_up(cfg.ema_decay),
                         use_buffers=True) if cfg.ema_decay else None
-    lookahead = Lookahead(core) if cfg.optim.lookahead else None
+    lookahead = Lookahead(core, dist) if cfg.optim.lookahead else None
     opt = make_optimizer(core, cfg)  # the parameters every wrapper of it steps
     state = TrainState(cfg, run, dist, device, choice, data, model, core, ema, lookahead, opt,
                        LRSchedule(cfg.schedule, cfg.optim.lr))
