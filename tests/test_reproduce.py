@@ -269,6 +269,90 @@ def test_an_archive_finishes_an_experiment_on_another_machine(
     assert not (archive / trained[1].name).exists()
 
 
+def test_a_parked_sub_run_resumes_on_the_next_machine(
+        root: Path, tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 33: a sub-run longer than a machine's life. Ctrl-C parks the stopped sub-run's
+    checkpoint in the archive; a fresh --out (the next machine, its data elsewhere) resumes
+    it from there to the weights of the uninterrupted run; once it has finished, its logs
+    are archived and the parked copy, superseded, goes."""
+    archive = tmp_path / "archive"
+    interrupt_at(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment("preact", "smoke", tmp_path / "first", str(fashion_dir), SETS,
+                       progress=False, archive=archive)
+    monkeypatch.undo()
+    parked = RunDir(archive / "resnet8.parked")
+    assert parked.pointer.read_text().strip() == "ckpt-00000004"
+    assert all(f.is_file() for f in (parked.config, parked.choices, parked.metrics))
+    its = [r["iteration"] for r in MetricsLog(parked).records()]
+    assert its == sorted(its) and its[-1] == 4
+    assert sorted(p.name for p in archive.iterdir()) == ["resnet8.parked"]  # nothing else began
+
+    elsewhere = tmp_path / "data-elsewhere"
+    elsewhere.symlink_to(fashion_dir)
+    nxt = tmp_path / "next"
+    caplog.set_level("INFO")
+    run_experiment("preact", "smoke", nxt, str(elsewhere), SETS, progress=False,
+                   archive=archive)
+    assert any("resnet8: taken from the archive's parked copy at iteration 4" in r.message
+               for r in caplog.records)
+    a = resnetlab.load_model(nxt / "runs" / "resnet8" / "final").state_dict()
+    b = resnetlab.load_model(root / "runs" / "resnet8" / "final").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not parked.path.exists()
+    assert (archive / "resnet8" / "eval.json").read_bytes() == \
+        (nxt / "runs" / "resnet8" / "eval.json").read_bytes()
+
+
+def test_parking_keeps_the_later_checkpoint_and_refuses_to_choose(
+        tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`--park` beside a run; an archive further along than a run is never overwritten from
+    it, nor is the run overwritten from the archive: the user is told what to move."""
+    archive = tmp_path / "archive"
+    for out, stop, kept in (("a", 4, archive), ("b", 3, None)):
+        interrupt_at(monkeypatch, stop)
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment("preact", "smoke", tmp_path / out, str(fashion_dir), SETS,
+                           progress=False, archive=kept)
+        monkeypatch.undo()
+    parked = RunDir(archive / "resnet8.parked")
+    before = (parked.latest_checkpoint() / "model.safetensors").read_bytes()  # type: ignore[operator]
+    args = ["reproduce", "preact", "--scale", "smoke", "--data-dir", str(fashion_dir),
+            "--set", "data.verify=false", "--archive", str(archive)]
+    assert main([*args, "--out", str(tmp_path / "b"), "--park"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet8: kept the archive's parked copy: at iteration 4, past this run's 3" in out
+    assert "resnet14: no checkpoint yet: nothing to park" in out
+    assert (parked.latest_checkpoint() / "model.safetensors").read_bytes() == before  # type: ignore[operator]
+    with pytest.raises(ConfigError, match="holds iteration 3 of this sub-run and the archive"):
+        run_experiment("preact", "smoke", tmp_path / "b", str(fashion_dir), SETS,
+                       progress=False, archive=archive)
+    assert main([*args, "--out", str(tmp_path / "c"), "--status"]) == 0
+    assert "resnet8: not started; parked in the archive at iteration 4" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="parked sub-run of another configuration"):
+        run_experiment("preact", "smoke", tmp_path / "c", str(fashion_dir),
+                       (*SETS, "optim.lr=0.05"), progress=False, archive=archive)
+    # A checkpoint pruned by the trainer during the copy: the park tries the next one.
+    from resnetlab.reproduce import archive as archive_module
+    copy, calls = archive_module._copy_run, []
+
+    def pruned_once(*a: object) -> None:
+        calls.append(a)
+        if len(calls) == 1:
+            raise FileNotFoundError
+        copy(*a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(archive_module, "_copy_run", pruned_once)
+    other = tmp_path / "archive-2"
+    assert main([*args[:-1], str(other), "--out", str(tmp_path / "b"), "--park"]) == 0
+    assert "resnet8: parked at iteration 3" in capsys.readouterr().out and len(calls) == 2
+    assert RunDir(other / "resnet8.parked").pointer.read_text().strip() == "ckpt-00000003"
+    assert main([*args[:-2], "--out", str(tmp_path / "b"), "--park"]) == 2
+    assert "--park copies into the --archive folder" in capsys.readouterr().err
+
+
 def test_responses_report_and_stds(root: Path, fashion_dir: Path) -> None:
     folder = run_experiment("responses", "smoke", root, str(fashion_dir), SETS, progress=False)
     _png_ok(folder / "responses.png")

@@ -6,7 +6,14 @@ import argparse
 import textwrap
 
 from ..errors import ConfigError
-from ..reproduce import EXPERIMENTS, REFERENCE_CPU, SCALES, Experiment, run_experiment
+from ..reproduce import (
+    EXPERIMENTS,
+    REFERENCE_CPU,
+    SCALES,
+    Experiment,
+    park_experiment,
+    run_experiment,
+)
 from ..reproduce import experiment_status as status
 from .cluster import add_cluster_flags, cluster_from_args
 
@@ -46,12 +53,17 @@ def _add_flags(p: argparse.ArgumentParser) -> None:
                    help="folder of finished sub-runs' logs (config, metrics, eval report), "
                    "e.g. committed beside a report: sub-runs found there are not trained "
                    "again, and each one finished here is added, so a long experiment can "
-                   "finish across machines")
+                   "finish across machines; an unfinished one parked there (Ctrl-C, "
+                   "--park) resumes here")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training setting of every sub-run (repeatable)")
     p.add_argument("--status", action="store_true",
                    help="say where each sub-run stands (done, pending, running, failed, "
                    "started, not started) and exit, without training or waiting")
+    p.add_argument("--park", action="store_true",
+                   help="copy each unfinished sub-run's latest checkpoint into --archive "
+                   "and exit, without training (it may run beside the training, e.g. before "
+                   "the machine goes): the same command on the next machine resumes there")
     add_cluster_flags(p, train=False)
 
 
@@ -82,6 +94,17 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             print(f"{name}, scale {args.scale}:" + ("" if states else " no sub-runs"))
             for head, state in states:
                 print(f"  {head}: {state}")
+        return 0
+    if args.park:
+        if args.archive is None:
+            raise ConfigError("--park copies into the --archive folder: name it, e.g. "
+                              f"--archive docs/results/{names[0]}-{args.scale}/sub-runs")
+        for name in names:
+            print(f"{name}, scale {args.scale}:")
+            for head, said in park_experiment(name, args.scale, args.archive, args.out,
+                                              args.data_dir, args.sets, args.seeds,
+                                              args.plain_seeds):
+                print(f"  {head}: {said}")
         return 0
     cluster = cluster_from_args(args)
     if cluster is not None and args.jobs != 1:

@@ -18,7 +18,16 @@ from ..config import ClusterConfig
 from ..errors import ConfigError
 from ..recipes import CifarNet
 from . import degradation, gradients, lesion, preact, responses, shortcuts, table1
-from .common import REFERENCE_CPU, SCALES, Context, Scale, get_scale, sub_run_states
+from .common import (
+    REFERENCE_CPU,
+    SCALES,
+    Context,
+    Scale,
+    get_scale,
+    park_sub_runs,
+    plan,
+    sub_run_states,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,5 +117,17 @@ def experiment_status(name: str, scale: str = "cpu", out: str | Path | None = No
     return sub_run_states(ctx, exp.nets(ctx.scale), None if exp.seeded else 1)
 
 
+def park_experiment(name: str, scale: str, archive: str | Path, out: str | Path | None = None,
+                    data_dir: str | None = None, sets: Sequence[str] = (), seeds: int = 1,
+                    plain_seeds: int | None = None) -> list[tuple[str, str]]:
+    """(sub-run, what happened) as each unfinished sub-run's latest checkpoint is parked in
+    `archive` for the next machine (`reproduce EXPERIMENT --park`; reproduce.archive); it
+    may run beside the training."""
+    ctx = _context(name, scale, out, data_dir, sets, None, seeds, 1, archive, plain_seeds,
+                   None)
+    exp = EXPERIMENTS[name]
+    return park_sub_runs(ctx, plan(ctx, exp.nets(ctx.scale), None if exp.seeded else 1))
+
+
 __all__ = ["EXPERIMENTS", "REFERENCE_CPU", "SCALES", "Experiment", "experiment_status",
-           "run_experiment"]
+           "park_experiment", "run_experiment"]

@@ -6,13 +6,11 @@ it stopped, a finished sub-run is never trained again, and experiments that need
 network (degradation, responses and lesion all use ResNet-56) share one run.
 
 An experiment longer than one machine's life (issue 33's schedules on a 2-core CPU) keeps
-its finished sub-runs' logs in an archive, a folder committed beside its report:
-
-    ARCHIVE/<label>/   config.yaml, metrics.jsonl, eval.json: the run directory's own files
-
-On the next machine the same command with the same `--archive` reads those sub-runs back
-instead of training them, trains the rest, and adds them. An archive holds no weights, so
-the analyses that load a model (responses, lesion) train their sub-runs where they run.
+its sub-runs in an archive committed beside its report (reproduce.archive): finished ones'
+logs, read back instead of training them again, and unfinished ones parked at their latest
+checkpoint, resumed by the same command on the next machine. Finished sub-runs are archived
+without weights, so the analyses that load a model (responses, lesion) train theirs where
+they run.
 
 With `--executor` (resnetlab.cluster) each unfinished sub-run is one submitit job (on SLURM,
 one job array per experiment), whose scripts and logs go to `<out>/jobs/`; the report is
@@ -25,7 +23,6 @@ import json
 import logging
 import multiprocessing
 import os
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -46,6 +43,7 @@ from ..recipes import CifarNet, cifar_recipe
 from ..report import MetricsLog
 from ..runs import RunDir
 from ..train.loop import train
+from .archive import archive_sub_run, in_archive, park, parked_iteration, unpark
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +179,12 @@ SCALES: dict[str, Scale] = {
     # the gap still closing with each lr step, so the pilot goes on at twice the length.
     "longer": replace(_SHORT, name="longer", iterations=14000, milestones=(7000, 10500),
                       eval_every=700, log_every=50),
+    # `longer` twice as long (59.7 epochs): at 29.9 epochs ResNet-56's training error is
+    # 0.13 points below ResNet-20's, within 3 seeds' spread (0.83), the gap still growing
+    # (docs/results/degradation-longer); about 3.7 h for ResNet-56 on 2 Zen 4 cores, so its
+    # sub-runs cross machines through --archive's parked checkpoints.
+    "longest": replace(_SHORT, name="longest", iterations=28000, milestones=(14000, 21000),
+                       eval_every=1400, log_every=50),
     # Paper sec. 4.2 on CIFAR-10: 64k iterations, 45k/5k split, lr /10 at 32k and 48k.
     "paper": Scale("paper", "cifar10", iterations=64000, milestones=(32000, 48000),
                    eval_every=1000, log_every=100, batch_size=128, val_split=5000, pad=4,
@@ -293,38 +297,6 @@ def _finished(run: RunDir, cfg: TrainConfig) -> bool:
     return True
 
 
-ARCHIVED = ("config", "metrics", "eval_report")  # the RunDir files an archive keeps
-
-
-def _in_archive(kept: RunDir, cfg: TrainConfig) -> bool:
-    if not all(getattr(kept, f).is_file() for f in ARCHIVED):
-        return False
-    saved = saved_config(kept.config)
-    # Where the data set lies differs between machines and changes nothing it holds.
-    saved["data"]["data_dir"] = cfg.data.data_dir
-    if changes(saved, cfg):
-        raise ConfigError(f"{kept.path} holds the logs of a sub-run of another configuration; "
-                          "pass another --archive")
-    return True
-
-
-def archive_sub_run(run: RunDir, kept: RunDir) -> None:
-    """Copy a finished run's logs into the archive, all of them or none: an archived sub-run
-    is never overwritten (one that differs is kept, with a warning)."""
-    if kept.path.exists():
-        if any(not getattr(kept, f).is_file()
-               or getattr(kept, f).read_bytes() != getattr(run, f).read_bytes()
-               for f in ARCHIVED):
-            log.warning("%s differs from the finished run in %s; the archive keeps its own",
-                        kept.path, run.path)
-        return
-    part = kept.path.with_name(f".{kept.path.name}.partial")
-    part.mkdir(parents=True, exist_ok=True)
-    for f in ARCHIVED:
-        shutil.copyfile(getattr(run, f), getattr(RunDir(part), f))
-    part.rename(kept.path)
-
-
 def load_sub_run(net: CifarNet, run: RunDir, seed: int) -> SubRun:
     """A finished sub-run as its eval.json and metrics hold it."""
     report = json.loads(run.eval_report.read_text())
@@ -342,7 +314,7 @@ def finished_sub_run(ctx: Context, net: CifarNet, seed: int = 0,
     if _finished(run, cfg):
         return load_sub_run(net, run, seed)
     kept = ctx.archived(net, seed)
-    if kept is not None and not weights and _in_archive(kept, cfg):
+    if kept is not None and not weights and in_archive(kept, cfg):
         return load_sub_run(net, kept, seed)
     return None
 
@@ -355,7 +327,8 @@ def ensure_seeds(ctx: Context, nets: Sequence[CifarNet], seeds: int | None = Non
     unfinished sub-runs train that many at a time, each in its own process; with
     ctx.cluster, each is a submitit job (`_train_cluster`). Sub-runs in
     ctx.archive count as finished unless `weights` are needed, and every sub-run finished
-    here is added to it as soon as it is (an interrupted experiment loses none)."""
+    here is added to it as soon as it is (an interrupted experiment loses none); one parked
+    there resumes from its checkpoint, and on Ctrl-C each stopped sub-run is parked."""
     count = _seed_counts(ctx, nets, seeds)
     done: dict[tuple[CifarNet, int], SubRun] = {}
     todo: list[tuple[str, CifarNet, int]] = []
@@ -370,9 +343,42 @@ def ensure_seeds(ctx: Context, nets: Sequence[CifarNet], seeds: int | None = Non
         ctx.say(f"{head}: {where}, test error {100 * sub.test_error:.2f}%")
     train_todo = (_train_cluster if ctx.cluster else
                   _train_each if ctx.jobs == 1 or len(todo) < 2 else _train_parallel)
-    if todo:
-        train_todo(ctx, todo, done)
+    for head, net, seed in todo:
+        _unpark(ctx, head, net, seed)
+    try:
+        if todo:
+            train_todo(ctx, todo, done)
+    except KeyboardInterrupt:  # each stopped sub-run saved a checkpoint: the archive takes it
+        for head, message in park_sub_runs(ctx, [(h, n, s) for h, n, s in todo
+                                                 if (n, s) not in done]):
+            ctx.say(f"{head}: {message}")
+        raise
     return {net: [done[net, seed] for seed in range(count[net])] for net in nets}
+
+
+def _unpark(ctx: Context, head: str, net: CifarNet, seed: int) -> None:
+    kept = ctx.archived(net, seed)
+    if kept is None:
+        return
+    it = unpark(kept, RunDir(ctx.run_dir(net, seed)), ctx.config(net, seed))
+    if it is not None:
+        ctx.say(f"{head}: taken from the archive's parked copy at iteration {it:,}")
+
+
+def park_sub_runs(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]]
+                  ) -> list[tuple[str, str]]:
+    """(head, what happened) for each sub-run of `todo`: an unfinished one's latest
+    checkpoint is copied into ctx.archive (reproduce.archive); none without an archive."""
+    if ctx.archive is None:
+        return []
+    said = []
+    for head, net, seed in todo:
+        run, kept = RunDir(ctx.run_dir(net, seed)), ctx.archived(net, seed)
+        assert kept is not None
+        done = finished_sub_run(ctx, net, seed) is not None
+        said.append((head, "finished, nothing to park" if done
+                     else park(run, kept, ctx.config(net, seed))))
+    return said
 
 
 def _seed_counts(ctx: Context, nets: Sequence[CifarNet], seeds: int | None
@@ -409,6 +415,10 @@ def sub_run_states(ctx: Context, nets: Sequence[CifarNet], seeds: int | None = N
                      f"{entry['job_id']})")
         else:
             state = "started, resumable" if run.pointer.exists() else "not started"
+            kept = ctx.archived(net, seed)
+            it = None if kept is None else parked_iteration(kept)
+            if it is not None:
+                state += f"; parked in the archive at iteration {it:,}"
         states.append((head, state))
     return states
 
