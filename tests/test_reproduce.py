@@ -3,6 +3,7 @@ reports and figures hold the numbers the runs produced."""
 
 import json
 import os
+import shutil
 import statistics
 from pathlib import Path
 
@@ -334,23 +335,51 @@ def test_parking_keeps_the_later_checkpoint_and_refuses_to_choose(
     with pytest.raises(ConfigError, match="parked sub-run of another configuration"):
         run_experiment("preact", "smoke", tmp_path / "c", str(fashion_dir),
                        (*SETS, "optim.lr=0.05"), progress=False, archive=archive)
-    # A checkpoint pruned by the trainer during the copy: the park tries the next one.
+    # A run started here that never reached a checkpoint is not overwritten from the archive.
+    started = RunDir(tmp_path / "d" / "runs" / "resnet8")
+    started.path.mkdir(parents=True)
+    for f in ("config", "metrics"):
+        shutil.copyfile(getattr(RunDir(tmp_path / "b" / "runs" / "resnet8"), f),
+                        getattr(started, f))
+    metrics = started.metrics.read_bytes()
+    with pytest.raises(ConfigError, match="holds no complete checkpoint of this sub-run"):
+        run_experiment("preact", "smoke", tmp_path / "d", str(fashion_dir), SETS,
+                       progress=False, archive=archive)
+    assert started.metrics.read_bytes() == metrics and not started.checkpoints.exists()
+    # A park killed mid-swap left the older copy aside: it is read, and put back.
+    aside = archive / ".resnet8.parked.old"
+    parked.path.rename(aside)
+    assert main([*args, "--out", str(tmp_path / "c"), "--status"]) == 0
+    assert "parked in the archive at iteration 4" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "b"), "--park"]) == 0
+    assert "past this run's 3" in capsys.readouterr().out
+    assert parked.path.is_dir() and not aside.exists()
+    # The trainer prunes a checkpoint during the copy (a failed copy, then one that listed
+    # the files before a removal): the park makes it again.
     from resnetlab.reproduce import archive as archive_module
     copy, calls = archive_module._copy_run, []
 
-    def pruned_once(*a: object) -> None:
-        calls.append(a)
+    def pruned_twice(run: RunDir, ckpt: Path, into: RunDir) -> None:
+        calls.append(ckpt)
         if len(calls) == 1:
-            raise FileNotFoundError
-        copy(*a)  # type: ignore[arg-type]
+            raise shutil.Error([(str(ckpt), str(into.path), "No such file or directory")])
+        copy(run, ckpt, into)
+        if len(calls) == 2:
+            (into.checkpoints / ckpt.name / "model.safetensors").unlink()
 
-    monkeypatch.setattr(archive_module, "_copy_run", pruned_once)
+    monkeypatch.setattr(archive_module, "_copy_run", pruned_twice)
     other = tmp_path / "archive-2"
     assert main([*args[:-1], str(other), "--out", str(tmp_path / "b"), "--park"]) == 0
-    assert "resnet8: parked at iteration 3" in capsys.readouterr().out and len(calls) == 2
-    assert RunDir(other / "resnet8.parked").pointer.read_text().strip() == "ckpt-00000003"
+    assert "resnet8: parked at iteration 3" in capsys.readouterr().out and len(calls) == 3
+    again = RunDir(other / "resnet8.parked")
+    assert again.pointer.read_text().strip() == "ckpt-00000003"
+    assert (again.latest_checkpoint() / "model.safetensors").is_file()  # type: ignore[operator]
     assert main([*args[:-2], "--out", str(tmp_path / "b"), "--park"]) == 2
     assert "--park copies into the --archive folder" in capsys.readouterr().err
+    # Ctrl-C's last line says what continues an experiment (not a single run's flags).
+    interrupt_at(monkeypatch, 2)
+    assert main([*args[:-2], "--out", str(tmp_path / "e")]) == 130
+    assert "each stopped sub-run keeps a checkpoint" in capsys.readouterr().err
 
 
 def test_responses_report_and_stds(root: Path, fashion_dir: Path) -> None:

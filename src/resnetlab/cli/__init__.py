@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# What Ctrl-C leaves, said as the command ends; a command that leaves otherwise sets its own
+# (set_defaults(interrupted=...)).
+INTERRUPTED = ("interrupted; a training run keeps a checkpoint: rerun the same command with "
+               "--out RUN_DIR --resume auto to continue")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Under torchrun only rank 0 reports progress; the other ranks speak up only on trouble.
@@ -68,8 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {where}{e.strerror or e} (--debug shows the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; a training run keeps a checkpoint: rerun the same command with "
-              "--out RUN_DIR --resume auto to continue", file=sys.stderr)
+        print(getattr(args, "interrupted", INTERRUPTED), file=sys.stderr)
         return 130
 
 

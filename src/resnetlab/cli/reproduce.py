@@ -82,7 +82,9 @@ def add_reproduce_parser(sub: argparse._SubParsersAction,
         e = experiments.add_parser(name, parents=[common], help=summary, description=summary,
                                    formatter_class=raw, epilog=_scales(exp))
         _add_flags(e)
-        e.set_defaults(func=cmd_reproduce)
+        e.set_defaults(func=cmd_reproduce, interrupted=(
+            "interrupted; each stopped sub-run keeps a checkpoint (parked in --archive, if "
+            "given): the same command continues"))
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:

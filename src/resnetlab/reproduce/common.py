@@ -348,7 +348,7 @@ def ensure_seeds(ctx: Context, nets: Sequence[CifarNet], seeds: int | None = Non
     try:
         if todo:
             train_todo(ctx, todo, done)
-    except KeyboardInterrupt:  # each stopped sub-run saved a checkpoint: the archive takes it
+    except KeyboardInterrupt:  # the stopped sub-runs saved checkpoints: the archive takes them
         for head, message in park_sub_runs(ctx, [(h, n, s) for h, n, s in todo
                                                  if (n, s) not in done]):
             ctx.say(f"{head}: {message}")
@@ -373,11 +373,14 @@ def park_sub_runs(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]]
         return []
     said = []
     for head, net, seed in todo:
-        run, kept = RunDir(ctx.run_dir(net, seed)), ctx.archived(net, seed)
+        cfg, run, kept = ctx.config(net, seed), RunDir(ctx.run_dir(net, seed)), ctx.archived(
+            net, seed)
         assert kept is not None
-        done = finished_sub_run(ctx, net, seed) is not None
-        said.append((head, "finished, nothing to park" if done
-                     else park(run, kept, ctx.config(net, seed))))
+        if _finished(run, cfg):  # e.g. while --jobs stopped: archived, as any finished here
+            _kept(ctx, load_sub_run(net, run, seed))
+            said.append((head, "finished: its logs are in the archive"))
+        else:
+            said.append((head, park(run, kept, cfg)))
     return said
 
 
@@ -450,11 +453,21 @@ def _train_each(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
                 f"({(time.perf_counter() - t0) / 60:.1f} min)")
 
 
+_stopped = False  # in a worker of --jobs: Ctrl-C stopped its sub-run, so it starts no other
+
+
 def _train_in_worker(cfg: TrainConfig, path: Path, threads: int) -> tuple[float, int]:
     """One sub-run in a worker process of --jobs, on its share of the CPU threads."""
+    global _stopped
+    if _stopped:
+        raise KeyboardInterrupt
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    train(cfg, path, resume=True, progress=False)
+    try:
+        train(cfg, path, resume=True, progress=False)
+    except KeyboardInterrupt:
+        _stopped = True
+        raise
     return time.perf_counter() - t0, os.getpid()
 
 
@@ -465,7 +478,8 @@ def _train_parallel(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
     885 in one process of 2 threads, 3% more, all it buys there). Spawned,
     not forked: a fork of a process that has run torch's thread pool can hang. A sub-run
     that fails does not stop the others; the first error is raised when all have ended,
-    and every sub-run keeps its checkpoints for the next attempt."""
+    and every sub-run keeps its checkpoints for the next attempt. Ctrl-C (a terminal signals
+    the workers too) stops every sub-run at a checkpoint and starts no other."""
     threads = max(1, torch.get_num_threads() // ctx.jobs)
     ctx.say(f"training {len(todo)} sub-runs, {ctx.jobs} at a time in worker processes "
             f"of {threads} thread{'s' if threads > 1 else ''} each")
@@ -476,20 +490,29 @@ def _train_parallel(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
             cfg, run = ctx.config(net, seed), RunDir(ctx.run_dir(net, seed))
             _starting(ctx, head, cfg, run, queued=True)
             futures[pool.submit(_train_in_worker, cfg, run.path, threads)] = head, net, seed
-        for fut in as_completed(futures):
-            head, net, seed = futures[fut]
-            try:
-                seconds, pid = fut.result()
-            except Exception as e:  # the others go on; raised below
-                ctx.say(f"{head}: failed: {e}")
-                errors.append(e)
-                continue
-            done[net, seed] = _kept(ctx, load_sub_run(net, RunDir(ctx.run_dir(net, seed)),
-                                                      seed))
-            ctx.say(f"{head}: test error {100 * done[net, seed].test_error:.2f}% "
-                    f"({seconds / 60:.1f} min, process {pid})")
+        try:
+            _collect(ctx, futures, done, errors)
+        except KeyboardInterrupt:
+            pool.shutdown(cancel_futures=True)
+            raise
     if errors:
         raise errors[0]
+
+
+def _collect(ctx: Context, futures: dict[Any, tuple[str, CifarNet, int]],
+             done: dict[tuple[CifarNet, int], SubRun], errors: list[BaseException]) -> None:
+    """The --jobs sub-runs as they finish; a failed one is said and kept in `errors`."""
+    for fut in as_completed(futures):
+        head, net, seed = futures[fut]
+        try:
+            seconds, pid = fut.result()
+        except Exception as e:  # the others go on; raised by the caller
+            ctx.say(f"{head}: failed: {e}")
+            errors.append(e)
+            continue
+        done[net, seed] = _kept(ctx, load_sub_run(net, RunDir(ctx.run_dir(net, seed)), seed))
+        ctx.say(f"{head}: test error {100 * done[net, seed].test_error:.2f}% "
+                f"({seconds / 60:.1f} min, process {pid})")
 
 
 def _train_cluster(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
