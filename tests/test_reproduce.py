@@ -1,10 +1,15 @@
 """`resnetlab reproduce` at --scale smoke: the pipeline runs, resumes, reuses sub-runs, and the
 reports and figures hold the numbers the runs produced."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -211,7 +216,7 @@ def test_an_archive_finishes_an_experiment_on_another_machine(
     run_experiment("degradation", "smoke", root, str(fashion_dir), SETS, progress=False,
                    archive=archive)
     labels = [CifarNet(d, plain=p).label for p in (False, True) for d in (8, 14)]
-    assert sorted(p.name for p in archive.iterdir()) == sorted(labels)
+    assert sorted(p.name for p in archive.iterdir() if p.name != ".lock") == sorted(labels)
     for label in labels:
         for name in ("config.yaml", "metrics.jsonl", "eval.json"):
             assert (archive / label / name).read_bytes() == \
@@ -288,7 +293,7 @@ def test_a_parked_sub_run_resumes_on_the_next_machine(
     assert all(f.is_file() for f in (parked.config, parked.choices, parked.metrics))
     its = [r["iteration"] for r in MetricsLog(parked).records()]
     assert its == sorted(its) and its[-1] == 4
-    assert sorted(p.name for p in archive.iterdir()) == ["resnet8.parked"]  # nothing else began
+    assert sorted(p.name for p in archive.iterdir()) == [".lock", "resnet8.parked"]
 
     elsewhere = tmp_path / "data-elsewhere"
     elsewhere.symlink_to(fashion_dir)
@@ -359,12 +364,18 @@ def test_parking_keeps_the_later_checkpoint_and_refuses_to_choose(
     from resnetlab.reproduce import archive as archive_module
     copy, calls = archive_module._copy_run, []
 
+    hidden = tmp_path / "weights-being-pruned"
+
     def pruned_twice(run: RunDir, ckpt: Path, into: RunDir) -> None:
         calls.append(ckpt)
-        if len(calls) == 1:
-            raise shutil.Error([(str(ckpt), str(into.path), "No such file or directory")])
+        weights = ckpt / "model.safetensors"
+        if len(calls) == 1:  # the trainer is removing this checkpoint
+            weights.rename(hidden)
+            raise shutil.Error([(str(weights), str(into.path), "No such file or directory")])
+        if len(calls) == 2:  # the next one (here: the same, whole again) ...
+            hidden.rename(weights)
         copy(run, ckpt, into)
-        if len(calls) == 2:
+        if len(calls) == 2:  # ... listed before a removal, copied after
             (into.checkpoints / ckpt.name / "model.safetensors").unlink()
 
     monkeypatch.setattr(archive_module, "_copy_run", pruned_twice)
@@ -374,12 +385,70 @@ def test_parking_keeps_the_later_checkpoint_and_refuses_to_choose(
     again = RunDir(other / "resnet8.parked")
     assert again.pointer.read_text().strip() == "ckpt-00000003"
     assert (again.latest_checkpoint() / "model.safetensors").is_file()  # type: ignore[operator]
+    # A copy that fails with its checkpoint whole (a full disk) is an error, not a retry.
+    calls.clear()
+
+    def disk_full(run: RunDir, ckpt: Path, into: RunDir) -> None:
+        calls.append(ckpt)
+        raise OSError(28, "No space left on device", str(into.path))
+
+    monkeypatch.setattr(archive_module, "_copy_run", disk_full)
+    assert main([*args[:-1], str(tmp_path / "archive-4"), "--out", str(tmp_path / "b"),
+                 "--park"]) == 2
+    assert "No space left on device" in capsys.readouterr().err and len(calls) == 1
+    monkeypatch.undo()
     assert main([*args[:-2], "--out", str(tmp_path / "b"), "--park"]) == 2
     assert "--park copies into the --archive folder" in capsys.readouterr().err
+    # A parked folder that lost its weights is refused, one sub-run at a time (the next is
+    # seen to all the same); so is a run trained with other settings.
+    (parked.latest_checkpoint() / "model.safetensors").unlink()  # type: ignore[operator]
+    assert main([*args, "--out", str(tmp_path / "b"), "--park"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet8: refused: " in out and "holds no complete checkpoint" in out
+    assert "[2/4] resnet8-preact: no checkpoint yet: nothing to park" in out
+    assert main([*args[:-2], "--archive", str(tmp_path / "archive-3"), "--out",
+                 str(tmp_path / "b"), "--set", "optim.lr=0.05", "--park"]) == 0
+    assert "resnet8: refused: " in capsys.readouterr().out
+    assert not (tmp_path / "archive-3" / "resnet8.parked").exists()
     # Ctrl-C's last line says what continues an experiment (not a single run's flags).
     interrupt_at(monkeypatch, 2)
     assert main([*args[:-2], "--out", str(tmp_path / "e")]) == 130
     assert "each stopped sub-run keeps a checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_jobs_stops_every_worker_at_a_checkpoint(tmp_path: Path,
+                                                             fashion_dir: Path) -> None:
+    """--jobs 2, four sub-runs: SIGINT to the main process alone (as `kill -INT PID` sends
+    it) stops both training workers at a checkpoint, which the archive takes, and no queued
+    sub-run starts; the command ends at once."""
+    out, archive = tmp_path / "out", tmp_path / "archive"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resnetlab", "reproduce", "preact", "--scale", "smoke",
+         "--jobs", "2", "--out", str(out), "--archive", str(archive), "--data-dir",
+         str(fashion_dir), "--set", "data.verify=false", "--set",
+         "schedule.iterations=100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    first = [RunDir(out / "runs" / label) for label in ("resnet8", "resnet8-preact")]
+    try:
+        deadline = time.monotonic() + 180
+        while not all(run.latest_checkpoint() for run in first):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:  # a failure leaves no worker training on
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    for run in first:
+        ckpt = run.latest_checkpoint()
+        assert ckpt is not None and not run.eval_report.exists()
+        kept = RunDir(archive / f"{run.path.name}.parked")
+        assert kept.pointer.read_text().strip() == ckpt.name, stdout
+    assert not (out / "runs" / "resnet14").exists()
+    assert not (out / "runs" / "resnet14-preact").exists()
+    assert "each stopped sub-run keeps a checkpoint" in stderr
 
 
 def test_responses_report_and_stds(root: Path, fashion_dir: Path) -> None:

@@ -50,9 +50,10 @@ def _in_use(path: Path, holder: str) -> ConfigError:
 
 
 @contextlib.contextmanager
-def hold(lock_file: Path, what: Path) -> Iterator[None]:
+def hold(lock_file: Path, what: Path, wait: bool = False) -> Iterator[None]:
     """Hold `what` for this process through `lock_file`: another process, or another hold
-    in this one, is refused in one line naming the holder.
+    in this one, is refused in one line naming the holder (with `wait`, another process's
+    hold is waited for instead: for holds of seconds).
 
     A POSIX record lock (lockf): the kernel drops it when its holder dies, so a killed
     process leaves no stale lock, and forked children (DataLoader workers, which outlive a
@@ -66,7 +67,7 @@ def hold(lock_file: Path, what: Path) -> Iterator[None]:
         raise _in_use(what, _HELD[key])
     with open(lock_file, "a+") as f:
         try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EAGAIN):
                 raise

@@ -8,6 +8,7 @@ a folder committed beside its report:
       <label>.parked/   an unfinished sub-run as far as it got, a run directory to resume:
                         config.yaml, choices.json, metrics.jsonl, summary.csv,
                         checkpoints/latest and the one checkpoint it names
+      .lock             held while a process changes the archive (seconds; left empty)
 
 A sub-run is parked when Ctrl-C stops `reproduce` (the trainer saves a checkpoint first; with
 --executor the jobs go on, and their latest checkpoints are parked) and by `reproduce ...
@@ -24,9 +25,7 @@ of) is refused in one line and kept.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,13 +33,14 @@ from pathlib import Path
 from ..config import TrainConfig, changes, saved_config, to_yaml
 from ..errors import ConfigError
 from ..models.config import CONFIG_FILE, WEIGHTS_FILE
-from ..runs import STATE_FILE, RunDir
+from ..runs import STATE_FILE, RunDir, hold
 
 log = logging.getLogger(__name__)
 
 ARCHIVED = ("config", "metrics", "eval_report")  # the RunDir files a finished sub-run keeps
 PARKED = ("config", "choices", "metrics", "summary")  # and the latest checkpoint
 CHECKPOINT = (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE)  # a checkpoint's files (checkpoint.py)
+LOCK = ".lock"
 
 
 def _check_config(kept: RunDir, cfg: TrainConfig, what: str,
@@ -55,15 +55,12 @@ def _check_config(kept: RunDir, cfg: TrainConfig, what: str,
 @contextlib.contextmanager
 def _held(kept: RunDir) -> Iterator[None]:
     """One process at a time changes the archive (a --park beside the trainer's own), for
-    seconds, so others wait: an flock on the folder itself, which leaves no file in it."""
+    seconds, so others wait. A POSIX lock (runs.hold) on DIR/.lock: a lock on the folder
+    itself would fail on NFS, where a cluster's archive usually lies."""
     root = kept.path.parent
     root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with hold(root / LOCK, root, wait=True):
         yield
-    finally:
-        os.close(fd)
 
 
 def in_archive(kept: RunDir, cfg: TrainConfig) -> bool:
@@ -113,11 +110,21 @@ def _iteration(checkpoint: Path) -> int:
     return int(checkpoint.name.removeprefix("ckpt-"))
 
 
+def _complete(ckpt: Path) -> bool:
+    return all((ckpt / f).is_file() for f in CHECKPOINT)
+
+
+def _latest(run: RunDir) -> Path | None:
+    """The run's latest checkpoint if every file of it is there (a copy may lack one)."""
+    ckpt = run.latest_checkpoint()
+    return ckpt if ckpt is not None and _complete(ckpt) else None
+
+
 def parked_iteration(kept: RunDir) -> int | None:
     """The iteration the archive's parked copy of this sub-run reached (that of the copy a
     park killed mid-swap set aside, if that is all there is); None if none. Reads only."""
     for path in (parked(kept).path, _aside(parked(kept), "old")):
-        ckpt = RunDir(path).latest_checkpoint()
+        ckpt = _latest(RunDir(path))
         if ckpt is not None:
             return _iteration(ckpt)
     return None
@@ -134,7 +141,7 @@ def _tidy(dest: RunDir) -> None:
     if not dest.path.exists():
         old.rename(dest.path)
         return
-    was, now = RunDir(old).latest_checkpoint(), dest.latest_checkpoint()
+    was, now = _latest(RunDir(old)), _latest(dest)
     if now is None or (was is not None and _iteration(was) >= _iteration(now)):
         raise ConfigError(f"{old} and {dest.path} are two parked copies of one sub-run, and "
                           f"{dest.path.name} is not the later; move the one to drop away")
@@ -165,7 +172,7 @@ def park(run: RunDir, kept: RunDir, cfg: TrainConfig) -> str:
         have = None
         if dest.path.exists():
             _check_config(dest, cfg, "a parked sub-run")
-            ckpt = dest.latest_checkpoint()
+            ckpt = _latest(dest)
             if ckpt is None:
                 raise ConfigError(f"{dest.path} holds no complete checkpoint; move it away "
                                   "to park this run there")
@@ -185,10 +192,11 @@ def park(run: RunDir, kept: RunDir, cfg: TrainConfig) -> str:
                 shutil.rmtree(tmp.path)
             try:
                 _copy_run(run, ckpt, tmp)
-            except OSError:  # shutil.Error too: the trainer pruned it during the copy
+            except OSError:  # shutil.Error too
+                if _complete(ckpt):
+                    raise  # not the trainer's pruning: a full disk, a permission
                 continue
-            copied = tmp.checkpoints / ckpt.name
-            if not all((copied / f).is_file() for f in CHECKPOINT):
+            if not _complete(tmp.checkpoints / ckpt.name):
                 continue  # listed before the pruning took a file, copied after
             old = _aside(dest, "old")
             if dest.path.exists():
@@ -202,28 +210,34 @@ def park(run: RunDir, kept: RunDir, cfg: TrainConfig) -> str:
         return "its checkpoints changed during each of 3 copies; nothing parked, try again"
 
 
-def unpark(kept: RunDir, run: RunDir, cfg: TrainConfig) -> int | None:
-    """Copy the archive's parked copy of this sub-run into `run`, to resume there; returns its
-    iteration, or None if there is none or `run` is as far already (it may be training: a
-    job's). A `run` started here and behind the archive is refused: it is someone's work,
-    and which to keep is theirs to say."""
-    it = parked_iteration(kept)
-    if it is None:
-        return None
+def _takes(run: RunDir, it: int) -> bool:
+    """Whether `run` is to take a parked copy at iteration `it`: not if it is as far already
+    (it may be training: a job's); one started here and behind is refused."""
     mine = run.latest_checkpoint()
     if mine is not None and _iteration(mine) >= it:
-        return None
+        return False
     if mine is not None or run.started() or run.checkpoint_dirs():
         at = f"iteration {_iteration(mine):,}" if mine else "no complete checkpoint"
         raise ConfigError(f"{run.path} holds {at} of this sub-run and the archive's parked "
                           f"copy iteration {it:,}; move {run.path} away to resume from the "
                           "archive, or pass another --out")
+    return True
+
+
+def unpark(kept: RunDir, run: RunDir, cfg: TrainConfig) -> int | None:
+    """Copy the archive's parked copy of this sub-run into `run`, to resume there; returns its
+    iteration, or None if there is none or `run` does not take it (`_takes`). Checked
+    before the locks, which a training job holds, and again under them."""
+    it = parked_iteration(kept)
+    if it is None or not _takes(run, it):
+        return None
     src = parked(kept)
     with _held(kept), run.lock():
         _tidy(src)
+        ckpt = _latest(src)
+        if ckpt is None or not _takes(run, _iteration(ckpt)):
+            return None
         _check_config(src, cfg, "a parked sub-run")
-        ckpt = src.latest_checkpoint()
-        assert ckpt is not None
         _copy_run(src, ckpt, run)
         # config.yaml names this machine's data folder; the rest is the parked run's.
         head = src.config.read_text().splitlines(keepends=True)[0]

@@ -23,6 +23,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -376,11 +377,14 @@ def park_sub_runs(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]]
         cfg, run, kept = ctx.config(net, seed), RunDir(ctx.run_dir(net, seed)), ctx.archived(
             net, seed)
         assert kept is not None
-        if _finished(run, cfg):  # e.g. while --jobs stopped: archived, as any finished here
-            _kept(ctx, load_sub_run(net, run, seed))
-            said.append((head, "finished: its logs are in the archive"))
-        else:
-            said.append((head, park(run, kept, cfg)))
+        try:
+            if _finished(run, cfg):  # e.g. while --jobs stopped: archived, as any finished
+                _kept(ctx, load_sub_run(net, run, seed))
+                said.append((head, "finished: its logs are in the archive"))
+            else:
+                said.append((head, park(run, kept, cfg)))
+        except ConfigError as e:  # the others are parked all the same
+            said.append((head, f"refused: {e}"))
     return said
 
 
@@ -453,21 +457,34 @@ def _train_each(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
                 f"({(time.perf_counter() - t0) / 60:.1f} min)")
 
 
-_stopped = False  # in a worker of --jobs: Ctrl-C stopped its sub-run, so it starts no other
+_stop: Any = None  # in a worker of --jobs: the pool's Event, set once Ctrl-C stops it
+
+
+def _worker_init(stop: Any) -> None:
+    """A --jobs worker ignores Ctrl-C except while it trains (`_train_in_worker`): one idle
+    when it comes would die, and the pool, broken, would kill the others mid-save."""
+    global _stop
+    _stop = stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _interrupt_once(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one must not cut the save short
+    raise KeyboardInterrupt
 
 
 def _train_in_worker(cfg: TrainConfig, path: Path, threads: int) -> tuple[float, int]:
-    """One sub-run in a worker process of --jobs, on its share of the CPU threads."""
-    global _stopped
-    if _stopped:
+    """One sub-run in a worker process of --jobs, on its share of the CPU threads; none
+    starts once the pool is stopped."""
+    if _stop is not None and _stop.is_set():
         raise KeyboardInterrupt
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
+    signal.signal(signal.SIGINT, _interrupt_once)
     try:
         train(cfg, path, resume=True, progress=False)
-    except KeyboardInterrupt:
-        _stopped = True
-        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     return time.perf_counter() - t0, os.getpid()
 
 
@@ -478,13 +495,17 @@ def _train_parallel(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
     885 in one process of 2 threads, 3% more, all it buys there). Spawned,
     not forked: a fork of a process that has run torch's thread pool can hang. A sub-run
     that fails does not stop the others; the first error is raised when all have ended,
-    and every sub-run keeps its checkpoints for the next attempt. Ctrl-C (a terminal signals
-    the workers too) stops every sub-run at a checkpoint and starts no other."""
+    and every sub-run keeps its checkpoints for the next attempt. Ctrl-C stops every
+    sub-run at a checkpoint (the workers are signalled too, if the terminal did not) and
+    starts no other."""
     threads = max(1, torch.get_num_threads() // ctx.jobs)
     ctx.say(f"training {len(todo)} sub-runs, {ctx.jobs} at a time in worker processes "
             f"of {threads} thread{'s' if threads > 1 else ''} each")
     errors: list[BaseException] = []
-    with ProcessPoolExecutor(ctx.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    spawn = multiprocessing.get_context("spawn")
+    stop = spawn.Event()
+    with ProcessPoolExecutor(ctx.jobs, mp_context=spawn, initializer=_worker_init,
+                             initargs=(stop,)) as pool:
         futures = {}
         for head, net, seed in todo:
             cfg, run = ctx.config(net, seed), RunDir(ctx.run_dir(net, seed))
@@ -493,6 +514,10 @@ def _train_parallel(ctx: Context, todo: Sequence[tuple[str, CifarNet, int]],
         try:
             _collect(ctx, futures, done, errors)
         except KeyboardInterrupt:
+            stop.set()
+            for worker in multiprocessing.active_children():  # the pool's, spawned here
+                if worker.pid is not None:
+                    os.kill(worker.pid, signal.SIGINT)
             pool.shutdown(cancel_futures=True)
             raise
     if errors:

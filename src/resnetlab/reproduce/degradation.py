@@ -106,11 +106,11 @@ def plot(runs: dict[CifarNet, list[SubRun]], depths: tuple[int, ...], path: Any,
                   fontsize=8)
     axes[0].set_ylabel("error (%)   dashed: training, bold: test")
     axes[0].set_ylim(0, min(100, top * 1.15 + 1))
-    fig.tight_layout()
     per_epoch = 1 / epoch_iterations
     for ax in axes:
         ax.secondary_xaxis("top", functions=(lambda i: i * per_epoch, lambda e: e / per_epoch)
                            ).set_xlabel("epoch")
+    fig.tight_layout()  # after the epoch axes, which it must make room for
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
