@@ -186,6 +186,13 @@ SCALES: dict[str, Scale] = {
     # sub-runs cross machines through --archive's parked checkpoints.
     "longest": replace(_SHORT, name="longest", iterations=28000, milestones=(14000, 21000),
                        eval_every=1400, log_every=50),
+    # The paper's schedule (sec. 4.2: 64k iterations of batch 128, lr /10 at 32k and 48k, the
+    # 110-layer warm-up) on Fashion-MNIST's 60k images, 20 to 110 layers: issue 33's thesis
+    # at the paper's length, for a lent GPU (tools/gpu_degradation.sh).
+    "paper-fashion": replace(_SHORT, name="paper-fashion", iterations=64000,
+                             milestones=(32000, 48000), eval_every=2000, log_every=100,
+                             depths=(20, 56, 110), response_depths=(20, 56, 110),
+                             pair_depths=(56, 110), lesion_depth=110, gradient_depth=110),
     # Paper sec. 4.2 on CIFAR-10: 64k iterations, 45k/5k split, lr /10 at 32k and 48k.
     "paper": Scale("paper", "cifar10", iterations=64000, milestones=(32000, 48000),
                    eval_every=1000, log_every=100, batch_size=128, val_split=5000, pad=4,
