@@ -762,9 +762,11 @@ def test_overtakes_gives_the_epoch_from_which_the_deeper_net_stays_below() -> No
 
 
 def test_the_pilot_tool_reads_the_sub_runs_it_reports(root: Path, tmp_path: Path,
-                                                      fashion_dir: Path) -> None:
+                                                      fashion_dir: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """tools/pilot_curves.py (issue 33's pilot) on the smoke sub-runs: its table and json hold
-    each finished net's numbers as eval.json and the metrics hold them."""
+    each finished net's numbers as eval.json and the metrics hold them; a sub-run parked
+    unfinished is shown as far as it got."""
     import subprocess
     import sys
 
@@ -795,3 +797,18 @@ def test_the_pilot_tool_reads_the_sub_runs_it_reports(root: Path, tmp_path: Path
     again = json.loads((tmp_path / "again" / "pilot.json").read_text())
     assert {k: v["test_error"][0] for k, v in again.items() if isinstance(v, dict)} == \
         {k: v["test_error"][0] for k, v in got.items() if isinstance(v, dict)}
+    # The first sub-run stopped at iteration 4 of 6 and parked: under way, no test error.
+    interrupt_at(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment("degradation", "smoke", tmp_path / "stopped", str(fashion_dir), SETS,
+                       progress=False, archive=tmp_path / "parked")
+    monkeypatch.undo()
+    pilot(tmp_path / "none-here", tmp_path / "partial", "--archive", str(tmp_path / "parked"))
+    partial = json.loads((tmp_path / "partial" / "pilot.json").read_text())
+    assert list(partial) == ["resnet8", "resnet_overtakes_at_epoch"]
+    reached = max(r["epoch"] for r in MetricsLog(RunDir(tmp_path / "parked" / "resnet8.parked"))
+                  .records() if r["kind"] == "train")
+    assert partial["resnet8"]["reached_epoch"] == pytest.approx(reached)
+    assert partial["resnet8"]["test_error"] == [] and partial["resnet_overtakes_at_epoch"] is None
+    assert f"| resnet8 | under way, to epoch {reached:.1f} |" in \
+        (tmp_path / "partial" / "pilot.md").read_text()

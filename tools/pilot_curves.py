@@ -12,6 +12,9 @@ ResNet's training error stays below the shallowest's.
         [--data-dir DIR] [--set KEY=VALUE ...]
 
 Sub-runs finished on earlier machines are read from the archive (`reproduce --archive`).
+A net none of whose seeds has finished is shown as far as seed 0 got (its run here or its
+parked copy in the archive, whichever is further): its curve, the marks it has passed and
+its training error so far, with no test error, time or overtaking epoch yet.
 `--data-dir` and `--set` as given to `reproduce`: a sub-run of another recipe is refused.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -26,8 +30,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from resnetlab.recipes import CifarNet
-from resnetlab.reproduce.common import Context, devices, finished_sub_run, get_scale
+from resnetlab.report import MetricsLog
+from resnetlab.reproduce.archive import parked
+from resnetlab.reproduce.common import Context, SubRun, devices, finished_sub_run, get_scale
 from resnetlab.reproduce.degradation import final_train_error, overtakes, seed_band
+from resnetlab.runs import RunDir
 from resnetlab.tables import format_table
 
 WINDOW = 5  # logged windows in a moving mean, as the report's final training error
@@ -39,6 +46,19 @@ def smoothed(runs: list, per_iteration: float) -> tuple[np.ndarray, np.ndarray]:
     w = min(WINDOW, len(its))  # a smoke run logs fewer windows
     mean = np.convolve(errs.mean(0), np.ones(w) / w, "valid")
     return np.array(its[w - 1:]) * per_iteration, mean
+
+
+def under_way(ctx: Context, net: CifarNet) -> SubRun | None:
+    """Seed 0 of `net` as far as it got, here or parked in the archive; None if not begun."""
+    places = [RunDir(ctx.run_dir(net))]
+    if ctx.archive is not None:
+        places.append(parked(RunDir(ctx.archive / ctx.label(net))))
+    got = [(trained[-1]["iteration"], run) for run in places
+           if (trained := [r for r in MetricsLog(run).records() if r["kind"] == "train"])]
+    if not got:
+        return None
+    run = max(got, key=lambda g: g[0])[1]
+    return SubRun(net, run.path, math.nan, MetricsLog(run).records())
 
 
 def main() -> None:
@@ -65,6 +85,8 @@ def main() -> None:
                 if sub is None:
                     break
                 seeds.append(sub)
+            if not seeds and (sub := under_way(ctx, net)) is not None:
+                seeds.append(sub)
             if seeds:
                 runs[net] = seeds
     if not runs:
@@ -84,16 +106,20 @@ def main() -> None:
         test = [(r["iteration"] * per_iteration, 100 * r["test_error"]) for r in seeds[0].records
                 if r["kind"] == "eval" and r.get("test_error") is not None]
         ax.plot(*zip(*test, strict=True), ":", color=line.get_color(), lw=1)
-        at = [float(err[np.abs(ep - m).argmin()]) for m in marks]
+        at = [float(err[np.abs(ep - m).argmin()]) if m <= ep[-1] else math.nan for m in marks]
+        done = not math.isnan(seeds[0].test_error)
         speed = statistics.median(r["images_per_s"] for s in seeds for r in s.records
                                   if r["kind"] == "train" and r.get("images_per_s"))
         minutes = [s.seconds / 60 for s in seeds if s.seconds is not None]
         final = [100 * final_train_error(s) for s in seeds]
-        tests = [100 * s.test_error for s in seeds]
-        rows.append([net.label, len(seeds), *(f"{a:.2f}" for a in at),
-                     f"{statistics.fmean(final):.2f}", f"{statistics.fmean(tests):.2f}",
+        tests = [100 * s.test_error for s in seeds] if done else []
+        rows.append([net.label, len(seeds) if done else f"under way, to epoch {ep[-1]:.1f}",
+                     *("—" if math.isnan(a) else f"{a:.2f}" for a in at),
+                     f"{statistics.fmean(final):.2f}" + ("" if done else " so far"),
+                     f"{statistics.fmean(tests):.2f}" if done else "—",
                      f"{statistics.fmean(minutes):.1f}" if minutes else "—", f"{speed:.0f}"])
-        results[net.label] = {"seeds": len(seeds), "train_error_at_epochs": dict(
+        results[net.label] = {"seeds": len(seeds) if done else 0,
+                              "reached_epoch": float(ep[-1]), "train_error_at_epochs": dict(
             zip([f"{m:.2f}" for m in marks], at, strict=True)), "final_train_error": final,
             "test_error": tests, "minutes": minutes, "median_images_per_s": speed}
     ax.set_xlabel("epoch")
@@ -108,7 +134,8 @@ def main() -> None:
     fig.savefig(args.report / "pilot.png", dpi=120)
     plt.close(fig)
     lo, hi = CifarNet(scale.depths[0]), CifarNet(scale.depths[-1])
-    when = overtakes(runs[hi], runs[lo]) if lo in runs and hi in runs else None
+    both = all(n in runs and not math.isnan(runs[n][0].test_error) for n in (lo, hi))
+    when = overtakes(runs[hi], runs[lo]) if both else None
     results["resnet_overtakes_at_epoch"] = when
     header = ["net", "seeds", *(f"train @ {m:.1f} ep" for m in marks), "final train",
               "test", "minutes", "images/s"]
@@ -128,7 +155,7 @@ def main() -> None:
             format_table(header, rows, markdown=True), "",
             f"ResNet-{hi.depth}'s training error stays below ResNet-{lo.depth}'s "
             + (f"from epoch {when:.1f} on." if when is not None else "at no point.")
-            if lo in runs and hi in runs else "Waiting for both residual nets."]
+            if both else "Waiting for both residual nets to finish."]
     (args.report / "pilot.md").write_text("\n".join(text) + "\n")
     (args.report / "pilot.json").write_text(json.dumps(results, indent=2) + "\n")
     print(args.report / "pilot.md")
