@@ -206,6 +206,18 @@ def test_a_changed_recipe_is_refused_for_a_finished_sub_run(root: Path,
                        (*SETS, "optim.lr=0.05"), progress=False)
 
 
+def _on_another_machine(experiment: str, tmp_path: Path, fashion_dir: Path,
+                        archive: Path) -> Path:
+    """The experiment run again with the archive, as the next machine runs it: a fresh --out
+    and the data set in another folder. Returns that --out."""
+    elsewhere = tmp_path / "data-elsewhere"
+    elsewhere.symlink_to(fashion_dir)
+    out = tmp_path / "next-machine"
+    run_experiment(experiment, "smoke", out, str(elsewhere), SETS, progress=False,
+                   archive=archive)
+    return out
+
+
 def test_an_archive_finishes_an_experiment_on_another_machine(
         root: Path, tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -226,12 +238,8 @@ def test_an_archive_finishes_an_experiment_on_another_machine(
         raise AssertionError("trained a sub-run the archive holds")
 
     monkeypatch.setattr("resnetlab.reproduce.common.train", no_training)
-    elsewhere = tmp_path / "data-elsewhere"
-    elsewhere.symlink_to(fashion_dir)
-    fresh = tmp_path / "fresh"
     caplog.set_level("INFO")
-    run_experiment("degradation", "smoke", fresh, str(elsewhere), SETS, progress=False,
-                   archive=archive)
+    fresh = _on_another_machine("degradation", tmp_path, fashion_dir, archive)
     assert sum("read from the archive" in r.message for r in caplog.records) == 4
     assert not (fresh / "runs").exists()
     ours, theirs = (json.loads((r / "degradation" / "results.json").read_text())
@@ -295,12 +303,8 @@ def test_a_parked_sub_run_resumes_on_the_next_machine(
     assert its == sorted(its) and its[-1] == 4
     assert sorted(p.name for p in archive.iterdir()) == [".lock", "resnet8.parked"]
 
-    elsewhere = tmp_path / "data-elsewhere"
-    elsewhere.symlink_to(fashion_dir)
-    nxt = tmp_path / "next"
     caplog.set_level("INFO")
-    run_experiment("preact", "smoke", nxt, str(elsewhere), SETS, progress=False,
-                   archive=archive)
+    nxt = _on_another_machine("preact", tmp_path, fashion_dir, archive)
     assert any("resnet8: taken from the archive's parked copy at iteration 4" in r.message
                for r in caplog.records)
     a = resnetlab.load_model(nxt / "runs" / "resnet8" / "final").state_dict()

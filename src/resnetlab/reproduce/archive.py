@@ -144,7 +144,7 @@ def _tidy(dest: RunDir) -> None:
     was, now = _latest(RunDir(old)), _latest(dest)
     if now is None or (was is not None and _iteration(was) >= _iteration(now)):
         raise ConfigError(f"{old} and {dest.path} are two parked copies of one sub-run, and "
-                          f"{dest.path.name} is not the later; move the one to drop away")
+                          f"{dest.path.name} is not the later; move away the one to drop")
     shutil.rmtree(old)
 
 
