@@ -178,3 +178,28 @@ def test_saves_killed_at_random_moments_always_leave_a_complete_checkpoint(
             proc.wait()
     assert not leftovers & {p.name for p in root.iterdir()}
     assert len([p for p in root.iterdir() if p.name.startswith("ckpt-")]) <= 2
+
+
+def test_sigterm_stops_training_at_a_checkpoint(tmp_path: Path, fashion_dir: Path) -> None:
+    """`kill PID` (SIGTERM, as a machine shutting down sends it) stops `resnetlab train` as
+    Ctrl-C does: a checkpoint at the step it stopped at (the run has no other: its first
+    evaluation would be at its end) and exit 130, where it used to die with its steps."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resnetlab", "train", "--preset", "smoke", "--data-dir",
+         str(fashion_dir), "--out", str(out), "--set=data.verify=false",
+         "--set=schedule.iterations=100000", "--set=eval_every=100000", "--set=log_every=2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (RunDir(out).metrics.is_file() and RunDir(out).metrics.stat().st_size):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    logged = max(r["iteration"] for r in MetricsLog(RunDir(out)).records())
+    assert _state(out)["iteration"] >= logged >= 2

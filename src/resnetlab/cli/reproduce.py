@@ -82,7 +82,7 @@ def add_reproduce_parser(sub: argparse._SubParsersAction,
         e = experiments.add_parser(name, parents=[common], help=summary, description=summary,
                                    formatter_class=raw, epilog=_scales(exp))
         _add_flags(e)
-        e.set_defaults(func=cmd_reproduce, interrupted=(
+        e.set_defaults(func=cmd_reproduce, trains=True, interrupted=(
             "interrupted; each stopped sub-run keeps a checkpoint (parked in --archive, if "
             "given): the same command continues"))
 

@@ -88,7 +88,7 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
     t.add_argument("--nproc", type=positive_int, default=1,
                    help="data-parallel processes on this machine (runs torchrun for you)")
     add_cluster_flags(t, train=True)
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=cmd_train, trains=True)
 
     e = sub.add_parser("eval", parents=[common],
                        help="top-1/top-5 error of a run or weights directory")

@@ -476,7 +476,10 @@ def _worker_init(stop: Any) -> None:
 
 
 def _interrupt_once(signum: int, frame: Any) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second one must not cut the save short
+    """Ctrl-C or SIGTERM while a worker trains: stop at a checkpoint (the trainer saves
+    one); a second signal must not cut the save short."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -487,11 +490,13 @@ def _train_in_worker(cfg: TrainConfig, path: Path, threads: int) -> tuple[float,
         raise KeyboardInterrupt
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    signal.signal(signal.SIGINT, _interrupt_once)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt_once)
     try:
         train(cfg, path, resume=True, progress=False)
-    finally:
+    finally:  # idle again: the pool may terminate it (SIGTERM) if it breaks
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return time.perf_counter() - t0, os.getpid()
 
 
