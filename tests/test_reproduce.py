@@ -341,6 +341,9 @@ def test_parking_keeps_the_later_checkpoint_and_refuses_to_choose(
                        progress=False, archive=archive)
     assert main([*args, "--out", str(tmp_path / "c"), "--status"]) == 0
     assert "resnet8: not started; parked in the archive at iteration 4" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "b"), "--status"]) == 0
+    assert ("resnet8: started, resumable from iteration 3; parked in the archive at "
+            "iteration 4") in capsys.readouterr().out
     with pytest.raises(ConfigError, match="parked sub-run of another configuration"):
         run_experiment("preact", "smoke", tmp_path / "c", str(fashion_dir),
                        (*SETS, "optim.lr=0.05"), progress=False, archive=archive)

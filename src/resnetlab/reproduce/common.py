@@ -428,7 +428,9 @@ def sub_run_states(ctx: Context, nets: Sequence[CifarNet], seeds: int | None = N
             state = (f"{cluster.job_state(ctx.jobs_dir, entry)} ({entry['executor']} job "
                      f"{entry['job_id']})")
         else:
-            state = "started, resumable" if run.pointer.exists() else "not started"
+            ckpt = run.latest_checkpoint()
+            state = ("not started" if ckpt is None else
+                     f"started, resumable from iteration {int(ckpt.name.removeprefix('ckpt-')):,}")
             kept = ctx.archived(net, seed)
             it = None if kept is None else parked_iteration(kept)
             if it is not None:
