@@ -1,5 +1,6 @@
 """Hard kills: a SIGKILLed run resumes bit-identically; a save killed midway loses nothing."""
 
+import contextlib
 import os
 import random
 import signal
@@ -180,26 +181,38 @@ def test_saves_killed_at_random_moments_always_leave_a_complete_checkpoint(
     assert len([p for p in root.iterdir() if p.name.startswith("ckpt-")]) <= 2
 
 
-def test_sigterm_stops_training_at_a_checkpoint(tmp_path: Path, fashion_dir: Path) -> None:
-    """`kill PID` (SIGTERM, as a machine shutting down sends it) stops `resnetlab train` as
-    Ctrl-C does: a checkpoint at the step it stopped at (the run has no other: its first
-    evaluation would be at its end) and exit 130, where it used to die with its steps."""
-    out = tmp_path / "run"
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_sigterm_stops_training_at_a_checkpoint(tmp_path: Path, fashion_dir: Path,
+                                                folder_dir: Path, kind: str) -> None:
+    """SIGTERM stops `resnetlab train` as Ctrl-C does: a checkpoint at the step it stopped at
+    (the run has no other: its first evaluation would be at its end) and exit 130, where it
+    used to die with its steps. In memory: `kill PID`; an image folder read by 2 DataLoader
+    workers: the whole process group, as a machine shutting down signals every process."""
+    out, extra = tmp_path / "run", KINDS[kind]
     proc = subprocess.Popen(
         [sys.executable, "-m", "resnetlab", "train", "--preset", "smoke", "--data-dir",
-         str(fashion_dir), "--out", str(out), "--set=data.verify=false",
-         "--set=schedule.iterations=100000", "--set=eval_every=100000", "--set=log_every=2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         str(folder_dir if extra else fashion_dir), "--out", str(out),
+         *[f"--set={s}" for s in ["data.verify=false", "schedule.iterations=100000",
+                                  "eval_every=100000", "log_every=2", *extra]]],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def stop_all() -> str:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return proc.communicate()[1]
+
     try:
         deadline = time.monotonic() + 120
         while not (RunDir(out).metrics.is_file() and RunDir(out).metrics.stat().st_size):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            assert proc.poll() is None and time.monotonic() < deadline, stop_all()
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
+        if extra:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop_all()
     assert proc.returncode == 130, err
     logged = max(r["iteration"] for r in MetricsLog(RunDir(out)).records())
     assert _state(out)["iteration"] >= logged >= 2

@@ -437,16 +437,20 @@ def test_ctrl_c_under_jobs_stops_every_worker_at_a_checkpoint(tmp_path: Path,
          "schedule.iterations=100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True)
     first = [RunDir(out / "runs" / label) for label in ("resnet8", "resnet8-preact")]
+    def stop_all() -> str:  # a failure leaves no worker training on
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return proc.communicate()[1]
+
     try:
         deadline = time.monotonic() + 180
         while not all(run.latest_checkpoint() for run in first):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            assert proc.poll() is None and time.monotonic() < deadline, stop_all()
             time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
-    finally:  # a failure leaves no worker training on
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        stop_all()
     assert proc.returncode == 130, stderr
     for run in first:
         ckpt = run.latest_checkpoint()

@@ -122,6 +122,11 @@ class RunDir:
     def checkpoint(self, iteration: int) -> Path:
         return self.checkpoints / f"ckpt-{iteration:08d}"
 
+    @staticmethod
+    def iteration(checkpoint: Path) -> int:
+        """The iteration a checkpoint directory (`checkpoint(it)`) was saved at."""
+        return int(checkpoint.name.removeprefix("ckpt-"))
+
     def checkpoint_dirs(self) -> list[Path]:
         """Every checkpoint directory, oldest first."""
         return sorted(self.checkpoints.glob("ckpt-*"))

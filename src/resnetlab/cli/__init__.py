@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import ResNetLabError
+from ..train.signals import stop_at_a_checkpoint
 from .deploy import add_deploy_parser
 from .models import add_model_parsers
 from .reproduce import add_reproduce_parser
@@ -44,20 +45,8 @@ INTERRUPTED = ("interrupted; a training run keeps a checkpoint: rerun the same c
                "--out RUN_DIR --resume auto to continue")
 
 
-def _stop_on_term(signum: int, frame: object) -> None:
-    """SIGTERM (`kill PID`, a machine shutting down) stops a training command as Ctrl-C
-    does: at a checkpoint, which reproduce --archive parks. Once: a second must not cut
-    the save short."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Not for `--nproc` or under torchrun, whose processes torchrun stops and restarts.
-    if getattr(args, "trains", False) and getattr(args, "nproc", 1) == 1 \
-            and "LOCAL_RANK" not in os.environ:
-        signal.signal(signal.SIGTERM, _stop_on_term)
     # Under torchrun only rank 0 reports progress; the other ranks speak up only on trouble.
     main_rank = os.environ.get("RANK", "0") == "0"
     # Our own INFO lines are the CLI's progress; other libraries' (the ONNX exporter's graph
@@ -65,8 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("resnetlab").setLevel(logging.INFO if main_rank else logging.WARNING)
     func: Callable[[argparse.Namespace], int] = args.func
+    # Not for `--nproc` or under torchrun, whose processes torchrun stops and restarts.
+    trains = getattr(args, "trains", False) and getattr(args, "nproc", 1) == 1 \
+        and "WORLD_SIZE" not in os.environ
     try:
-        code = func(args)
+        with stop_at_a_checkpoint() if trains else contextlib.nullcontext():
+            code = func(args)
         sys.stdout.flush()  # a closed pipe is met here, not at exit beyond this handler
         return code
     except BrokenPipeError:

@@ -106,10 +106,6 @@ def _aside(dest: RunDir, what: str) -> Path:
     return dest.path.with_name(f".{dest.path.name}.{what}")
 
 
-def _iteration(checkpoint: Path) -> int:
-    return int(checkpoint.name.removeprefix("ckpt-"))
-
-
 def _complete(ckpt: Path) -> bool:
     return all((ckpt / f).is_file() for f in CHECKPOINT)
 
@@ -126,7 +122,7 @@ def parked_iteration(kept: RunDir) -> int | None:
     for path in (parked(kept).path, _aside(parked(kept), "old")):
         ckpt = _latest(RunDir(path))
         if ckpt is not None:
-            return _iteration(ckpt)
+            return RunDir.iteration(ckpt)
     return None
 
 
@@ -142,16 +138,21 @@ def _tidy(dest: RunDir) -> None:
         old.rename(dest.path)
         return
     was, now = _latest(RunDir(old)), _latest(dest)
-    if now is None or (was is not None and _iteration(was) >= _iteration(now)):
+    if now is None or (was is not None and RunDir.iteration(was) >= RunDir.iteration(now)):
         raise ConfigError(f"{old} and {dest.path} are two parked copies of one sub-run, and "
                           f"{dest.path.name} is not the later; move away the one to drop")
     shutil.rmtree(old)
 
 
 def _copy_run(run: RunDir, ckpt: Path, into: RunDir) -> None:
-    """The files a run resumes from: its logs and `ckpt`."""
+    """The files a run resumes from: its logs and `ckpt`, which appears whole or not at all
+    (copied under checkpoint.py's name for one being written, then renamed)."""
     into.checkpoints.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(ckpt, into.checkpoints / ckpt.name, dirs_exist_ok=True)
+    tmp = into.checkpoints / f".tmp-{ckpt.name}"
+    if tmp.exists():  # a copy killed midway: checkpoint.py clears these too
+        shutil.rmtree(tmp)
+    shutil.copytree(ckpt, tmp)
+    tmp.rename(into.checkpoints / ckpt.name)
     for f in PARKED:
         if getattr(run, f).is_file():
             shutil.copyfile(getattr(run, f), getattr(into, f))
@@ -176,13 +177,13 @@ def park(run: RunDir, kept: RunDir, cfg: TrainConfig) -> str:
             if ckpt is None:
                 raise ConfigError(f"{dest.path} holds no complete checkpoint; move it away "
                                   "to park this run there")
-            have = _iteration(ckpt)
+            have = RunDir.iteration(ckpt)
         tmp = RunDir(_aside(dest, "partial"))
         for _ in range(3):
             ckpt = run.latest_checkpoint()
             if ckpt is None:
                 return "no checkpoint yet: nothing to park"
-            it = _iteration(ckpt)
+            it = RunDir.iteration(ckpt)
             if have is not None and have >= it:
                 return (f"the archive's parked copy is at iteration {have:,} already"
                         if have == it else f"kept the archive's parked copy: at iteration "
@@ -214,10 +215,10 @@ def _takes(run: RunDir, it: int) -> bool:
     """Whether `run` is to take a parked copy at iteration `it`: not if it is as far already
     (it may be training: a job's); one started here and behind is refused."""
     mine = run.latest_checkpoint()
-    if mine is not None and _iteration(mine) >= it:
+    if mine is not None and RunDir.iteration(mine) >= it:
         return False
     if mine is not None or run.started() or run.checkpoint_dirs():
-        at = f"iteration {_iteration(mine):,}" if mine else "no complete checkpoint"
+        at = f"iteration {RunDir.iteration(mine):,}" if mine else "no complete checkpoint"
         raise ConfigError(f"{run.path} holds {at} of this sub-run and the archive's parked "
                           f"copy iteration {it:,}; move {run.path} away to resume from the "
                           "archive, or pass another --out")
@@ -235,11 +236,11 @@ def unpark(kept: RunDir, run: RunDir, cfg: TrainConfig) -> int | None:
     with _held(kept), run.lock():
         _tidy(src)
         ckpt = _latest(src)
-        if ckpt is None or not _takes(run, _iteration(ckpt)):
+        if ckpt is None or not _takes(run, RunDir.iteration(ckpt)):
             return None
         _check_config(src, cfg, "a parked sub-run")
         _copy_run(src, ckpt, run)
         # config.yaml names this machine's data folder; the rest is the parked run's.
         head = src.config.read_text().splitlines(keepends=True)[0]
         run.config.write_text((head if head.startswith("#") else "") + to_yaml(cfg))
-    return _iteration(ckpt)
+    return RunDir.iteration(ckpt)

@@ -44,6 +44,7 @@ from ..recipes import CifarNet, cifar_recipe
 from ..report import MetricsLog
 from ..runs import RunDir
 from ..train.loop import train
+from ..train.signals import stop_at_a_checkpoint
 from .archive import archive_sub_run, in_archive, park, parked_iteration, unpark
 
 log = logging.getLogger(__name__)
@@ -429,8 +430,9 @@ def sub_run_states(ctx: Context, nets: Sequence[CifarNet], seeds: int | None = N
                      f"{entry['job_id']})")
         else:
             ckpt = run.latest_checkpoint()
-            state = ("not started" if ckpt is None else
-                     f"started, resumable from iteration {int(ckpt.name.removeprefix('ckpt-')):,}")
+            state = (f"started, resumable from iteration {RunDir.iteration(ckpt):,}" if ckpt
+                     else "started, no complete checkpoint yet"
+                     if run.started() or run.checkpoint_dirs() else "not started")
             kept = ctx.archived(net, seed)
             it = None if kept is None else parked_iteration(kept)
             if it is not None:
@@ -477,28 +479,16 @@ def _worker_init(stop: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _interrupt_once(signum: int, frame: Any) -> None:
-    """Ctrl-C or SIGTERM while a worker trains: stop at a checkpoint (the trainer saves
-    one); a second signal must not cut the save short."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def _train_in_worker(cfg: TrainConfig, path: Path, threads: int) -> tuple[float, int]:
     """One sub-run in a worker process of --jobs, on its share of the CPU threads; none
-    starts once the pool is stopped."""
+    starts once the pool is stopped. Ctrl-C or SIGTERM stops it at a checkpoint; idle
+    again, it ignores Ctrl-C, and SIGTERM is the pool's to end it with."""
     if _stop is not None and _stop.is_set():
         raise KeyboardInterrupt
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _interrupt_once)
-    try:
+    with stop_at_a_checkpoint(respect_ignored=False):
         train(cfg, path, resume=True, progress=False)
-    finally:  # idle again: the pool may terminate it (SIGTERM) if it breaks
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return time.perf_counter() - t0, os.getpid()
 
 

@@ -180,8 +180,10 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, progress: bool | None,
                     os.kill(os.getpid(), signal.SIGKILL)
                 if s.it >= total:
                     break
-    except KeyboardInterrupt:
-        if not dist.enabled and math.isfinite(log_.window.read()[0]):
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where train/signals.py makes it one
+        # Not again at a step just saved: rewriting it would first remove the only copy.
+        if not dist.enabled and math.isfinite(log_.window.read()[0]) \
+                and run.latest_checkpoint() != run.checkpoint(s.it):
             s.save()
         raise
     finally:
