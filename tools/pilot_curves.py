@@ -137,13 +137,15 @@ def main() -> None:
     both = all(n in runs and not math.isnan(runs[n][0].test_error) for n in (lo, hi))
     when = overtakes(runs[hi], runs[lo]) if both else None
     results["resnet_overtakes_at_epoch"] = when
+    # Where each finished sub-run trained (one under way has no eval.json to say it yet).
+    finished = [s for seeds in runs.values() for s in seeds if not math.isnan(s.test_error)]
     header = ["net", "seeds", *(f"train @ {m:.1f} ep" for m in marks), "final train",
               "test", "minutes", "images/s"]
     text = [f"# Pilot: how long must the schedule be? (`--scale {scale.name}`, issue 33)", "",
             f"{scale.describe()} (lr 0.1, /10 at epochs "
             f"{' and '.join(f'{m * per_iteration:.1f}' for m in scale.milestones)}), fp32, "
             "seeds 0..N-1 (N: the table's seeds column)."
-            f"{devices(s for seeds in runs.values() for s in seeds)} Made by "
+            f"{devices(finished)} Made by "
             f"`python tools/pilot_curves.py --scale {scale.name}` from the sub-runs of "
             f"`resnetlab reproduce degradation --scale {scale.name}`.", "",
             "![training error against epochs, moving mean of 5 logged windows; dotted: "
