@@ -672,7 +672,7 @@ def test_degradation_verdicts_keep_training_and_test_error_apart() -> None:
         return next(ln for ln in lines if ln.startswith(f"- ({tag})"))
 
     # Deeper residual net: lower training error, test error 0.1 point higher.
-    fm = verdict(_rows((0.06, 0.04), (0.090, 0.091)), (20, 56), "fashion-mnist")
+    fm = verdict(_rows((0.06, 0.04), (0.090, 0.091)), (20, 56), "fashion-mnist", 60.0)
     assert "(2) residual nets' training error falls" in line(fm, "2")
     assert "**reproduced**" in line(fm, "2") and "**reproduced**" in line(fm, "1a")
     three = line(fm, "3")
@@ -680,15 +680,18 @@ def test_degradation_verdicts_keep_training_and_test_error_apart() -> None:
     assert "against this data set **as expected** (flat)" in three
     assert SWEEPS["fashion-mnist"].flat_within == pytest.approx(0.25)
     # 1.3 points worse is more than the sweep's 0.25-point range: not what the data set allows
-    worse = line(verdict(_rows((0.06, 0.04), (0.090, 0.103)), (20, 56), "fashion-mnist"), "3")
+    worse = line(verdict(_rows((0.06, 0.04), (0.090, 0.103)), (20, 56), "fashion-mnist", 60.0), "3")
     assert "**not as expected** (+1.30 points)" in worse
     # CIFAR-10 is the paper's data set: only the paper's verdict.
-    cifar = verdict(_rows((0.06, 0.07), (0.09, 0.08)), (20, 56), "cifar10")
-    assert "**not reproduced**" in line(cifar, "2")
+    cifar = verdict(_rows((0.06, 0.07), (0.09, 0.08)), (20, 56), "cifar10", 182.1)
+    assert "**not reproduced**." in line(cifar, "2")
+    # The same numbers after a schedule shorter than the paper's say that they are short.
+    short = line(verdict(_rows((0.06, 0.07), (0.09, 0.08)), (20, 56), "cifar10", 3.84), "2")
+    assert "**not reproduced at this length** (3.8 epochs; the paper's schedule is 182)" in short
     assert "against the paper **reproduced**" in line(cifar, "3")
     assert "data set" not in line(cifar, "3")
     # Twins: training (4a) and test (4b) apart.
-    twins = verdict(_rows((0.06, 0.04), (0.12, 0.11)), (20, 56), "fashion-mnist")
+    twins = verdict(_rows((0.06, 0.04), (0.12, 0.11)), (20, 56), "fashion-mnist", 60.0)
     assert "**reproduced**" in line(twins, "4a") and "**not reproduced**" in line(twins, "4b")
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from ..recipes import CifarNet
 from ..tables import format_table
 from .common import (
+    SCALES,
     Context,
     Scale,
     Spread,
@@ -161,9 +162,11 @@ def _data_set_state(sweep: DepthSweep, ours: Spread, base: Spread, lo: int, hi: 
 
 
 def verdict(rows: dict[int, dict[str, Spread]], depths: tuple[int, ...],
-            dataset: str) -> list[str]:
+            dataset: str, epochs: float) -> list[str]:
     """The paper's effects, training error and test error apart: against the paper's claim,
-    and, for the residual nets' test error, against what the data set allows (SWEEPS)."""
+    and, for the residual nets' test error, against what the data set allows (SWEEPS). A
+    deeper residual net behind in training error after fewer epochs than the paper's says
+    so: sec. 4.2 claims the ordering for its schedule, not for every shorter one."""
     lo, hi = depths[0], depths[-1]
     a, b = rows[lo], rows[hi]
 
@@ -175,6 +178,11 @@ def verdict(rows: dict[int, dict[str, Spread]], depths: tuple[int, ...],
                 f"({COMPARED[cmp(key)]}).")
 
     rising = {1: "**reproduced**", 0: PAPER_STATE[0], -1: "**not reproduced**"}
+    falling = dict(PAPER_STATE)
+    paper = SCALES["paper"].epochs
+    if epochs < paper:
+        falling[1] = (f"**not reproduced at this length** ({epochs:.1f} epochs; the paper's "
+                      f"schedule is {paper:.0f})")
     lines = [
         _line(f"(1a) plain nets' training error rises with depth ({lo} -> {hi} layers; the "
               "degradation problem, Fig. 6 left)", rising[cmp("plain_train")],
@@ -183,7 +191,7 @@ def verdict(rows: dict[int, dict[str, Spread]], depths: tuple[int, ...],
               "Test error " + numbers("plain_test")),
         _line(f"(2) residual nets' training error falls with depth ({lo} -> {hi}; sec. 4.2's "
               "thesis: deeper residual nets optimise better, on any data set given a schedule "
-              "long enough)", PAPER_STATE[cmp("resnet_train")],
+              "long enough)", falling[cmp("resnet_train")],
               "Training error " + numbers("resnet_train")),
     ]
     test = (f"(3) residual nets' test error falls with depth (paper, CIFAR-10 Table 6: "
@@ -255,7 +263,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "Fashion-MNIST residual nets' test error is flat in depth (the sweep quoted in "
             "(3)).", "", "## What came out", "",
             *judged((r for rs in runs.values() for r in rs), ctx.scale.dataset,
-                    lambda: verdict(rows, depths, ctx.scale.dataset))]
+                    lambda: verdict(rows, depths, ctx.scale.dataset, ctx.scale.epochs))]
     lo, hi = depths[0], depths[-1]
     when = overtakes(runs[CifarNet(hi)], runs[CifarNet(lo)])
     body += ["", f"ResNet-{hi}'s training error (mean over seeds, moving mean of 5 logged "
