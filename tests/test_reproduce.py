@@ -302,6 +302,18 @@ def test_a_parked_sub_run_resumes_on_the_next_machine(
     its = [r["iteration"] for r in MetricsLog(parked).records()]
     assert its == sorted(its) and its[-1] == 4
     assert sorted(p.name for p in archive.iterdir()) == [".lock", "resnet8.parked"]
+    # A sub-run finished under another configuration (another --scale's, given this
+    # archive by mistake) is refused before the archive changes: the parked copy stays.
+    other = RunDir(tmp_path / "other" / "runs" / "resnet8")
+    shutil.copytree(root / "runs" / "resnet8", other.path)
+    assert "  lr: 0.1\n" in other.config.read_text()
+    other.config.write_text(other.config.read_text().replace("  lr: 0.1\n", "  lr: 0.05\n"))
+    before = {p: p.read_bytes() for p in parked.path.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"resnet8\.parked holds a sub-run of another config"):
+        run_experiment("preact", "smoke", tmp_path / "other", str(fashion_dir),
+                       (*SETS, "optim.lr=0.05"), progress=False, archive=archive)
+    assert {p: p.read_bytes() for p in parked.path.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in archive.iterdir()) == [".lock", "resnet8.parked"]
 
     caplog.set_level("INFO")
     nxt = _on_another_machine("preact", tmp_path, fashion_dir, archive)

@@ -16,10 +16,11 @@ A sub-run is parked when Ctrl-C stops `reproduce` (the trainer saves a checkpoin
 on the next machine copies a parked sub-run into its run directory there, if that was not
 started, and resumes it (issue 33: a ResNet-56 of 60 epochs takes longer than a 2-core
 machine is lent). A parked copy is replaced only by a later checkpoint of the same sub-run,
-and removed once the sub-run's finished logs are archived: superseded, as the trainer
-removes a checkpoint once a later one is complete (train/checkpoint.py). Whatever else is
-found (a copy without a complete checkpoint, a run started here that the archive is ahead
-of) is refused in one line and kept.
+and removed once the sub-run's finished logs, of its configuration, are archived:
+superseded, as the trainer removes a checkpoint once a later one is complete
+(train/checkpoint.py). Whatever else is found (a copy without a complete checkpoint, a run
+started here that the archive is ahead of, another configuration's) is refused in one line
+and kept.
 """
 
 from __future__ import annotations
@@ -71,11 +72,16 @@ def in_archive(kept: RunDir, cfg: TrainConfig) -> bool:
     return True
 
 
-def archive_sub_run(run: RunDir, kept: RunDir) -> None:
-    """Copy a finished run's logs into the archive, all of them or none: an archived sub-run
-    is never overwritten (one that differs is kept, with a warning). Once the archive holds
-    exactly this run's logs, its parked copy is superseded and goes."""
+def archive_sub_run(run: RunDir, kept: RunDir, cfg: TrainConfig) -> None:
+    """Copy a finished run's logs (of `cfg`) into the archive, all of them or none: an
+    archived sub-run is never overwritten (one that differs is kept, with a warning). Once the
+    archive holds exactly this run's logs, its parked copy is superseded and goes. An archive
+    of another configuration (another --scale's, say) is refused before anything changes."""
     with _held(kept):
+        dest = parked(kept)
+        for there in (kept, dest, RunDir(_aside(dest, "old"))):
+            if there.config.is_file():
+                _check_config(there, cfg, "a sub-run")
         if kept.path.exists():
             if any(not getattr(kept, f).is_file()
                    or getattr(kept, f).read_bytes() != getattr(run, f).read_bytes()
@@ -89,7 +95,6 @@ def archive_sub_run(run: RunDir, kept: RunDir) -> None:
             for f in ARCHIVED:
                 shutil.copyfile(getattr(run, f), getattr(RunDir(part), f))
             part.rename(kept.path)
-        dest = parked(kept)
         for superseded in (dest.path, _aside(dest, "old")):
             if superseded.exists():
                 shutil.rmtree(superseded)

@@ -445,7 +445,7 @@ def _kept(ctx: Context, sub: SubRun) -> SubRun:
     """A sub-run finished here, added to ctx.archive (if any)."""
     kept = ctx.archived(sub.net, sub.seed)
     if kept is not None and sub.run_dir != kept.path:
-        archive_sub_run(RunDir(sub.run_dir), kept)
+        archive_sub_run(RunDir(sub.run_dir), kept, ctx.config(sub.net, sub.seed))
     return sub
 
 
