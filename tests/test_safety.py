@@ -187,6 +187,51 @@ def test_saves_keep_the_newest_and_clear_only_their_own_leftovers(tmp_path: Path
     assert sorted(p.name for p in root.glob("ckpt-*")) == ["ckpt-00000002", "ckpt-00000004"]
 
 
+def test_a_checkpoint_holding_others_files_is_never_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """`resnetlab eval` and `export` of an unfinished run write beside its latest weights
+    (runs.py): pruning keeps that checkpoint, saying so once; a step saved again replaces
+    its checkpoint only once the new one is whole, and keeps the old one aside if it holds
+    such files."""
+    run, model = RunDir(tmp_path / "run"), resnetlab.create_model("resnet8")
+    root = run.checkpoints
+    first = save_checkpoint(run, model, {"iteration": 1}, None, {})
+    (first / "eval-test-10crop.json").write_text("{}")
+    (first / "export").mkdir()
+    (first / "export" / "model.onnx").write_bytes(b"graph")
+    caplog.set_level("WARNING")
+    for i in (2, 3):
+        save_checkpoint(run, model, {"iteration": i}, None, {})
+    assert sorted(p.name for p in root.glob("ckpt-*")) == ["ckpt-00000001", "ckpt-00000003"]
+    assert (first / "export" / "model.onnx").read_bytes() == b"graph"
+    said = [r.message for r in caplog.records if "ckpt-00000001" in r.message]
+    assert len(said) == 1 and "eval-test-10crop.json, export, which training did not" in said[0]
+    # The same step saved again (a resume from an older checkpoint) and the disk full: the
+    # checkpoint of that step is still there, whole.
+    third = root / "ckpt-00000003"
+    before = (third / "model.safetensors").read_bytes()
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("resnetlab.train.checkpoint.torch.save", disk_full)
+    with pytest.raises(CheckpointError):
+        save_checkpoint(run, model, {"iteration": 3, "again": True}, None, {})
+    monkeypatch.undo()
+    assert run.latest_checkpoint() == third
+    assert (third / "model.safetensors").read_bytes() == before
+    # Saved again with a report beside it: the old one is kept aside, the report with it.
+    (third / "eval-test-center.json").write_text("{}")
+    save_checkpoint(run, model, {"iteration": 3, "again": True}, None, {})
+    assert load_checkpoint(third, model)["again"] is True
+    assert not (third / "eval-test-center.json").exists()
+    kept = root / "replaced-ckpt-00000003"
+    assert (kept / "eval-test-center.json").is_file() and "again" not in load_checkpoint(
+        kept, model)
+    assert not list(root.glob(".tmp-*"))
+
+
 def test_a_checkpoint_records_the_run_and_survives_leftovers_of_its_own_name(
         tmp_path: Path) -> None:
     run = RunDir(tmp_path)

@@ -33,14 +33,13 @@ from pathlib import Path
 
 from ..config import TrainConfig, changes, saved_config, to_yaml
 from ..errors import ConfigError
-from ..models.config import CONFIG_FILE, WEIGHTS_FILE
-from ..runs import STATE_FILE, RunDir, hold
+from ..runs import RunDir, hold
+from ..train.checkpoint import FILES as CHECKPOINT_FILES
 
 log = logging.getLogger(__name__)
 
 ARCHIVED = ("config", "metrics", "eval_report")  # the RunDir files a finished sub-run keeps
 PARKED = ("config", "choices", "metrics", "summary")  # and the latest checkpoint
-CHECKPOINT = (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE)  # a checkpoint's files (checkpoint.py)
 LOCK = ".lock"
 
 
@@ -112,7 +111,7 @@ def _aside(dest: RunDir, what: str) -> Path:
 
 
 def _complete(ckpt: Path) -> bool:
-    return all((ckpt / f).is_file() for f in CHECKPOINT)
+    return all((ckpt / f).is_file() for f in CHECKPOINT_FILES)
 
 
 def _latest(run: RunDir) -> Path | None:
