@@ -7,7 +7,9 @@
       metrics.jsonl             one line per logged step and per evaluation (report.py)
       summary.csv               one row per evaluation
       checkpoints/latest        names the newest complete checkpoint (train/checkpoint.py)
-      checkpoints/ckpt-<it>/    its weights (model.safetensors + config.json), trainer_state.pt
+      checkpoints/ckpt-<it>/    its weights (model.safetensors + config.json), trainer_state.pt;
+                                an unfinished run's eval reports and export/ go beside them
+      checkpoints/replaced-ckpt-<it>/   a checkpoint saved again, kept for what was beside it
       final/                    the weights to ship, as `save_weights` writes them
       final/export/             graphs of those weights and their precision checks (deploy/)
       final/eval-<split>-<tta>[-<backend>-<precision>].json   reports of `resnetlab eval`
@@ -121,6 +123,10 @@ class RunDir:
 
     def checkpoint(self, iteration: int) -> Path:
         return self.checkpoints / f"ckpt-{iteration:08d}"
+
+    def replaced(self, checkpoint: Path) -> Path:
+        """Where a checkpoint saved again is kept if it holds others' files (checkpoint.py)."""
+        return self.checkpoints / f"replaced-{checkpoint.name}"
 
     @staticmethod
     def iteration(checkpoint: Path) -> int:

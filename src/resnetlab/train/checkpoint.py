@@ -70,7 +70,7 @@ def save_checkpoint(run: RunDir, model: nn.Module, state: dict[str, Any],
         raise CheckpointError(f"cannot write a checkpoint in {root}: {e.strerror or e}; "
                               "the previous checkpoint is kept") from None
     if aside.exists() and _others(aside):
-        kept = root / f"replaced-{target.name}"
+        kept = run.replaced(target)
         os.replace(aside, kept)
         log.warning("kept %s: the earlier %s, with files saving did not write", kept,
                     target.name)
