@@ -230,6 +230,10 @@ def test_a_checkpoint_holding_others_files_is_never_removed(
     assert (kept / "eval-test-center.json").is_file() and "again" not in load_checkpoint(
         kept, model)
     assert not list(root.glob(".tmp-*"))
+    (third / "eval-val-center.json").write_text("{}")  # and once more: a second copy kept
+    save_checkpoint(run, model, {"iteration": 3}, None, {})
+    assert (root / "replaced-ckpt-00000003-2" / "eval-val-center.json").is_file()
+    assert (kept / "eval-test-center.json").is_file()
 
 
 def test_a_checkpoint_records_the_run_and_survives_leftovers_of_its_own_name(

@@ -125,8 +125,13 @@ class RunDir:
         return self.checkpoints / f"ckpt-{iteration:08d}"
 
     def replaced(self, checkpoint: Path) -> Path:
-        """Where a checkpoint saved again is kept if it holds others' files (checkpoint.py)."""
-        return self.checkpoints / f"replaced-{checkpoint.name}"
+        """Where a checkpoint saved again is kept if it holds others' files (checkpoint.py):
+        replaced-ckpt-<it>, then -2, -3 ... if saved again more than once."""
+        path, n = self.checkpoints / f"replaced-{checkpoint.name}", 1
+        while path.exists():
+            n += 1
+            path = self.checkpoints / f"replaced-{checkpoint.name}-{n}"
+        return path
 
     @staticmethod
     def iteration(checkpoint: Path) -> int:
