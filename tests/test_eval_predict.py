@@ -67,6 +67,17 @@ def test_eval_cli_scores_each_tta_mode_and_recomputed_bn(
     a, b = json.loads(plain.read_text()), json.loads(recomputed.read_text())
     assert a["count"] == b["count"] == 128 and b["recompute_bn"] is True
     assert a["loss"] != pytest.approx(b["loss"], rel=1e-6)
+    # --out replaces an earlier report of these weights, nothing else: not the trainer's
+    # eval.json (its training time is in no other file), nor a figure beside the report.
+    assert main(["eval", str(run_dir), "--split", "val", "--out", str(plain)]) == 0
+    trained = (run_dir / "eval.json").read_bytes()
+    figure = tmp_path / "mine.png"
+    figure.write_bytes(b"a figure")
+    for taken in (run_dir / "eval.json", tmp_path / "mine.json"):
+        assert main(["eval", str(run_dir), "--split", "val", "--out", str(taken)]) == 2
+        assert "choose another --out, or move it away" in capsys.readouterr().err
+    assert (run_dir / "eval.json").read_bytes() == trained
+    assert figure.read_bytes() == b"a figure" and not (tmp_path / "mine.json").exists()
 
 
 def test_eval_bare_weights_need_data(run_dir: Path, tmp_path: Path,

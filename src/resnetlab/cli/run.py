@@ -108,7 +108,8 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
                    "--set data.max_bad_fraction=0.05 (repeatable)")
     e.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image file (folder data sets)")
-    e.add_argument("--out", help="JSON file for the results (default: next to the weights)")
+    e.add_argument("--out", help="JSON file for the results (default: next to the weights); "
+                   "replaces only an earlier eval report of the same weights")
     e.add_argument("--backend", choices=backend_names(), default="auto", help=BACKEND_HELP)
     add_precision_args(e)
     e.set_defaults(func=cmd_eval)

@@ -7,6 +7,7 @@ config.yaml) unless a data set is named; the model runs on any backend and preci
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -53,6 +54,25 @@ def _pad_crop(data: DataConfig, mc: ModelConfig) -> PadCrop | None:
     return PadCrop(data.pad, norm.mean, norm.std)
 
 
+def _replaceable(out: Path, wdir: Path) -> None:
+    """--out may name an earlier report of `resnetlab eval` on these weights (scoring them
+    again), or a new file; anything else there (the trainer's eval.json, with its training
+    time; someone's file; a figure beside the report's .png) is refused before scoring."""
+    ours = False
+    if out.exists():
+        try:
+            ours = json.loads(out.read_text()).get("weights") == str(wdir)
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise ConfigError(f"{out} exists and is not a report of `resnetlab eval` on "
+                              f"{wdir}; choose another --out, or move it away")
+    png = out.with_suffix(".png")
+    if png.exists() and not ours:
+        raise ConfigError(f"{png} exists (the report's confusion matrix would replace it); "
+                          "choose another --out, or move it away")
+
+
 @dataclass
 class RunEval:
     """What `evaluate_run` measured and where it wrote it."""
@@ -80,6 +100,8 @@ def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str 
     precision) and its confusion matrix. `progress`: a progress bar (default: when stderr is
     a terminal). `sets`: --set pairs on top of the run's config (data.max_bad_fraction=...)."""
     backend, precision = canonical(backend, precision)
+    if out:
+        _replaceable(Path(out), weights_dir(weights))
     cfg = run_config(weights, dataset, data_dir, sets)
     data = run_data(weights, batch_size, dataset, data_dir, strict, sets)
     wdir = weights_dir(weights)
