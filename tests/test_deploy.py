@@ -1,5 +1,6 @@
 """BN folding, export with parity checks, and the inference backends."""
 
+import hashlib
 import importlib
 import json
 import shutil
@@ -15,6 +16,7 @@ import resnetlab
 from resnetlab.cli import main
 from resnetlab.deploy import ExportError, export, fold_batchnorm, load_backend
 from resnetlab.deploy.export import run_exported
+from resnetlab.runs import export_dir
 
 from .conftest import Variant, _variant
 from .test_train import LEARN_ITERATIONS
@@ -102,6 +104,29 @@ def test_export_checks_parity_with_a_dynamic_batch(weights: Path, tmp_path: Path
         diffs.append(float(np.abs(got - ref).max()))
     variant.record(max_abs_diff=max(diffs))
     assert max(diffs) < 1e-4
+
+
+def test_export_replaces_only_a_graph_of_the_same_weights(weights: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    """A folder the user names (`--out deploy/`) may hold a graph of other weights, or
+    another run's own export folder: neither is replaced. The same weights again are; so is
+    the weights' own export folder, whose stamp then names them (the backends' check)."""
+    other = tmp_path / "other"
+    resnetlab.save_weights(resnetlab.create_model("resnet8", in_chans=1), other)
+    deploy = tmp_path / "deploy"
+    assert main(["export", str(weights), "--format", "onnx", "--out", str(deploy)]) == 0
+    graph = (deploy / "model.onnx").read_bytes()
+    assert main(["export", str(weights), "--format", "onnx", "--out", str(deploy)]) == 0
+    assert main(["export", str(weights), "--format", "onnx"]) == 0  # its own folder
+    capsys.readouterr()
+    for folder in (deploy, export_dir(weights)):
+        assert main(["export", str(other), "--format", "onnx", "--out", str(folder)]) == 2
+        assert f"exists, not exported from {other}" in capsys.readouterr().err
+    assert (deploy / "model.onnx").read_bytes() == graph
+    assert main(["export", str(other), "--format", "onnx"]) == 0
+    stamp = (export_dir(other) / "onnx.source.sha256").read_text().strip()
+    assert stamp == hashlib.sha256((other / "model.safetensors").read_bytes()).hexdigest()
 
 
 def test_export_refuses_a_graph_that_disagrees(weights: Path, tmp_path: Path,
@@ -293,11 +318,11 @@ def test_a_failed_export_is_recorded_and_not_retried(tmp_path: Path,
     resnetlab.save_weights(resnetlab.create_model("resnet8", in_chans=1), wdir)
     original, tries = backends.export, []
 
-    def openvino_fails(weights: Path, fmt: str, *rest: object) -> object:
+    def openvino_fails(weights: Path, fmt: str, *rest: object, **kw: bool) -> object:
         if fmt == "openvino":
             tries.append(fmt)
             raise ExportError("the openvino graph disagrees with PyTorch")
-        return original(weights, fmt, *rest)
+        return original(weights, fmt, *rest, **kw)
 
     monkeypatch.setattr(backends, "export", openvino_fails)
     for _ in range(3):

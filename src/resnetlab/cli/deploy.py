@@ -22,7 +22,8 @@ def add_deploy_parser(sub: argparse._SubParsersAction, common: argparse.Argument
     x.add_argument("--format", choices=[*formats(), "onnx-int8"], default="onnx",
                    help="onnx-int8: post-training int8 (ONNX Runtime), calibrated on training "
                    "images of the run's data set")
-    x.add_argument("--out", help="folder for the graph (default <weights>/export)")
+    x.add_argument("--out", help="folder for the graph (default <weights>/export); a graph "
+                   "there is replaced only if exported from the same weights")
     x.add_argument("--tolerance", type=float, default=1e-3,
                    help="largest |logit difference| from PyTorch the export may have")
     x.add_argument("--calibration-images", type=int, default=512, help="onnx-int8 only")

@@ -11,7 +11,6 @@ A backend is an nn.Module, so `evaluate` scores it as is.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,11 +29,10 @@ from ..precision import INFER_PRECISIONS, infer_candidates
 from ..runs import export_dir
 from . import agreement
 from .agreement import MIN_AGREEMENT, Agreement, lookup
-from .export import export
+from .export import digest, export, stamp_path
 from .runtimes import INT8_FILE, RUNTIMES, ExportError, Runtime, TorchRunner, served
 
 log = logging.getLogger(__name__)
-STAMP = "source.sha256"
 ImageSource = Callable[[], Iterable[torch.Tensor]]  # batches of preprocessed test images
 INT8_ALIAS = "onnxruntime-int8"  # the older spelling of onnxruntime at int8, still accepted
 
@@ -82,14 +80,6 @@ class Backend(nn.Module):
         return torch.from_numpy(self.graph(arr))
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def export_folder(weights: Path) -> Path:
     """The weights' export folder, or a per-weights cache folder if that cannot be written."""
     own = export_dir(weights)
@@ -99,7 +89,7 @@ def export_folder(weights: Path) -> Path:
             return own
     except OSError:
         pass
-    return cache_dir() / "export" / _digest(weights / WEIGHTS_FILE)[:16]
+    return cache_dir() / "export" / digest(weights / WEIGHTS_FILE)[:16]
 
 
 def exported(weights: Path, runtime: Runtime) -> Path:
@@ -108,11 +98,11 @@ def exported(weights: Path, runtime: Runtime) -> Path:
     or the runtime's version change: `auto` would otherwise redo a doomed export each call."""
     assert runtime.format is not None
     fmt, folder = runtime.format, export_folder(weights)
-    path, stamp, failed = (folder / runtime.files[0], folder / f"{fmt}.{STAMP}",
+    path, stamp, failed = (folder / runtime.files[0], stamp_path(folder, fmt),
                            folder / f"{fmt}.failed")
-    digest = _digest(weights / WEIGHTS_FILE)
-    key = {"weights_sha256": digest, "settings": runtime.settings()}
-    if path.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+    source = digest(weights / WEIGHTS_FILE)
+    key = {"weights_sha256": source, "settings": runtime.settings()}
+    if path.is_file() and stamp.is_file() and stamp.read_text().strip() == source:
         return path
     if failed.is_file():
         try:
@@ -125,12 +115,11 @@ def exported(weights: Path, runtime: Runtime) -> Path:
                               recorded=True)
     log.info("exporting %s to %s in %s (once per weights)", weights, fmt, folder)
     try:
-        export(weights, fmt, folder)
+        export(weights, fmt, folder, replace=True)  # its own folder, or its cache
     except ExportError as e:
         failed.write_text(json.dumps({**key, "error": str(e)}, indent=2) + "\n")
         raise
     failed.unlink(missing_ok=True)  # our own record, superseded by the export that worked
-    stamp.write_text(digest + "\n")
     return path
 
 
@@ -153,7 +142,7 @@ def check_precision(weights: str | os.PathLike[str], backend: str, precision: st
     log.info("checking %s %s against fp32 on the run's test images (once per weights)",
              backend, precision)
     frac, n, worst = agreement.measure(be, load_model(wdir).eval(), images)
-    result = Agreement(backend, precision, _digest(wdir / WEIGHTS_FILE), frac, n,
+    result = Agreement(backend, precision, digest(wdir / WEIGHTS_FILE), frac, n,
                        min_agreement, worst)
     agreement.record(export_folder(wdir), result)
     return result
@@ -166,11 +155,11 @@ def _precisions(wdir: Path, runtime: Runtime, requested: str, check: ImageSource
     per weights, now if `check` gives images and none is recorded) before it is used:
     `auto` takes the fastest native ones whose check passes, then fp32; an explicit one
     whose check fails is refused."""
-    name, digest, folder = runtime.name, _digest(wdir / WEIGHTS_FILE), export_folder(wdir)
+    name, source, folder = runtime.name, digest(wdir / WEIGHTS_FILE), export_folder(wdir)
     if requested == "fp32":
         return [(requested, None)]
     if requested != "auto":
-        found = lookup(folder, name, requested, digest, min_agreement)
+        found = lookup(folder, name, requested, source, min_agreement)
         if found is None and check is not None:
             found = check_precision(wdir, name, requested, check(), min_agreement)
         if found is None:  # no images given (weights outside a run, a benchmark)
@@ -183,7 +172,7 @@ def _precisions(wdir: Path, runtime: Runtime, requested: str, check: ImageSource
     for prec in infer_candidates(runtime.precisions):
         if prec == "fp32" or (prec == "int8" and not (folder / INT8_FILE).is_file()):
             continue
-        found = lookup(folder, name, prec, digest, min_agreement)
+        found = lookup(folder, name, prec, source, min_agreement)
         if found is None and check is not None:
             found = check_precision(wdir, name, prec, check(), min_agreement)
         if found is None:

@@ -5,10 +5,15 @@ OpenVINO, dynamic height and width, so multi-scale testing runs on the exported 
 checked against PyTorch before success is reported: the same random batch through both,
 maximum absolute logit difference under `tolerance` and identical top-1. OpenVINO IR is
 converted from the ONNX graph, so ONNX Runtime and OpenVINO run the same graph.
+
+Beside the graph, `<format>.source.sha256` names the weights it was exported from (the
+backends use a graph only if it names theirs). A graph in a folder the user named is
+replaced only if it was exported from the same weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 import time
@@ -18,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ConfigError
+from ..models.config import WEIGHTS_FILE
 from ..models.factory import load_model
 from ..models.resnet import ResNet
 from ..runs import export_dir
@@ -34,6 +41,22 @@ class ExportResult:
     seconds: float
 
 
+STAMP = "source.sha256"
+
+
+def digest(path: Path) -> str:
+    """The SHA-256 of a file (a weights file: what a graph was exported from)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stamp_path(folder: Path, fmt: str) -> Path:
+    return folder / f"{fmt}.{STAMP}"
+
+
 def _sample(model: ResNet, batch: int = 3, seed: int = 0) -> torch.Tensor:
     cfg = model.model_config
     gen = torch.Generator().manual_seed(seed)
@@ -48,8 +71,10 @@ def run_exported(path: Path, fmt: str, x: np.ndarray) -> np.ndarray:
 
 
 def export(weights: str | Path, fmt: str, out: str | Path | None = None,
-           tolerance: float = 1e-3) -> ExportResult:
-    """Export the model in `weights` as `fmt` into the folder `out` (default: beside it)."""
+           tolerance: float = 1e-3, replace: bool = False) -> ExportResult:
+    """Export the model in `weights` as `fmt` into the folder `out` (default: beside it,
+    its own, where an earlier graph is superseded; elsewhere only with `replace` or where
+    the earlier graph was exported from these same weights)."""
     runtime = by_format(fmt)
     assert runtime.write is not None
     runtime.require()
@@ -57,8 +82,14 @@ def export(weights: str | Path, fmt: str, out: str | Path | None = None,
     model = load_model(weights).eval()
     folded = fold_batchnorm(model)
     folder = Path(out) if out is not None else export_dir(weights)
-    folder.mkdir(parents=True, exist_ok=True)
+    source = digest(Path(weights) / WEIGHTS_FILE)
+    stamp = stamp_path(folder, fmt)
     path = folder / runtime.files[0]
+    if (path.exists() and not replace and folder.resolve() != export_dir(weights).resolve()
+            and not (stamp.is_file() and stamp.read_text().strip() == source)):
+        raise ConfigError(f"{path} exists, not exported from {weights}; remove it or "
+                          "choose another --out")
+    folder.mkdir(parents=True, exist_ok=True)
     example = _sample(model)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         staged = Path(tmp) / runtime.files[0]
@@ -79,7 +110,9 @@ def export(weights: str | Path, fmt: str, out: str | Path | None = None,
             raise ExportError(f"the {fmt} graph disagrees with PyTorch (max |logit diff| "
                               f"{diff:.2e}, top-1 {'equal' if agree else 'differs'}); "
                               "nothing was written")
+        stamp.unlink(missing_ok=True)  # names the old graph until the new one is in place
         for f in Path(tmp).iterdir():  # ONNX may add model.onnx.data beside big graphs
             if f.name.startswith(runtime.files):
                 shutil.move(str(f), folder / f.name)
+        stamp.write_text(source + "\n")
     return ExportResult(path, fmt, diff, agree, time.perf_counter() - t0)
