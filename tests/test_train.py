@@ -3,6 +3,7 @@
 import copy
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -415,6 +416,44 @@ def test_resume_refuses_when_no_checkpoint_is_complete(
     before = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
     with pytest.raises(ConfigError, match="holds checkpoints but none is complete; nothing "
                        "was changed"):
+        train(cfg, run.path, resume=True, progress=False)
+    after = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    assert {p: v for p, v in after.items() if p != run.lock_file} == \
+        {p: v for p, v in before.items() if p != run.lock_file}
+
+
+def test_a_hand_written_config_in_out_is_not_replaced(tmp_path: Path,
+                                                     fashion_dir: Path) -> None:
+    """`--config exp/config.yaml --out exp`: training would write the resolved config over
+    the user's file (its comments, its values); refused. The config.yaml of a run that
+    stopped before its first step (training's own, its first line says so) is replaced."""
+    cfg = _smoke(fashion_dir, "schedule.iterations=2")
+    run = RunDir(tmp_path / "exp")
+    run.path.mkdir()
+    mine = "# my experiment\nbatch_size: 32\n"
+    run.config.write_text(mine)
+    with pytest.raises(ConfigError, match=r"is not a run's config\.yaml .* choose another --out"):
+        train(cfg, run.path, progress=False)
+    assert run.config.read_text() == mine
+    assert [p for p in run.path.iterdir() if p != run.lock_file] == [run.config]
+    run.config.write_text("# precision: fp32 (asked for)\n" + mine)  # training's own
+    assert train(cfg, run.path, progress=False).iterations == 2
+    assert run.config.read_text().startswith("# precision: ")
+
+
+def test_records_are_not_dropped_when_no_checkpoint_is_left(
+        tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unfinished run whose checkpoints were removed (to free a disk): resuming would start
+    at iteration 0 and drop every record; refused, nothing changed."""
+    cfg = _smoke(fashion_dir, "schedule.iterations=8", "eval_every=4")
+    interrupt_at(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    run = RunDir(tmp_path / "run")
+    shutil.rmtree(run.checkpoints)
+    before = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="records training to iteration 4 but no checkpoint"):
         train(cfg, run.path, resume=True, progress=False)
     after = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
     assert {p: v for p, v in after.items() if p != run.lock_file} == \

@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from .errors import ConfigError
+from .files import write_atomic
 from .runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,13 @@ class MetricsLog:
         self._writer_class: Any = _summary_writer() if tensorboard else None
 
     def truncate_after(self, iteration: int) -> None:
-        """Forget records of iterations a resumed run will redo."""
+        """Forget records of iterations a resumed run will redo (each file whole or not at
+        all: a kill during the rewrite leaves the old one)."""
         for path, keep in ((self.path, self._keep_json), (self.csv_path, self._keep_csv)):
             if path.exists():
                 lines = path.read_text().splitlines(keepends=True)
-                path.write_text("".join(ln for i, ln in enumerate(lines) if keep(i, ln, iteration)))
+                kept = "".join(ln for i, ln in enumerate(lines) if keep(i, ln, iteration))
+                write_atomic(path, partial(_write_text, text=kept))
         if self._writer_class is not None:
             # Event files are append-only: the next writer opens with a purge mark, which
             # makes readers drop every earlier event at this step or later.
@@ -98,10 +102,26 @@ class MetricsLog:
             self._writer.close()
             self._writer = None
 
+    def last_evaluated(self) -> int | None:
+        """The iteration of the last evaluation recorded (a line torn by a kill skipped)."""
+        last = None
+        for ln in self.path.read_text().splitlines() if self.path.exists() else []:
+            try:
+                rec = json.loads(ln)
+                if rec.get("kind") == "eval":
+                    last = int(rec["iteration"])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+        return last
+
     def records(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
         return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+
+
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text)
 
 
 def _summary_writer() -> Any:

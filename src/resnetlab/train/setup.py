@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -25,11 +26,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from ..config import TrainConfig, changes, saved_config, to_yaml
 from ..data import DataBundle, build_data
 from ..errors import ConfigError
+from ..files import write_atomic
 from ..kernels.fuse import fuse_bn_act
 from ..models import ResNet
 from ..models.factory import create_model
 from ..precision import Choice, train_precision
 from ..recipes import total_stride
+from ..report import MetricsLog
 from ..runs import RunDir
 from .allocator import keep_freed_memory
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -226,6 +229,9 @@ def checked_config(cfg: TrainConfig, run: RunDir, resume: bool, dist: DistInfo
 def check_run_dir(cfg: TrainConfig, run: RunDir, resume: bool) -> dict[str, Any] | None:
     """Whether `cfg` may train into `run` (a new run, or with `resume` the same config):
     else a one-line ConfigError. Returns the run's saved config (None for a new run)."""
+    if run.config.exists() and not run.started() and not _ours(run):
+        raise ConfigError(f"{run.config} is not a run's config.yaml (a file of yours?), and "
+                          "training would replace it; choose another --out, or move it away")
     saved = saved_config(run.config) if resume and run.config.exists() else None
     if not run.started():
         return saved
@@ -238,6 +244,12 @@ def check_run_dir(cfg: TrainConfig, run: RunDir, resume: bool) -> dict[str, Any]
         raise ConfigError(f"{run.path} was started with another config ({', '.join(diff[:3])}"
                           f"{more}); to resume it, give no --preset, --config or --set (its "
                           "config.yaml is used), or choose another --out")
+    evaluated = MetricsLog(run).last_evaluated()
+    if evaluated is not None and not run.checkpoint_dirs() and not run.finished():
+        raise ConfigError(f"{run.metrics} records training to iteration {evaluated:,} but no "
+                          "checkpoint is left to resume from, and starting over would drop "
+                          "those records; move metrics.jsonl and summary.csv away to start "
+                          "over, or choose another --out")
     return saved
 
 
@@ -258,12 +270,24 @@ def _with_epochs(cfg: TrainConfig, steps: int, run: RunDir,
                                                                  iterations=planned))
 
 
+CONFIG_HEAD = "# precision: "  # config.yaml's first line, as training writes it
+
+
+def _ours(run: RunDir) -> bool:
+    """Whether run.config was written by training (a run that stopped before its first
+    step), not by hand: `--config exp/config.yaml --out exp` must not replace it."""
+    with run.config.open("rb") as f:
+        return f.readline().startswith(CONFIG_HEAD.encode())
+
+
 def _write_config(run: RunDir, cfg: TrainConfig, choice: Choice) -> None:
     """config.yaml holds what was asked (precision auto stays auto, so --config RUN/config.yaml
-    on another CPU chooses again); choices.json what it became here."""
-    run.choices.write_text(json.dumps({"precision": choice.precision,
-                                       "reason": choice.reason}, indent=1) + "\n")
-    run.config.write_text(f"# precision: {choice.precision} ({choice.reason})\n" + to_yaml(cfg))
+    on another CPU chooses again); choices.json what it became here. Each whole or not at
+    all: a resume rewrites them, and a kill then must not leave half a config."""
+    choices = json.dumps({"precision": choice.precision, "reason": choice.reason}, indent=1)
+    config = f"{CONFIG_HEAD}{choice.precision} ({choice.reason})\n" + to_yaml(cfg)
+    write_atomic(run.choices, lambda tmp: Path(tmp).write_text(choices + "\n"))
+    write_atomic(run.config, lambda tmp: Path(tmp).write_text(config))
 
 
 def start(cfg: TrainConfig, choice: Choice, run: RunDir, resume: bool,
