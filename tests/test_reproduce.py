@@ -831,10 +831,17 @@ def test_the_pilot_tool_reads_the_sub_runs_it_reports(root: Path, tmp_path: Path
     monkeypatch.undo()
     pilot(tmp_path / "none-here", tmp_path / "partial", "--archive", str(tmp_path / "parked"))
     partial = json.loads((tmp_path / "partial" / "pilot.json").read_text())
-    assert list(partial) == ["resnet8", "resnet_overtakes_at_epoch"]
+    assert list(partial) == ["scale", "resnet8", "resnet_overtakes_at_epoch"]
     reached = max(r["epoch"] for r in MetricsLog(RunDir(tmp_path / "parked" / "resnet8.parked"))
                   .records() if r["kind"] == "train")
     assert partial["resnet8"]["reached_epoch"] == pytest.approx(reached)
     assert partial["resnet8"]["test_error"] == [] and partial["resnet_overtakes_at_epoch"] is None
     assert f"| resnet8 | under way, to epoch {reached:.1f} |" in \
         (tmp_path / "partial" / "pilot.md").read_text()
+    # Another scale's pilot in --report is refused, not written over.
+    before = (tmp_path / "pilot.md").read_bytes()
+    other = subprocess.run([sys.executable, str(tool), "--scale", "short", "--out",
+                            str(tmp_path / "none-here"), "--report", str(tmp_path)],
+                           capture_output=True, text=True)
+    assert other.returncode == 1 and "is the pilot of another scale" in other.stderr
+    assert (tmp_path / "pilot.md").read_bytes() == before

@@ -8,7 +8,7 @@ its final training and test error, time and speed, and the epoch from which the 
 ResNet's training error stays below the shallowest's.
 
     python tools/pilot_curves.py [--scale long] [--out runs/reproduce/long] \\
-        [--report docs/results/degradation-long] [--archive REPORT/sub-runs] \\
+        [--report docs/results/degradation-<scale>] [--archive REPORT/sub-runs] \\
         [--data-dir DIR] [--set KEY=VALUE ...]
 
 Sub-runs finished on earlier machines are read from the archive (`reproduce --archive`).
@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -65,13 +66,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", default="long")
     ap.add_argument("--out", type=Path, help="reproduce's root (default runs/reproduce/<scale>)")
-    ap.add_argument("--report", type=Path, default=Path("docs/results/degradation-long"))
+    ap.add_argument("--report", type=Path,
+                    help="folder of pilot.md (default docs/results/degradation-<scale>)")
     ap.add_argument("--archive", type=Path, help="finished sub-runs' logs (default "
                     "REPORT/sub-runs, where it exists)")
     ap.add_argument("--data-dir")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     scale = get_scale(args.scale)
+    args.report = args.report or Path(f"docs/results/degradation-{scale.name}")
+    old = args.report / "pilot.json"
+    if old.is_file() and json.loads(old.read_text()).get("scale", scale.name) != scale.name:
+        sys.exit(f"{old} is the pilot of another scale; pass --report with another folder")
     archive = args.archive or args.report / "sub-runs"
     ctx = Context(scale, args.out or Path("runs/reproduce") / scale.name, args.data_dir,
                   tuple(args.sets), archive=archive if archive.is_dir() else None)
@@ -159,7 +165,8 @@ def main() -> None:
             + (f"from epoch {when:.1f} on." if when is not None else "at no point.")
             if both else "Waiting for both residual nets to finish."]
     (args.report / "pilot.md").write_text("\n".join(text) + "\n")
-    (args.report / "pilot.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.report / "pilot.json").write_text(json.dumps({"scale": scale.name, **results},
+                                                       indent=2) + "\n")
     print(args.report / "pilot.md")
 
 
