@@ -61,6 +61,10 @@ def test_bench_train_runs_and_reports(tmp_path: Path) -> None:
     assert run_benchmark("train", ["--cases", "resnet20-28x28x1", "--rounds", "1", "--calls",
                                    "1", "--workers", "0", "--no-compile", "--batch", "16",
                                    "--no-bf16", "--json", str(out)]) == 0
+    measured = out.read_bytes()
+    with pytest.raises(SystemExit) as refused:  # at once: an earlier result is never replaced
+        run_benchmark("train", ["--cases", "resnet20-28x28x1", "--json", str(out)])
+    assert refused.value.code == 2 and out.read_bytes() == measured
     res = json.loads(out.read_text())
     case = res["cases"]["resnet20-28x28x1"]
     assert set(case) == {"reference", "resnetlab"}

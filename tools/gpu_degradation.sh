@@ -24,8 +24,9 @@ ARGS=(degradation --scale "${SCALE:-paper-fashion}" --out runs/reproduce/gpu-deg
       --data-dir "${FASHION_DIR:-$PWD/data/fashion-mnist}" --archive "$ARCHIVE" ${EXTRA:-})
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv
 status=0
+echo "== $(date -u '+%F %T') UTC, ${MINUTES:-9} minutes" >> "$OUT/reproduce.log"  # a log per call, kept
 timeout -s INT "${MINUTES:-9}m" .venv/bin/resnetlab reproduce "${ARGS[@]}" --jobs "${JOBS:-6}" \
-  > "$OUT/reproduce.log" 2>&1 || status=$?
+  >> "$OUT/reproduce.log" 2>&1 || status=$?
 tail -n 30 "$OUT/reproduce.log"
 echo "reproduce ended with $status (124 or 130: stopped at the deadline, sub-runs parked)"
 .venv/bin/resnetlab reproduce "${ARGS[@]}" --status | tee "$OUT/status.txt"

@@ -8,6 +8,7 @@ rate in the same run, so each result can be put as a fraction of what the CPU ca
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -121,6 +122,15 @@ def alternate(contenders: Mapping[str, Callable[[], int]], rounds: int, calls: i
 def ratio(a: Timing, b: Timing) -> float:
     """Median over rounds of a/b: paired, so a slow round slows both."""
     return statistics.median(x / y for x, y in zip(a.per_round, b.per_round, strict=True))
+
+
+def new_file(path: str) -> str:
+    """An argparse type for --json: a file not there yet, checked before the benchmark runs
+    (its numbers are this machine's and this hour's: an earlier file is never written over)."""
+    if Path(path).exists():
+        raise argparse.ArgumentTypeError(f"{path} exists; choose another --json, or move it "
+                                         "away")
+    return path
 
 
 def save(path: str | None, payload: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ from ..data.sources import ArrayDataset
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD
 from ..tables import format_table
 from ..train.allocator import keep_freed_memory
-from .common import machine, save
+from .common import machine, new_file, save
 from .inputs import PILDataset, synthetic_arrays
 from .train import resnetlab_step
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="resnetlab bench data", description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=5.0, help="time per measurement")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", type=new_file, help="write the results here (a new file)")
     args = p.parse_args(argv)
     res = run(args.seconds, args.workers, lambda s: print(s, flush=True))
     print(f"\n{res['machine']}")

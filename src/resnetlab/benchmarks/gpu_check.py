@@ -30,7 +30,7 @@ from ..cli import main as cli
 from ..models.factory import create_model
 from ..runs import RunDir
 from ..train.setup import maybe_compile
-from .common import machine
+from .common import machine, new_file
 
 
 def _train(out: Path, preset: str, device: str, data_dir: str | None, sets: list[str]
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="Fashion-MNIST files (default: $FASHION_DIR, else resnetlab's search)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the MD5 check of the data files (the suite's own files)")
-    p.add_argument("--json", default="gpu-check.json")
+    p.add_argument("--json", type=new_file, default="gpu-check.json")
     args = p.parse_args(argv)
     res = run(args.device, args.quick, args.data_dir, Path(args.json), not args.no_verify)
     ok = res["demo"]["exit"] == 0 and res["torchrun"]["exit"] == 0 and \

@@ -28,7 +28,7 @@ from ..models.convert import to_torchvision
 from ..models.factory import create_model, save_weights
 from ..precision import this_cpu
 from ..tables import format_table
-from .common import Timing, alternate, gemm_gflops, machine, ratio, save, sgemm_gflops
+from .common import Timing, alternate, gemm_gflops, machine, new_file, ratio, save, sgemm_gflops
 
 # Paper Table 1 multiply-adds at 224 (ours count 1.81 G and 3.86 G; see `resnetlab info`).
 MACS = {"resnet18": 1.81e9, "resnet50": 3.86e9}
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "int8"],
                    default=native_precisions(),
                    help="default: fp32 and what this CPU runs natively (%(default)s)")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", type=new_file, help="write the results here (a new file)")
     args = p.parse_args(argv)
     res = run(args.models, args.batches, args.rounds, args.seconds,
               lambda s: print(s, flush=True), args.precisions)

@@ -36,7 +36,7 @@ import torch
 from ..models.factory import create_model, save_weights
 from ..serve.model import ServedModel, best_batch
 from ..tables import format_table
-from .common import machine, save
+from .common import machine, new_file, save
 
 # A CIFAR-style net at Fashion-MNIST size (per-call overhead dominates) and resnet50 at 224.
 MODELS: dict[str, tuple[int, int]] = {"resnet20": (1, 28), "resnet50": (3, 224)}  # C, size
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", default="torch")
     p.add_argument("--precision", default="fp32")
     p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", type=new_file, help="write the results here (a new file)")
     args = p.parse_args(argv)
     res: dict[str, Any] = {"machine": machine(), "backend": args.backend,
                            "precision": args.precision, "models": {}}

@@ -43,7 +43,7 @@ from ..precision import this_cpu
 from ..tables import format_table
 from ..train.allocator import keep_freed_memory
 from ..train.loop import make_optimizer, train_step
-from .common import alternate, gemm_gflops, machine, ratio, save, sgemm_gflops
+from .common import alternate, gemm_gflops, machine, new_file, ratio, save, sgemm_gflops
 from .inputs import PILDataset, synthetic_arrays
 from .profile import DATA_SCOPE, format_profile, profile_steps
 
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"(one of: {', '.join(map(repr, CONTENDERS))})")
     p.add_argument("--profile-steps", type=int, default=10,
                    help="steps profiled, after 2 of warm-up")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", type=new_file, help="write the results here (a new file)")
     args = p.parse_args(argv)
     say = partial(print, flush=True)
     if args.profile:
