@@ -11,7 +11,7 @@ from resnetlab.config import parse_set, resolve
 from resnetlab.data.images import ImageError, load_image
 from resnetlab.errors import ConfigError
 
-FAST = settings(max_examples=150, deadline=2000,
+FAST = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

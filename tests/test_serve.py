@@ -382,20 +382,37 @@ def test_a_full_queue_answers_503_with_retry_after(run_dir: Path) -> None:
             assert headers["retry-after"] == "1" and "busy" in json.loads(out)["error"]
 
 
-def test_best_batch_measures_every_size_up_to_the_limit() -> None:
-    calls: list[int] = []
+def test_best_batch_measures_every_size_up_to_the_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a clock that only the forward passes move (a loaded machine's wake-ups would
+    decide between sizes 5% apart), so each rate is the pass's nominal cost."""
+    from resnetlab.serve import model as served
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            return self.now
+
+    clock, calls = Clock(), []
+    monkeypatch.setattr(served, "time", clock)
 
     def forward(x: np.ndarray) -> np.ndarray:
         calls.append(len(x))
-        time.sleep(0.001 * (1 + (len(x) > 4) * len(x)))  # sizes above 4 cost per image
+        clock.now += 0.001 * (1 + (len(x) > 4) * len(x))  # sizes above 4 cost per image
         return x
 
     size, rates = best_batch(forward, (1, 2, 2), 12, seconds=0.01)
     assert list(rates) == [1, 2, 4, 8, 12] and set(calls) == {1, 2, 4, 8, 12}
+    assert rates[4] == pytest.approx(4 / 0.001) and rates[8] == pytest.approx(8 / 0.009)
     assert size == 4  # the fastest per image here
     # Where sizes run about as fast per image, the largest is served: passes inside the
     # server pay per-pass costs that the timing loop does not see.
-    size, _ = best_batch(lambda x: time.sleep(0.002 * len(x)), (1, 2, 2), 12, seconds=0.01)
+
+    def per_image(x: np.ndarray) -> None:
+        clock.now += 0.002 * len(x)
+
+    size, _ = best_batch(per_image, (1, 2, 2), 12, seconds=0.01)
     assert size == 12
 
 

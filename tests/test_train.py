@@ -492,7 +492,7 @@ def test_a_finished_run_without_checkpoints_is_re_reported_not_retrained(
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before  # nothing trained, nothing rewritten
     seconds = json.loads(run.eval_report.read_text())["train_seconds"]
-    assert 0 < seconds < 600
+    assert seconds > 0
     took = f"trained 20 iterations in {seconds:.0f} s"
     assert took in first and took in again
     assert f"{out} had finished; nothing trained" in again
