@@ -147,7 +147,7 @@ def test_cifar_preact_bottlenecks_stride_on_the_first_1x1_as_the_authors_code() 
     size) runs at a quarter of the pixels, 2 x 3/4 x 2,097,152 = 3,145,728 fewer."""
     summary = resnetlab.model_summary("preact_resnet164")
     on_3x3 = resnetlab.model_summary("preact_resnet164", stride_in_3x3=True)
-    assert summary["params"] == on_3x3["params"] == 1_703_258  # the paper's 1.7M (Table 2)
+    assert summary["params"] == on_3x3["params"] == 1_703_258  # Identity Mappings' 1.7M
     assert on_3x3["macs"] - summary["macs"] == 2 * 3 * 2_097_152 // 4
     assert get_spec("preact_resnet164").arch["stride_in_3x3"] is False
     block = resnetlab.create_model("preact_resnet164").layer2[0]
