@@ -282,5 +282,8 @@ def test_lookahead_under_per_rank_bn_ends_with_rank_0s_statistics_on_every_rank(
     scores the model final/ holds, as one process scoring final/ does."""
     run = _ddp_train(fashion_dir, tmp_path / "run", "sync_bn=false", "optim.lookahead=true")
     single, distributed = _final_scored_in_one_process(run, fashion_dir)
-    assert (single.top1_error, single.top5_error, single.loss) == pytest.approx(
-        (distributed["top1_error"], distributed["top5_error"], distributed["loss"]), abs=1e-6)
+    # Counts exactly, as the test above (docs/testing.md: a near-tie is the accepted risk);
+    # the mean loss summed in another order by ranks on one thread: to float32's rounding.
+    assert (single.top1_error, single.top5_error) == (distributed["top1_error"],
+                                                      distributed["top5_error"])
+    assert single.loss == pytest.approx(distributed["loss"], rel=1e-5)
