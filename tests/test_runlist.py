@@ -139,10 +139,12 @@ def test_tensorboard_without_the_package_is_a_one_line_error(
 def make_run(path: Path, *, model: str = "resnet20", iterations: int = 20,
              precision: str | None = "auto", dataset: str = "cifar10",
              data_dir: str | None = None, records: list[dict[str, Any]] | None = None,
-             report: dict[str, Any] | None = None, choices: str | None = None) -> RunDir:
+             report: dict[str, Any] | None = None, choices: str | None = None,
+             options: dict[str, Any] | None = None) -> RunDir:
     """A run directory as the trainer leaves it; precision None: a config without the key."""
     cfg = TrainConfig()
     cfg.model.name, cfg.schedule.iterations = model, iterations
+    cfg.model.options = options or {}
     cfg.data.dataset, cfg.data.data_dir = dataset, data_dir
     run = RunDir(path)
     run.make()
@@ -183,7 +185,7 @@ def runs(tmp_path: Path) -> Path:
                                 eval_rec(1500, None, None, 100.0)])
     with stopped.metrics.open("a") as f:
         f.write('{"kind": "train", "iter')  # a write a kill cut short: tolerated
-    make_run(root / "fresh", precision=None, iterations=1000)
+    make_run(root / "fresh", precision=None, iterations=1000, options={"plain": True})
     shutil.copytree(FIXTURE, root / "old" / "run-0.1.0")
     broken = make_run(root / "zz-broken", records=[train_rec(10)])
     broken.config.write_text("model: [resnet20\n")  # not YAML
@@ -221,8 +223,9 @@ def test_each_run_is_summarised_from_its_files(runs: Path) -> None:
     assert rows["cifar/stopped"] == RunRow(
         runs / "cifar" / "stopped", "resnet56", "folder:flowers", "fp32", 1500, 64000, 0.41,
         None, 100.0, "stopped")
-    assert rows["fresh"] == RunRow(runs / "fresh", "resnet20", "cifar10", "-", None, 1000,
-                                   None, None, None, "not started")
+    # reproduce's plain twins are resnet<d> with plain=true: the option is shown
+    assert rows["fresh"] == RunRow(runs / "fresh", "resnet20 (plain=true)", "cifar10", "-",
+                                   None, 1000, None, None, None, "not started")
     assert rows["old/run-0.1.0"] == RunRow(
         runs / "old" / "run-0.1.0", "resnet8", "fashion-mnist", "fp32", 10, 20, 0.84375, None,
         0.3490471500008425, "stopped")
@@ -248,22 +251,22 @@ def test_the_table_lists_every_run_and_changes_nothing(
     assert main(["runs", str(runs)]) == 0
     out = capsys.readouterr().out
     assert out.splitlines() == [
-        "run            model     data            precision  iterations  best val  test error"
-        "      time  status",
-        "-------------  --------  --------------  ---------  ----------  --------  ----------"
-        "  --------  -----------",
-        "cifar/done     resnet32  cifar10         bf16            20/20    30.00%       8.56%"
-        "  50.0 min  finished",
-        "cifar/stopped  resnet56  folder:flowers  fp32       1500/64000    41.00%           -"
-        "   1.7 min  stopped",
-        "fresh          resnet20  cifar10         -              -/1000         -           -"
-        "         -  not started",
-        "old/run-0.1.0  resnet8   fashion-mnist   fp32            10/20    84.38%           -"
-        "       0 s  stopped",
-        "zz-broken      ?         ?               ?                10/?         -           -"
-        "         -  unreadable",
-        "zz-metrics     resnet20  cifar10         auto             ?/20         ?           -"
-        "         ?  unreadable",
+        "run            model                  data            precision  iterations  best val"
+        "  test error      time  status",
+        "-------------  ---------------------  --------------  ---------  ----------  --------"
+        "  ----------  --------  -----------",
+        "cifar/done     resnet32               cifar10         bf16            20/20    30.00%"
+        "       8.56%  50.0 min  finished",
+        "cifar/stopped  resnet56               folder:flowers  fp32       1500/64000    41.00%"
+        "           -   1.7 min  stopped",
+        "fresh          resnet20 (plain=true)  cifar10         -              -/1000         -"
+        "           -         -  not started",
+        "old/run-0.1.0  resnet8                fashion-mnist   fp32            10/20    84.38%"
+        "           -       0 s  stopped",
+        "zz-broken      ?                      ?               ?                10/?         -"
+        "           -         -  unreadable",
+        "zz-metrics     resnet20               cifar10         auto             ?/20         ?"
+        "           -         ?  unreadable",
         f"zz-broken: config file {runs / 'zz-broken' / 'config.yaml'} is not valid YAML: "
         + broken_yaml_reason(runs),
         "zz-metrics: metrics.jsonl line 2 is not JSON",

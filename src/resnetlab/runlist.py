@@ -87,7 +87,7 @@ def summarise(run: RunDir) -> RunRow:
     seconds = _number(report.get("train_seconds"))
     row = RunRow(
         path=run.path,
-        model=_pick(cfg, "model.name", str, "?"),
+        model=_model(cfg),
         data=_data(cfg),
         precision=_precision(cfg, choices),
         done=m.last_iteration if m.last_iteration is not None else _int(report.get("iterations")),
@@ -208,6 +208,16 @@ def _int(value: Any) -> int | None:
 def _number(value: Any) -> float | None:
     ok = isinstance(value, int | float) and not isinstance(value, bool)
     return float(value) if ok else None
+
+
+def _model(cfg: dict[str, Any] | None) -> str:
+    """The registered name and the options that change it: `resnet56 (plain=true)` is
+    reproduce's plain twin, not a ResNet-56."""
+    name = _pick(cfg, "model.name", str, "?")
+    options = _pick(cfg, "model.options", dict, {})
+    shown = ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                      for k, v in options.items())
+    return f"{name} ({shown})" if shown else name
 
 
 def _data(cfg: dict[str, Any] | None) -> str:
