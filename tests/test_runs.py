@@ -43,6 +43,10 @@ def test_the_layout_is_the_documented_one(tmp_path: Path) -> None:
     assert export_dir(run.final) == tmp_path / "final" / "export"
     assert eval_report_path(run.final, "val", "10crop") == tmp_path / "final" / \
         "eval-val-10crop.json"
+    # scored another way: another file (--recompute-bn, --data, a backend and precision)
+    assert eval_report_path(run.final, "test", "center", "openvino", "bf16", True,
+                            "folder").name == "eval-test-center-recomputed-bn-on-folder-" \
+        "openvino-bf16.json"
 
 
 def test_started_finished_and_the_weights_a_run_offers(tmp_path: Path) -> None:

@@ -12,8 +12,9 @@
       checkpoints/replaced-ckpt-<it>/   a checkpoint saved again, kept for what was beside it
       final/                    the weights to ship, as `save_weights` writes them
       final/export/             graphs of those weights and their precision checks (deploy/)
-      final/eval-<split>-<tta>[-<backend>-<precision>].json   reports of `resnetlab eval`
-                                (the suffix unless PyTorch fp32 scored it)
+      final/eval-<split>-<tta>[-recomputed-bn][-on-<data>][-<backend>-<precision>].json
+                                reports of `resnetlab eval` (the last suffix unless PyTorch
+                                fp32 scored it)
       eval.json                 the final test report; confusion.png, curves.png its figures
       tensorboard/              TensorBoard event files (log.tensorboard=true; report.py)
       .lock                     who is training in it now (RunDir.lock)
@@ -230,12 +231,15 @@ def export_dir(weights: str | os.PathLike[str]) -> Path:
 
 
 def eval_report_path(weights: str | os.PathLike[str], split: str, tta: str,
-                     backend: str = "torch", precision: str = "fp32") -> Path:
+                     backend: str = "torch", precision: str = "fp32",
+                     recompute_bn: bool = False, dataset: str | None = None) -> Path:
     """Where `resnetlab eval` reports on a weights directory by default: one file per split,
-    views, backend and precision, so that scoring another way never overwrites a report.
-    The reference, PyTorch fp32 (the defaults), keeps the plain eval-<split>-<tta>.json."""
+    views, BN statistics, data set named, backend and precision, so that scoring another
+    way never overwrites a report. The reference, PyTorch fp32 on the run's own data with
+    its own statistics (the defaults), keeps the plain eval-<split>-<tta>.json."""
     scored_by = "" if (backend, precision) == ("torch", "fp32") else f"-{backend}-{precision}"
-    return Path(weights) / f"eval-{split}-{tta}{scored_by}.json"
+    how = ("-recomputed-bn" if recompute_bn else "") + (f"-on-{dataset}" if dataset else "")
+    return Path(weights) / f"eval-{split}-{tta}{how}{scored_by}.json"
 
 
 def run_config(weights: str | os.PathLike[str], dataset: str | None = None,

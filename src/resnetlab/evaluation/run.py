@@ -132,7 +132,8 @@ def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str 
     res = evaluate(model, batches, mc.num_classes, tta, pad_crop=_pad_crop(cfg.data, mc))
     seconds = time.perf_counter() - t0
     names = mc.class_names or data.classes
-    path = Path(out) if out else eval_report_path(wdir, split, tta, backend, precision)
+    path = Path(out) if out else eval_report_path(wdir, split, tta, backend, precision,
+                                                  recompute, dataset)
     res.save(path, names, weights=str(wdir), split=split, tta=tta, recompute_bn=recompute,
              backend=backend, precision=precision,
              agreement_with_fp32=None if checked is None else checked.agreement,
