@@ -61,7 +61,8 @@ def _replaceable(out: Path, wdir: Path) -> None:
     ours = False
     if out.exists():
         try:
-            ours = json.loads(out.read_text()).get("weights") == str(wdir)
+            said = json.loads(out.read_text()).get("weights")
+            ours = isinstance(said, str) and Path(said).resolve() == wdir.resolve()
         except (OSError, ValueError, AttributeError):
             ours = False
         if not ours:
