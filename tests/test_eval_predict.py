@@ -67,9 +67,19 @@ def test_eval_cli_scores_each_tta_mode_and_recomputed_bn(
     a, b = json.loads(plain.read_text()), json.loads(recomputed.read_text())
     assert a["count"] == b["count"] == 128 and b["recompute_bn"] is True
     assert a["loss"] != pytest.approx(b["loss"], rel=1e-6)
+    # By default beside the weights, under a name of its own: the plain report stays.
+    plain_default = run_dir / "final" / "eval-test-center.json"
+    kept = plain_default.read_bytes()
+    assert main(["eval", str(run_dir), "--recompute-bn"]) == 0
+    assert json.loads((run_dir / "final" / "eval-test-center-recomputed-bn.json").read_text()
+                      )["recompute_bn"] is True
+    assert plain_default.read_bytes() == kept
     # --out replaces an earlier report of these weights, nothing else: not the trainer's
     # eval.json (its training time is in no other file), nor a figure beside the report.
     assert main(["eval", str(run_dir), "--split", "val", "--out", str(plain)]) == 0
+    link = tmp_path / "the-same-run"  # the same weights under another name
+    link.symlink_to(run_dir)
+    assert main(["eval", str(link), "--split", "val", "--out", str(plain)]) == 0
     trained = (run_dir / "eval.json").read_bytes()
     figure = tmp_path / "mine.png"
     figure.write_bytes(b"a figure")

@@ -684,7 +684,7 @@ def test_degradation_verdicts_keep_training_and_test_error_apart() -> None:
         return next(ln for ln in lines if ln.startswith(f"- ({tag})"))
 
     # Deeper residual net: lower training error, test error 0.1 point higher.
-    fm = verdict(_rows((0.06, 0.04), (0.090, 0.091)), (20, 56), "fashion-mnist", 60.0)
+    fm = verdict(_rows((0.06, 0.04), (0.090, 0.091)), (20, 56), "fashion-mnist", 28000, 59.7)
     assert "(2) residual nets' training error falls" in line(fm, "2")
     assert "**reproduced**" in line(fm, "2") and "**reproduced**" in line(fm, "1a")
     three = line(fm, "3")
@@ -692,18 +692,25 @@ def test_degradation_verdicts_keep_training_and_test_error_apart() -> None:
     assert "against this data set **as expected** (flat)" in three
     assert SWEEPS["fashion-mnist"].flat_within == pytest.approx(0.25)
     # 1.3 points worse is more than the sweep's 0.25-point range: not what the data set allows
-    worse = line(verdict(_rows((0.06, 0.04), (0.090, 0.103)), (20, 56), "fashion-mnist", 60.0), "3")
+    worse = line(verdict(_rows((0.06, 0.04), (0.090, 0.103)), (20, 56), "fashion-mnist",
+                         28000, 59.7), "3")
     assert "**not as expected** (+1.30 points)" in worse
     # CIFAR-10 is the paper's data set: only the paper's verdict.
-    cifar = verdict(_rows((0.06, 0.07), (0.09, 0.08)), (20, 56), "cifar10", 182.1)
+    cifar = verdict(_rows((0.06, 0.07), (0.09, 0.08)), (20, 56), "cifar10", 64000, 182.0)
     assert "**not reproduced**." in line(cifar, "2")
     # The same numbers after a schedule shorter than the paper's say that they are short.
-    short = line(verdict(_rows((0.06, 0.07), (0.09, 0.08)), (20, 56), "cifar10", 3.84), "2")
-    assert "**not reproduced at this length** (3.8 epochs; the paper's schedule is 182)" in short
+    short = line(verdict(_rows((0.06, 0.07), (0.09, 0.08)), (20, 56), "cifar10", 1800, 3.84),
+                 "2")
+    assert ("**not reproduced at this length** (1,800 iterations, 3.8 epochs; the paper's "
+            "schedule is 64,000 iterations, 182 epochs of CIFAR-10)") in short
+    # The paper's iterations on Fashion-MNIST (136.5 epochs of its 60,000 images): its length.
+    fashion = line(verdict(_rows((0.06, 0.07), (0.09, 0.08)), (20, 56), "fashion-mnist",
+                           64000, 136.5), "2")
+    assert "**not reproduced**." in fashion
     assert "against the paper **reproduced**" in line(cifar, "3")
     assert "data set" not in line(cifar, "3")
     # Twins: training (4a) and test (4b) apart.
-    twins = verdict(_rows((0.06, 0.04), (0.12, 0.11)), (20, 56), "fashion-mnist", 60.0)
+    twins = verdict(_rows((0.06, 0.04), (0.12, 0.11)), (20, 56), "fashion-mnist", 28000, 59.7)
     assert "**reproduced**" in line(twins, "4a") and "**not reproduced**" in line(twins, "4b")
 
 
@@ -838,10 +845,14 @@ def test_the_pilot_tool_reads_the_sub_runs_it_reports(root: Path, tmp_path: Path
     assert partial["resnet8"]["test_error"] == [] and partial["resnet_overtakes_at_epoch"] is None
     assert f"| resnet8 | under way, to epoch {reached:.1f} |" in \
         (tmp_path / "partial" / "pilot.md").read_text()
-    # Another scale's pilot in --report is refused, not written over.
+    # Another scale's pilot in --report is refused, not written over; one written before
+    # pilot.json named its scale is known by pilot.md's title.
+    older = {k: v for k, v in json.loads((tmp_path / "pilot.json").read_text()).items()
+             if k != "scale"}
+    (tmp_path / "pilot.json").write_text(json.dumps(older))
     before = (tmp_path / "pilot.md").read_bytes()
     other = subprocess.run([sys.executable, str(tool), "--scale", "short", "--out",
                             str(tmp_path / "none-here"), "--report", str(tmp_path)],
                            capture_output=True, text=True)
-    assert other.returncode == 1 and "is the pilot of another scale" in other.stderr
+    assert other.returncode == 1 and "holds the pilot of --scale smoke" in other.stderr
     assert (tmp_path / "pilot.md").read_bytes() == before

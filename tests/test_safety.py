@@ -51,6 +51,22 @@ def _saved(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     return save_checkpoint(RunDir(tmp_path / "run"), model, state, None, {}), model
 
 
+def test_files_written_whole_get_the_mode_of_an_ordinary_write(tmp_path: Path) -> None:
+    """A run's config, metrics and weights go through write_atomic; mkstemp alone made them
+    owner-only, unreadable to the group a cluster's runs are shared with."""
+    from resnetlab.files import write_atomic
+
+    old = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "a.txt", lambda p: Path(p).write_text("a"))
+        ckpt = save_checkpoint(RunDir(tmp_path / "run"), resnetlab.create_model("resnet8"),
+                               {"iteration": 1}, None, {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+    assert (ckpt / "trainer_state.pt").stat().st_mode & 0o777 == 0o640
+
+
 def test_crafted_trainer_state_is_refused_without_running(tmp_path: Path) -> None:
     ckpt, model = _saved(tmp_path)
     assert load_checkpoint(ckpt, model)["iteration"] == 3
@@ -234,6 +250,24 @@ def test_a_checkpoint_holding_others_files_is_never_removed(
     save_checkpoint(run, model, {"iteration": 3}, None, {})
     assert (root / "replaced-ckpt-00000003-2" / "eval-val-center.json").is_file()
     assert (kept / "eval-test-center.json").is_file()
+    # A save that fails after setting the old one aside (the pointer on a full disk): the
+    # report set aside with it survives that and the next save's sweep of temporaries.
+    (third / "eval-test-10crop.json").write_text("{}")
+    from resnetlab.train import checkpoint
+
+    real = checkpoint.write_atomic
+
+    def pointer_fails(path: Path, write: object) -> None:
+        if path == run.pointer:
+            raise OSError(28, "No space left on device")
+        real(path, write)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(checkpoint, "write_atomic", pointer_fails)
+    with pytest.raises(CheckpointError):
+        save_checkpoint(run, model, {"iteration": 3}, None, {})
+    monkeypatch.undo()
+    save_checkpoint(run, model, {"iteration": 4}, None, {})
+    assert (root / "replaced-ckpt-00000003-3" / "eval-test-10crop.json").is_file()
 
 
 def test_a_checkpoint_records_the_run_and_survives_leftovers_of_its_own_name(

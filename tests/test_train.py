@@ -444,8 +444,9 @@ def test_a_hand_written_config_in_out_is_not_replaced(tmp_path: Path,
 def test_records_are_not_dropped_when_no_checkpoint_is_left(
         tmp_path: Path, fashion_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An unfinished run whose checkpoints were removed (to free a disk): resuming would start
-    at iteration 0 and drop every record; refused, nothing changed."""
-    cfg = _smoke(fashion_dir, "schedule.iterations=8", "eval_every=4")
+    at iteration 0 and drop every record; refused, nothing changed. A first evaluation
+    without a checkpoint (a kill during the first save) is only redone."""
+    cfg = _smoke(fashion_dir, "schedule.iterations=8", "eval_every=2")
     interrupt_at(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "run", progress=False)
@@ -453,11 +454,15 @@ def test_records_are_not_dropped_when_no_checkpoint_is_left(
     run = RunDir(tmp_path / "run")
     shutil.rmtree(run.checkpoints)
     before = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
-    with pytest.raises(ConfigError, match="records training to iteration 4 but no checkpoint"):
+    with pytest.raises(ConfigError, match="records evaluations to iteration 6 but no checkp"):
         train(cfg, run.path, resume=True, progress=False)
     after = {p: p.read_bytes() for p in run.path.rglob("*") if p.is_file()}
     assert {p: v for p, v in after.items() if p != run.lock_file} == \
         {p: v for p, v in before.items() if p != run.lock_file}
+    first = [ln for ln in run.metrics.read_text().splitlines(keepends=True)
+             if '"iteration": 2,' in ln]
+    run.metrics.write_text("".join(first))  # as a kill during the first save leaves it
+    assert train(cfg, run.path, resume=True, progress=False).iterations == 8
 
 
 def test_a_run_directory_in_use_is_refused_naming_its_holder(tmp_path: Path,

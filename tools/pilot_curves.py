@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -62,6 +63,17 @@ def under_way(ctx: Context, net: CifarNet) -> SubRun | None:
     return SubRun(net, run.path, math.nan, MetricsLog(run).records())
 
 
+def _scale_of(report: Path) -> str | None:
+    """The scale of the pilot already in `report`: pilot.json says it (older ones do not:
+    then pilot.md's title); None if there is none."""
+    js, md = report / "pilot.json", report / "pilot.md"
+    if js.is_file() and (named := json.loads(js.read_text()).get("scale")):
+        return str(named)
+    if md.is_file() and (found := re.search(r"--scale ([\w-]+)", md.read_text())):
+        return found.group(1)
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", default="long")
@@ -75,9 +87,10 @@ def main() -> None:
     args = ap.parse_args()
     scale = get_scale(args.scale)
     args.report = args.report or Path(f"docs/results/degradation-{scale.name}")
-    old = args.report / "pilot.json"
-    if old.is_file() and json.loads(old.read_text()).get("scale", scale.name) != scale.name:
-        sys.exit(f"{old} is the pilot of another scale; pass --report with another folder")
+    there = _scale_of(args.report)
+    if there not in (None, scale.name):
+        sys.exit(f"{args.report} holds the pilot of --scale {there}; pass --report with "
+                 "another folder")
     archive = args.archive or args.report / "sub-runs"
     ctx = Context(scale, args.out or Path("runs/reproduce") / scale.name, args.data_dir,
                   tuple(args.sets), archive=archive if archive.is_dir() else None)

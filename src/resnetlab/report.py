@@ -102,17 +102,17 @@ class MetricsLog:
             self._writer.close()
             self._writer = None
 
-    def last_evaluated(self) -> int | None:
-        """The iteration of the last evaluation recorded (a line torn by a kill skipped)."""
-        last = None
+    def evaluations(self) -> list[int]:
+        """The iterations of the evaluations recorded (a line torn by a kill skipped)."""
+        found = []
         for ln in self.path.read_text().splitlines() if self.path.exists() else []:
             try:
                 rec = json.loads(ln)
                 if rec.get("kind") == "eval":
-                    last = int(rec["iteration"])
+                    found.append(int(rec["iteration"]))
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue
-        return last
+        return found
 
     def records(self) -> list[dict[str, Any]]:
         if not self.path.exists():

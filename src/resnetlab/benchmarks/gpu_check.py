@@ -133,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="Fashion-MNIST files (default: $FASHION_DIR, else resnetlab's search)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the MD5 check of the data files (the suite's own files)")
-    p.add_argument("--json", type=new_file, default="gpu-check.json")
+    p.add_argument("--json", type=new_file,
+                   help="a new file for the results (default gpu-check-<UTC time>.json)")
     args = p.parse_args(argv)
+    args.json = args.json or time.strftime("gpu-check-%Y%m%dT%H%M%SZ.json", time.gmtime())
     res = run(args.device, args.quick, args.data_dir, Path(args.json), not args.no_verify)
     ok = res["demo"]["exit"] == 0 and res["torchrun"]["exit"] == 0 and \
         res["export_parity_exit"] == 0

@@ -6,7 +6,7 @@ import argparse
 
 from ..benchmarks import BENCHMARKS, run_benchmark
 from ..deploy.agreement import MIN_AGREEMENT, MIN_CALIBRATION_AGREEMENT
-from ..deploy.export import export
+from ..deploy.export import TOLERANCE, export
 from ..deploy.quantize import quantize_run
 from ..deploy.runtimes import formats
 from ..runs import weights_dir
@@ -24,8 +24,9 @@ def add_deploy_parser(sub: argparse._SubParsersAction, common: argparse.Argument
                    "images of the run's data set")
     x.add_argument("--out", help="folder for the graph (default <weights>/export); a graph "
                    "there is replaced only if exported from the same weights")
-    x.add_argument("--tolerance", type=float, default=1e-3,
-                   help="largest |logit difference| from PyTorch the export may have")
+    x.add_argument("--tolerance", type=float, default=TOLERANCE,
+                   help="largest |logit difference| from PyTorch the export may have (a graph "
+                   f"above {TOLERANCE:g} is not used by the backends, which export their own)")
     x.add_argument("--calibration-images", type=int, default=512, help="onnx-int8 only")
     x.add_argument("--min-agreement", type=float, default=MIN_CALIBRATION_AGREEMENT,
                    help="onnx-int8: least top-1 agreement with fp32 on the calibration (training) "

@@ -26,7 +26,7 @@ from ..files import cache_dir
 from ..models.config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from ..models.factory import load_model
 from ..precision import INFER_PRECISIONS, infer_candidates
-from ..runs import export_dir
+from ..runs import RunDir, export_dir
 from . import agreement
 from .agreement import MIN_AGREEMENT, Agreement, lookup
 from .export import digest, export, stamp_path
@@ -81,14 +81,17 @@ class Backend(nn.Module):
 
 
 def export_folder(weights: Path) -> Path:
-    """The weights' export folder, or a per-weights cache folder if that cannot be written."""
-    own = export_dir(weights)
-    try:
-        own.mkdir(exist_ok=True)
-        if os.access(own, os.W_OK):
-            return own
-    except OSError:
-        pass
+    """The weights' export folder, or a per-weights cache folder if that cannot be written
+    or the weights are an unfinished run's checkpoint: `predict` or `serve` on a run under
+    way must leave nothing in it (a checkpoint holding others' files is never pruned)."""
+    own, run = export_dir(weights), RunDir.around(weights)
+    if run is None or Path(weights).parent != run.checkpoints:
+        try:
+            own.mkdir(exist_ok=True)
+            if os.access(own, os.W_OK):
+                return own
+        except OSError:
+            pass
     return cache_dir() / "export" / digest(weights / WEIGHTS_FILE)[:16]
 
 

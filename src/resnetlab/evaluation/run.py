@@ -61,8 +61,8 @@ def _replaceable(out: Path, wdir: Path) -> None:
     ours = False
     if out.exists():
         try:
-            said = json.loads(out.read_text()).get("weights")
-            ours = isinstance(said, str) and Path(said).resolve() == wdir.resolve()
+            said = json.loads(out.read_text()).get("weights")  # resolved (older: as given)
+            ours = said in (str(wdir), str(wdir.resolve()))
         except (OSError, ValueError, AttributeError):
             ours = False
         if not ours:
@@ -135,7 +135,7 @@ def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str 
     names = mc.class_names or data.classes
     path = Path(out) if out else eval_report_path(wdir, split, tta, backend, precision,
                                                   recompute, dataset)
-    res.save(path, names, weights=str(wdir), split=split, tta=tta, recompute_bn=recompute,
+    res.save(path, names, weights=str(wdir.resolve()), split=split, tta=tta, recompute_bn=recompute,
              backend=backend, precision=precision,
              agreement_with_fp32=None if checked is None else checked.agreement,
              seconds=round(seconds, 2))

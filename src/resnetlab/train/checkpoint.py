@@ -53,7 +53,7 @@ def save_checkpoint(run: RunDir, model: nn.Module, state: dict[str, Any],
     root = run.checkpoints
     root.mkdir(parents=True, exist_ok=True)
     target = run.checkpoint(int(state["iteration"]))
-    tmp, aside = root / f".tmp-{target.name}", root / f".tmp-replaced-{target.name}"
+    tmp = root / f".tmp-{target.name}"
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -62,18 +62,20 @@ def save_checkpoint(run: RunDir, model: nn.Module, state: dict[str, Any],
         write_atomic(tmp / STATE_FILE, lambda p: torch.save(state, p))
         _fsync_dir(tmp)
         if target.exists():  # this step saved before (a resume from an older checkpoint)
+            # Set aside where no sweep of temporaries reaches it if it holds others' files.
+            aside = run.replaced(target) if _others(target) else root / f".tmp-old-{target.name}"
+            if aside.exists():  # a save killed here before left only the trainer's files
+                shutil.rmtree(aside)
             os.replace(target, aside)
+            if aside.name.startswith("replaced-"):
+                log.warning("kept %s: the earlier %s, with files saving did not write",
+                            aside, target.name)
         os.replace(tmp, target)
         write_atomic(run.pointer, lambda p: Path(p).write_text(target.name + "\n"))
         _fsync_dir(root)
     except OSError as e:
         raise CheckpointError(f"cannot write a checkpoint in {root}: {e.strerror or e}; "
                               "the previous checkpoint is kept") from None
-    if aside.exists() and _others(aside):
-        kept = run.replaced(target)
-        os.replace(aside, kept)
-        log.warning("kept %s: the earlier %s, with files saving did not write", kept,
-                    target.name)
     # Only checkpoints older than this one are superseded; a newer one (this run resumed
     # from an older checkpoint) is someone's work, and stays.
     older = [d for d in run.checkpoint_dirs() if d.name < target.name]
@@ -93,10 +95,11 @@ def save_checkpoint(run: RunDir, model: nn.Module, state: dict[str, Any],
 
 
 def _others(ckpt: Path) -> list[str]:
-    """What a checkpoint directory holds besides the checkpoint: an eval report, an export
-    (nothing if another process removed the directory meanwhile)."""
+    """What a checkpoint directory holds besides the checkpoint: an eval report, an export;
+    not an empty folder (nothing if another process removed the directory meanwhile)."""
     try:
-        return sorted(p.name for p in ckpt.iterdir() if p.name not in FILES)
+        return sorted(p.name for p in ckpt.iterdir() if p.name not in FILES
+                      and not (p.is_dir() and not any(p.iterdir())))
     except FileNotFoundError:
         return []
 

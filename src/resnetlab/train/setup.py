@@ -244,12 +244,14 @@ def check_run_dir(cfg: TrainConfig, run: RunDir, resume: bool) -> dict[str, Any]
         raise ConfigError(f"{run.path} was started with another config ({', '.join(diff[:3])}"
                           f"{more}); to resume it, give no --preset, --config or --set (its "
                           "config.yaml is used), or choose another --out")
-    evaluated = MetricsLog(run).last_evaluated()
-    if evaluated is not None and not run.checkpoint_dirs() and not run.finished():
-        raise ConfigError(f"{run.metrics} records training to iteration {evaluated:,} but no "
-                          "checkpoint is left to resume from, and starting over would drop "
-                          "those records; move metrics.jsonl and summary.csv away to start "
-                          "over, or choose another --out")
+    # The loop records an evaluation, then saves: a second evaluation means a checkpoint was
+    # complete once (a first one alone may be a kill during the first save, redone anyway).
+    evaluated = MetricsLog(run).evaluations()
+    if len(evaluated) > 1 and not run.checkpoint_dirs() and not run.finished():
+        raise ConfigError(f"{run.metrics} records evaluations to iteration {evaluated[-1]:,} "
+                          "but no checkpoint is left to resume from, and starting over would "
+                          "drop those records; move metrics.jsonl and summary.csv away to "
+                          "start over, or choose another --out")
     return saved
 
 
