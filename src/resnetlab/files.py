@@ -44,3 +44,8 @@ def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`path.write_text(text)`, whole or not at all (write_atomic)."""
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))

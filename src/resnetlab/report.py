@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from .errors import ConfigError
-from .files import write_atomic
+from .files import write_text_atomic
 from .runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ class MetricsLog:
             if path.exists():
                 lines = path.read_text().splitlines(keepends=True)
                 kept = "".join(ln for i, ln in enumerate(lines) if keep(i, ln, iteration))
-                write_atomic(path, partial(_write_text, text=kept))
+                write_text_atomic(path, kept)
         if self._writer_class is not None:
             # Event files are append-only: the next writer opens with a purge mark, which
             # makes readers drop every earlier event at this step or later.
@@ -118,10 +117,6 @@ class MetricsLog:
         if not self.path.exists():
             return []
         return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
-
-
-def _write_text(path: str, text: str) -> None:
-    Path(path).write_text(text)
 
 
 def _summary_writer() -> Any:

@@ -16,7 +16,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -26,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from ..config import TrainConfig, changes, saved_config, to_yaml
 from ..data import DataBundle, build_data
 from ..errors import ConfigError
-from ..files import write_atomic
+from ..files import write_text_atomic
 from ..kernels.fuse import fuse_bn_act
 from ..models import ResNet
 from ..models.factory import create_model
@@ -288,8 +287,8 @@ def _write_config(run: RunDir, cfg: TrainConfig, choice: Choice) -> None:
     all: a resume rewrites them, and a kill then must not leave half a config."""
     choices = json.dumps({"precision": choice.precision, "reason": choice.reason}, indent=1)
     config = f"{CONFIG_HEAD}{choice.precision} ({choice.reason})\n" + to_yaml(cfg)
-    write_atomic(run.choices, lambda tmp: Path(tmp).write_text(choices + "\n"))
-    write_atomic(run.config, lambda tmp: Path(tmp).write_text(config))
+    write_text_atomic(run.choices, choices + "\n")
+    write_text_atomic(run.config, config)
 
 
 def start(cfg: TrainConfig, choice: Choice, run: RunDir, resume: bool,
