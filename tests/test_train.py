@@ -608,3 +608,22 @@ def test_lookahead_pulls_every_fifth_step_by_the_cubic_schedule_and_ends_on_the_
     k5 = 0.95 ** 5 * 0.5 ** 3
     assert run(Lookahead(net), range(1, 11), total=10)[-1] == pytest.approx(
         k5 * 1.0 + (1 - k5) * 25.0, rel=1e-6)
+
+
+def test_time_left_follows_the_recent_speed_not_the_average_since_start() -> None:
+    """Two hours at 10 iterations/s, then the cores are shared and it runs at 1/s: within
+    the window the line's time left is the slow speed's, not the two hours' average."""
+    from resnetlab.train.loop import PROGRESS_S, RATE_WINDOW_S, _Log
+
+    log_ = _Log(window=None, t_start=0.0)  # type: ignore[arg-type]
+    now, it, total = 0.0, 0, 1_000_000
+    while now < 7200:
+        now, it = now + PROGRESS_S, it + int(10 * PROGRESS_S)
+        fast = log_.time_left(now, it, total)
+    assert fast == pytest.approx((total - it) / 10)
+    while now < 7200 + RATE_WINDOW_S + 2 * PROGRESS_S:
+        now, it = now + PROGRESS_S, it + int(PROGRESS_S)
+        slow = log_.time_left(now, it, total)
+    assert slow == pytest.approx((total - it) / 1, rel=0.1)
+    since_start = (total - it) * now / it
+    assert slow > 5 * since_start

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ KILL_AT_ENV = "RESNETLAB_KILL_AT_ITERATION"
 # Without a terminal (a log file, a batch job) there is no progress bar: a line this often.
 PROGRESS_S = 30.0
 ESTIMATE_STEPS = 10  # steps timed for the expected-time line
+RATE_WINDOW_S = 600.0  # a progress line's time left: the speed of the last ten minutes
 
 
 class NonFiniteLossError(ResNetLabError):
@@ -232,6 +234,7 @@ class _Log:
     last_step: float | None = None  # when the previous step ended (None: none timed yet)
     timed: list[float] = field(default_factory=list)  # seconds of steps with no evaluation
     estimated: bool = False
+    marks: deque[tuple[float, int]] = field(default_factory=deque)  # (time, iteration) per line
 
     def expected_time(self, it: int, total: int, batch: int, restart: bool) -> None:
         """Once, ESTIMATE_STEPS steps in: how long the rest will take at this speed. The
@@ -250,13 +253,25 @@ class _Log:
                      batch / per_step)
             self.estimated = True
 
+    def time_left(self, now: float, it: int, total: int) -> float:
+        """Seconds to go at the speed of the last RATE_WINDOW_S, evaluations included: a run
+        that shares its cores (or is paused) for a while shows it within minutes, instead of
+        diluted over the hours since it started."""
+        if not self.marks:
+            self.marks.append((self.t_start, self.it0))
+        self.marks.append((now, it))
+        while len(self.marks) > 2 and now - self.marks[1][0] >= RATE_WINDOW_S:
+            self.marks.popleft()
+        t0, it0 = self.marks[0]
+        return (total - it) * (now - t0) / max(it - it0, 1)
+
     def progress_line(self, it: int, total: int) -> None:
         """Where a run piped to a file or a batch system's log stands, every PROGRESS_S."""
         now = time.perf_counter()
         if not self.lines or now - self.said < PROGRESS_S:
             return
         self.said = now
-        left = (total - it) * (now - self.t_start) / max(it - self.it0, 1)
+        left = self.time_left(now, it, total)
         log.info("iteration %d/%d (%.0f%%): loss %.3f, train error %.1f%%, %.0f images/s, "
                  "about %s left", it, total, 100 * it / total, self.last["loss"],
                  100 * self.last["train_error"], self.last["images_per_s"], format_duration(left))
