@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import http.client
 import io
 import json
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from resnetlab.cli import main
 from resnetlab.deploy.predict import Predictor
 from resnetlab.serve import Metrics, ServedModel, best_batch, build_app
 from resnetlab.serve.batcher import Batcher, BatchStats
@@ -126,6 +128,15 @@ def test_tritonclient_speaks_to_the_server(addr: str, model: ServedModel,
         probs = res.as_numpy("probabilities")
         np.testing.assert_allclose(probs, torch.from_numpy(want).softmax(1).numpy(), atol=1e-6)
         assert res.get_response()["id"] == "r1"
+    # A version named, as tritonclient's model_version= sends it; a compressed body.
+    assert client.is_model_ready("smoke", "1")
+    assert client.get_model_metadata("smoke", "1")["name"] == "smoke"
+    inp = triton.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    for compression in (None, "gzip", "deflate"):
+        res = client.infer("smoke", [inp], model_version="1",
+                           request_compression_algorithm=compression)
+        np.testing.assert_allclose(res.as_numpy("logits"), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(triton.InferenceServerException, match="unknown model 'nope'"):
         client.get_model_metadata("nope")
     client.close()
@@ -164,6 +175,9 @@ def _bad_requests(tmp_path: Path) -> list[tuple[str, str, bytes, dict[str, str],
                                        "data": [0.0] * n if data is None else data}]}).encode()
 
     img = {"content-type": "image/png"}
+    head = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": 8}}]}).encode()
+    gz = {"content-encoding": "gzip", "content-type": "image/png"}
     return [
         ("/v1/predict", "POST", b"not an image", img, 400, "not a recognised image format"),
         ("/v1/predict", "POST", good[:len(good) // 2], img, 400, "truncated"),
@@ -171,13 +185,20 @@ def _bad_requests(tmp_path: Path) -> list[tuple[str, str, bytes, dict[str, str],
         ("/v1/predict", "POST", bomb.read_bytes(), img, 400, "decompression bomb"),
         ("/v1/predict", "POST", b"\0" * (2 << 20), img, 413, "over the limit"),
         ("/v1/predict?topk=x", "POST", good, img, 400, "topk"),
+        ("/v1/predict?topk=%C2%B2", "POST", good, img, 400, "topk"),  # '²' is a digit
+        ("/v1/predict", "POST", gzip.compress(b"\0" * (2 << 20)), gz, 413, "decompressed"),
+        ("/v1/predict", "POST", gzip.compress(good)[:-20], gz, 400, "truncated"),
+        ("/v1/predict", "POST", good, {"content-encoding": "br"}, 415, "'br'"),
         ("/v1/predict?model=nope", "POST", good, img, 404, "unknown model"),
         ("/v1/predict", "POST", b"--x\r\nbroken", {"content-type": "multipart/form-data; "
                                                     "boundary=x"}, 400, "image"),
         (v2, "POST", infer([1, 3, 28, 28]), {}, 400, "shape must be [N, 1, 28, 28]"),
         (v2, "POST", infer([1, 1, 28, 28], "INT64"), {}, 400, "datatype must be FP32"),
         (v2, "POST", infer([1, 1, 28, 28], data=[1.0] * 5), {}, 400, "has 5"),
-        (v2, "POST", infer([1, 1, 28, 28], data=["a"] * 784), {}, 400, "must be numbers"),
+        (v2, "POST", infer([1, 1, 28, 28], data=["a"] * 784), {}, 400, "float32 numbers"),
+        (v2, "POST", infer([1, 1, 28, 28]).replace(b"0.0", b"1" + b"0" * 400, 1), {}, 400,
+         "float32 numbers"),
+        (v2, "POST", b"[" * 100_000, {}, 400, "nested too deeply"),
         (v2, "POST", infer([0, 1, 28, 28]), {}, 400, "1 to"),
         (v2, "POST", infer([1, 1, 28, 28]).replace(b"0.0", b"NaN", 1), {}, 400, "NaN"),
         (v2, "POST", b"{", {}, 400, "not valid JSON"),
@@ -188,6 +209,10 @@ def _bad_requests(tmp_path: Path) -> list[tuple[str, str, bytes, dict[str, str],
                                              "datatype": "FP32",
                                              "parameters": {"binary_data_size": 8}}]}).encode()
          + b"\0" * 8, {"inference-header-content-length": "0"}, 400, "JSON"),
+        (v2, "POST", head + b"\0" * 8, {"inference-header-content-length": str(len(head))},
+         400, "binary_data_size is 8"),
+        ("/v2/models/smoke/versions/2/infer", "POST", infer([1, 1, 28, 28]), {}, 404,
+         "version 1 only"),
         ("/v2/models/nope/infer", "POST", infer([1, 1, 28, 28]), {}, 404, "unknown model"),
         ("/v2/models/smoke/infer", "GET", b"", {}, 405, "GET"),
         ("/nowhere", "GET", b"", {}, 404, "no such route"),
@@ -200,7 +225,21 @@ def test_every_bad_request_is_a_4xx_naming_the_problem(addr: str, tmp_path: Path
         assert got == status, (path, body[:40], out)
         assert hdrs["content-type"] == "application/json"
         assert words in json.loads(out)["error"], (path, out)
+        if status == 405:
+            assert "POST" in hdrs["allow"]
     assert request(addr, "GET", "/v2/health/live")[0] == 200
+
+
+def test_json_beyond_its_limit_is_refused_before_it_is_parsed() -> None:
+    """json.loads holds the event loop; a body of JSON floats larger than JSON_LIMIT is
+    refused with 413 pointing at binary data, before any parsing (garbage would not parse)."""
+    from resnetlab.serve.v2 import JSON_LIMIT, ProtocolError, Signature, parse_infer
+
+    with pytest.raises(ProtocolError, match="binary data") as refused:
+        parse_infer(b"x" * (JSON_LIMIT + 1), None, Signature((1, 28, 28), 10), 256)
+    assert refused.value.status == 413
+    with pytest.raises(ProtocolError, match="not valid JSON"):
+        parse_infer(b"x" * JSON_LIMIT, None, Signature((1, 28, 28), 10), 256)
 
 
 def _infer(addr: str, x: np.ndarray) -> np.ndarray:
@@ -326,6 +365,49 @@ def test_concurrent_requests_share_batches_and_metrics_count_them(run_dir: Path)
     assert images == 32 and batches < 32  # some requests shared a forward pass
     assert samples[("resnetlab_queue_depth", (("model", "smoke"),))] == 0
     assert samples[("resnetlab_request_seconds_count", (("endpoint", "v2_infer"),))] == 32
+
+
+def test_a_request_beyond_max_batch_runs_in_passes_of_max_batch() -> None:
+    """10 images at max_batch 4: passes of 4, 4 and 2, and the outputs in request order."""
+    sizes: list[int] = []
+
+    async def one_request() -> np.ndarray:
+        batcher = Batcher(lambda x: x.reshape(len(x), -1)[:, :1].copy(), max_batch=4,
+                          stats=BatchStats(on_batch=sizes.append))
+        batcher.start()
+        try:
+            return await batcher.submit(np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1))
+        finally:
+            await batcher.stop()
+
+    out = asyncio.run(one_request())
+    assert sizes == [4, 4, 2]
+    assert out.ravel().tolist() == list(range(10))
+
+
+def test_two_models_never_run_their_passes_at_once(run_dir: Path) -> None:
+    """Each pass uses every core: two models of one server take turns."""
+    models = [ServedModel(n, run_dir, "torch", "fp32", max_batch=1, probe=False, threads=1)
+              for n in ("a", "b")]
+    running, most = 0, 0
+    lock = threading.Lock()
+    for m in models:
+        def forward(x: np.ndarray, inner: Any = m.batcher.forward) -> np.ndarray:
+            nonlocal running, most
+            with lock:
+                running += 1
+                most = max(most, running)
+            time.sleep(0.02)
+            with lock:
+                running -= 1
+            return inner(x)
+        m.batcher.forward = forward
+    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 28, 28],
+                                   "datatype": "FP32", "data": [0.0] * 784}]}).encode()
+    with serving(models) as a, ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda i: request(a, "POST", f"/v2/models/{'ab'[i % 2]}/infer",
+                                                body)[0], range(16)))
+    assert codes == [200] * 16 and most == 1
 
 
 def test_a_batch_waits_only_for_the_clients_that_are_about() -> None:
@@ -582,7 +664,9 @@ def test_the_page_classifies_an_uploaded_image_in_a_real_browser(
         driver.quit()
 
 
-def test_models_are_named_after_their_runs_or_as_told(run_dir: Path) -> None:
+def test_models_are_named_after_their_runs_or_as_told(run_dir: Path,
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
     from resnetlab.cli.serve import model_name
 
     assert model_name(str(run_dir)) == (run_dir.name, str(run_dir))
@@ -591,6 +675,9 @@ def test_models_are_named_after_their_runs_or_as_told(run_dir: Path) -> None:
     with pytest.raises(ValueError, match="names must differ"):
         m = ServedModel("a", run_dir, "torch", "fp32", probe=False)
         build_app([m, m])
+    # The CLI says so before it binds a port or loads a model.
+    assert main(["serve", str(run_dir), str(run_dir / "final"), "--port", "1"]) == 2
+    assert f"two models would be served as {run_dir.name}" in capsys.readouterr().err
 
 
 def test_the_bench_client_reads_statuses_and_reconnects(addr: str) -> None:

@@ -16,6 +16,7 @@ from .run import BACKEND_HELP, add_precision_args
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 BACKLOG = 2048  # uvicorn's default
+MAX_CONNECTIONS = 64  # at once, beyond which uvicorn answers 503: bounds the bodies held
 
 
 def add_serve_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -130,6 +131,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port > 65535:  # getaddrinfo would wrap it round to another port
         raise ConfigError(f"--port {args.port}: ports go up to 65535")
     specs = [model_name(w) for w in args.weights]
+    names = [name for name, _ in specs]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"two models would be served as {', '.join(twice)}: name them, "
+                          "as NAME=DIR")
     socks = bind(args.host, args.port)
     try:
         models = []
@@ -147,7 +153,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host = f"[{args.host}]" if ":" in args.host else args.host
         url = f"http://{host}:{socks[0].getsockname()[1]}"  # the port --port 0 was given
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
-                                               timeout_graceful_shutdown=30))
+                                               timeout_graceful_shutdown=30,
+                                               limit_concurrency=MAX_CONNECTIONS))
         try:
             for sock in socks:
                 sock.listen(BACKLOG)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import zlib
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 
@@ -29,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -38,7 +40,7 @@ from .. import __version__
 from ..data.images import ImageError
 from .batcher import BatchStats, Overloaded
 from .model import ServedModel
-from .v2 import HEADER, ProtocolError, encode_response, parse_infer
+from .v2 import HEADER, VERSION, ProtocolError, encode_response, parse_infer
 
 MB = 1 << 20
 LATENCY_BUCKETS = (.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10)
@@ -106,7 +108,9 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to pass `limit` bytes."""
+    """The whole body, decompressed where the client compressed it (tritonclient's
+    `request_compression_algorithm`), refused with 413 as soon as it is known to pass
+    `limit` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -114,14 +118,39 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise ProtocolError(f"the body's {int(declared):,} bytes are over the limit of "
                                 f"{limit:,} (--max-body-mb)", 413, "too_large")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "deflate"):
+        raise ProtocolError(f"Content-Encoding {encoding!r} is not accepted: send the body "
+                            "uncompressed, or as gzip or deflate", 415, "encoding")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ProtocolError(f"the body is over the limit of {limit:,} bytes "
-                                "(--max-body-mb)", 413, "too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(f"the body is over the limit of {limit:,} bytes "
+                                    "(--max-body-mb)", 413, "too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # nobody hears the answer; it only keeps the log clean
+        raise ProtocolError("the client went away during the upload", 400,
+                            "disconnected") from None
+    body = b"".join(chunks)
+    return body if encoding == "identity" else _inflate(body, encoding, limit)
+
+
+def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip or zlib-wrapped deflate body, refused with 413 once past `limit` bytes (a
+    small compressed body can inflate to gigabytes)."""
+    inflater = zlib.decompressobj(wbits=32 + zlib.MAX_WBITS)  # either header, told apart
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise ProtocolError(f"the body is not valid {encoding} data ({e})") from None
+    if len(out) > limit:
+        raise ProtocolError(f"the body, decompressed, is over the limit of {limit:,} bytes "
+                            "(--max-body-mb)", 413, "too_large")
+    if not inflater.eof:
+        raise ProtocolError(f"the {encoding} body is truncated")
+    return out
 
 
 async def uploads(request: Request, body: bytes, max_files: int) -> list[tuple[str, bytes]]:
@@ -158,13 +187,20 @@ class Service:
         self.ready = False
         self._info: dict[str, dict[str, Any]] = {}
 
-    def model(self, name: str | None) -> ServedModel:
+    def model(self, name: str | None, version: str | None = None) -> ServedModel:
         if name is None:
             return next(iter(self.models.values()))
         if name not in self.models:
             raise ProtocolError(f"unknown model {name!r}; this server has "
                                 f"{', '.join(self.models)}", 404, "unknown_model")
+        if version not in (None, VERSION):
+            raise ProtocolError(f"model {name!r} has version {VERSION} only, not {version!r}",
+                                404, "unknown_model")
         return self.models[name]
+
+    def asked(self, request: Request) -> ServedModel:
+        """The model of a /v2/models/{name}[/versions/{version}] route."""
+        return self.model(request.path_params["name"], request.path_params.get("version"))
 
     def info(self, name: str) -> dict[str, Any]:
         """The model panel: read from the run once; the thread choice as it stands now."""
@@ -184,15 +220,15 @@ class Service:
         return JSONResponse({"ready": self.ready}, 200 if self.ready else 503)
 
     async def model_metadata(self, request: Request) -> Response:
-        m = self.model(request.path_params["name"])
+        m = self.asked(request)
         return JSONResponse(m.signature.metadata(m.name, m.platform, m.preprocessing))
 
     async def model_ready(self, request: Request) -> Response:
-        m = self.model(request.path_params["name"])
+        m = self.asked(request)
         return JSONResponse({"name": m.name, "ready": self.ready}, 200 if self.ready else 503)
 
     async def infer(self, request: Request) -> Response:
-        m = self.model(request.path_params["name"])
+        m = self.asked(request)
         body = await read_body(request, self.limit)
         req = parse_infer(body, request.headers.get(HEADER), m.signature, m.batcher.max_queue)
         logits = await m.batcher.submit(req.images)
@@ -204,7 +240,7 @@ class Service:
         start = time.perf_counter()
         m = self.model(request.query_params.get("model"))
         k = request.query_params.get("topk", str(self.topk))
-        if not k.isdigit() or int(k) < 1:
+        if not (k.isascii() and k.isdigit() and len(k) < 10 and int(k) >= 1):
             raise ProtocolError(f"topk must be a positive integer, got {k!r}")
         body = await read_body(request, self.limit)
         files = await uploads(request, body, m.batcher.max_queue)
@@ -254,7 +290,8 @@ class Service:
         assert isinstance(exc, HTTPException)
         what = "no such route" if exc.status_code == 404 else exc.detail
         return self.refuse("route", exc.status_code,
-                           f"{what}: {request.method} {request.url.path} (see GET / and /v2)")
+                           f"{what}: {request.method} {request.url.path} (see GET / and /v2)",
+                           dict(exc.headers or {}))  # a 405's Allow
 
     async def on_internal(self, request: Request, exc: Exception) -> Response:
         return self.refuse("internal", 500, f"internal error ({type(exc).__name__}); the "
@@ -301,8 +338,10 @@ def build_app(models: Sequence[ServedModel], metrics: Metrics | None = None,
     if len(set(names)) != len(names):
         raise ValueError(f"model names must differ, got {names}")
     metrics = metrics or Metrics()
+    inference = ThreadPoolExecutor(1, thread_name_prefix="inference")
     for m in models:
         m.batcher.stats = metrics.stats(m.name)
+        m.batcher.pool = inference  # one pass at a time, whichever model it is for
     s = Service(models, metrics, max_body_mb, topk)
     routes = [
         Route("/", s.page), Route("/metrics", s.scrape),
@@ -310,6 +349,9 @@ def build_app(models: Sequence[ServedModel], metrics: Metrics | None = None,
         Route("/v2/health/ready", s.health_ready), Route("/v2/models/{name}", s.model_metadata),
         Route("/v2/models/{name}/ready", s.model_ready),
         Route("/v2/models/{name}/infer", s.infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}", s.model_metadata),
+        Route("/v2/models/{name}/versions/{version}/ready", s.model_ready),
+        Route("/v2/models/{name}/versions/{version}/infer", s.infer, methods=["POST"]),
         Route("/v1/predict", s.predict, methods=["POST"]),
         Route("/v1/models", s.models_info)]
     handlers = {ProtocolError: s.on_protocol, ImageError: s.on_image,

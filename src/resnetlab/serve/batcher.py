@@ -43,19 +43,21 @@ class BatchStats:
 class Batcher:
     """Runs `forward` on batches of up to `max_batch` images: every request that arrived
     while the last batch ran, and, while fewer have come than were about when it ended,
-    those that arrive within `max_wait_ms` of the first. One inference thread: the backend
-    already uses every core, and two concurrent passes would only fight over them."""
+    those that arrive within `max_wait_ms` of the first. One inference thread, `pool`,
+    shared by every model of a server (build_app): the backend already uses every core,
+    and two concurrent passes would only fight over them."""
 
     forward: Callable[[np.ndarray], np.ndarray]
     max_batch: int = 32
     max_wait_ms: float = 5.0
     max_queue: int = 256  # images waiting, beyond which submit() raises Overloaded
     stats: BatchStats = field(default_factory=BatchStats)
+    pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="inference"))
 
     def __post_init__(self) -> None:
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._waiting = 0
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
         self._task: asyncio.Task[None] | None = None
         self._carry: _Job | None = None  # too big to join the last batch: starts the next
         self._expected = 1  # requests about at the end of the last pass
@@ -68,18 +70,24 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._pool.shutdown(wait=True)
+        self.pool.shutdown(wait=True)
 
     async def submit(self, images: np.ndarray) -> np.ndarray:
-        """The outputs for `images` (n, C, H, W); raises Overloaded when the queue is full."""
+        """The outputs for `images` (n, C, H, W); raises Overloaded when the queue is full.
+        More than `max_batch` images go in parts of `max_batch`: no pass outgrows the batch
+        the server chose, and other clients' requests can join between the parts."""
         n = len(images)
         if self._waiting + n > self.max_queue and self._waiting > 0:
             raise Overloaded(f"{self._waiting} images are waiting (at most {self.max_queue})")
-        job = _Job(images, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(images[i:i + self.max_batch], loop.create_future())
+                for i in range(0, n, self.max_batch)]
         self._waiting += n
         self.stats.on_depth(self._waiting)
-        await self._queue.put(job)
-        return await job.done
+        for job in jobs:
+            self._queue.put_nowait(job)
+        outs = await asyncio.gather(*(job.done for job in jobs))
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     async def _gather(self) -> list[_Job]:
         first, self._carry = self._carry, None
@@ -119,7 +127,7 @@ class Batcher:
                 else jobs[0].images
             self.stats.on_batch(len(batch))
             try:
-                out = await loop.run_in_executor(self._pool, self.forward, batch)
+                out = await loop.run_in_executor(self.pool, self.forward, batch)
                 self._expected = len(jobs) + self._queue.qsize() + (self._carry is not None)
             except Exception as e:  # the backend failed: every waiting request hears why
                 log.exception("inference failed on a batch of %d", len(batch))

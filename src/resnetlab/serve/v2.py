@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 HEADER = "inference-header-content-length"
+JSON_LIMIT = 8 << 20  # bytes of JSON a request may hold: about 0.2 s of parsing
+VERSION = "1"  # the one version each model has
 INPUT = "input"
 OUTPUTS = ("logits", "probabilities")
 
@@ -41,7 +43,7 @@ class Signature:
 
     def metadata(self, name: str, platform: str, parameters: dict[str, Any]
                  ) -> dict[str, Any]:
-        return {"name": name, "versions": ["1"], "platform": platform,
+        return {"name": name, "versions": [VERSION], "platform": platform,
                 "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, *self.chw]}],
                 "outputs": [{"name": o, "datatype": "FP32", "shape": [-1, self.classes]}
                             for o in OUTPUTS],
@@ -65,10 +67,16 @@ def _json_header(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
             raise ProtocolError(f"{HEADER} must be an integer, got {header_length!r}") from None
         if not 0 <= split <= len(body):
             raise ProtocolError(f"{HEADER} {split} is outside the body's {len(body)} bytes")
+    if split > JSON_LIMIT:  # json.loads holds the event loop (and the GIL) while it parses
+        raise ProtocolError(f"the JSON part of the request is {split:,} bytes, over "
+                            f"{JSON_LIMIT:,}: send the tensor as binary data (the binary "
+                            "tensor data extension, tritonclient's default)", 413, "too_large")
     try:
         return json.loads(body[:split]), body[split:]
     except (ValueError, UnicodeDecodeError) as e:
         raise ProtocolError(f"the request is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ProtocolError("the request's JSON is nested too deeply") from None
 
 
 def _shape(spec: Any, sig: Signature, max_images: int) -> tuple[int, ...]:
@@ -117,8 +125,9 @@ def parse_infer(body: bytes, header_length: str | None, sig: Signature,
                                 "binary_data_size")
         try:
             arr = np.asarray(inp.get("data"), dtype=np.float32)
-        except (ValueError, TypeError):
-            raise ProtocolError("input 'data' must be numbers (flat or nested lists)") from None
+        except (ValueError, TypeError, OverflowError):
+            raise ProtocolError("input 'data' must be float32 numbers (flat or nested lists)"
+                                ) from None
         if arr.size != count:
             raise ProtocolError(f"input shape {list(shape)} holds {count} values; 'data' has "
                                 f"{arr.size}")
@@ -172,7 +181,7 @@ def encode_response(name: str, req: InferRequest, logits: np.ndarray
         else:
             entry["data"] = t.ravel().tolist()
         outputs.append(entry)
-    head: dict[str, Any] = {"model_name": name, "model_version": "1", "outputs": outputs}
+    head: dict[str, Any] = {"model_name": name, "model_version": VERSION, "outputs": outputs}
     if req.id is not None:
         head["id"] = req.id
     text = json.dumps(head).encode()
