@@ -123,6 +123,29 @@ def _image_files(d: Path) -> dict[str, Path]:
     return files
 
 
+def test_16_bit_images_keep_their_brightness_relative_to_each_other(tmp_path: Path) -> None:
+    """Two dim 16-bit frames peaking at 255 and 256 come out equally dim (a per-image
+    guess of the range used to make the first 257 times brighter)."""
+    seen = []
+    for top in (255, 256):
+        path = tmp_path / f"peak{top}.png"
+        Image.fromarray(np.full((8, 8), top, np.uint16)).save(path)
+        seen.append(int(np.asarray(load_image(path, "L")).max()))
+    assert seen == [1, 1]  # 255 and 256 of 65535, in 8 bits
+
+
+def test_a_malformed_exif_block_leaves_the_image_unrotated(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's exif_transpose has raised TypeError, IndexError, struct.error on phones'
+    EXIF; the image is then used as stored, not lost (nor the run with it)."""
+    from PIL import ImageOps
+
+    path = _image_files(tmp_path)["rotated.jpg"]
+    monkeypatch.setattr(ImageOps, "exif_transpose", lambda im: (_ for _ in ()).throw(
+        TypeError("unhashable type")))
+    assert load_image(path, "RGB").size == (30, 40)  # as stored: not turned
+
+
 def test_every_image_mode_is_converted(tmp_path: Path) -> None:
     files = _image_files(tmp_path)
     for name, path in files.items():

@@ -100,6 +100,71 @@ def test_scan_of_the_keras_layout_and_what_looks_like_a_folder(tmp_path: Path) -
         scan_folder(tmp_path / "missing")
 
 
+def test_split_folders_are_found_as_downloads_name_them(tmp_path: Path) -> None:
+    """Kaggle's Train/ and Test/, Roboflow's valid/: splits, not two classes named so."""
+    root = tmp_path / "kaggle"
+    for split in ("Train", "valid", "Testing"):
+        _images(root / split / "cat", 2)
+        _images(root / split / "dog", 2)
+    scan = scan_folder(root)
+    assert (scan.train, scan.val, scan.test) == (root / "Train", root / "valid",
+                                                 root / "Testing")
+    assert scan.classes == ["cat", "dog"]
+    (root / "train").mkdir()  # a second train folder: which one is meant?
+    with pytest.raises(DataError, match=r"2 train folders .*: keep one"):
+        scan_folder(root)
+
+
+def test_a_split_folder_without_train_or_class_folders_is_a_problem(tmp_path: Path) -> None:
+    """DIR/<class>/ with a class named as a split, and a val/ holding loose images: errors
+    saying what to do (the first used to train a "test" class, the second was ignored)."""
+    keras = tmp_path / "keras"
+    _images(keras / "cat", 3)
+    _images(keras / "Test", 3)
+    errors, _ = folder_problems(scan_folder(keras), 16, 1, 0.01)
+    assert any("Test is named as a split folder" in e for e in errors)
+    loose = _folder(tmp_path / "loose", {"a": 3, "b": 3})
+    _images(loose / "val", 2)
+    errors, _ = folder_problems(scan_folder(loose), 16, 1, 0.01)
+    assert any(f"{loose / 'val'} has no class folders" in e for e in errors)
+
+
+def test_a_link_loop_is_refused_not_followed(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "d", {"a": 2, "b": 2})
+    (root / "train" / "a" / "again").symlink_to(root / "train")
+    with pytest.raises(DataError, match=r"a folder met before .* remove that link"):
+        scan_folder(root)
+    (root / "train" / "a" / "again").unlink()
+    (root / "train" / "b" / "self").symlink_to(root / "train" / "b" / "self")  # ELOOP
+    with pytest.raises(DataError, match=r"self: .*remove that link"):
+        scan_folder(root)
+
+
+def test_images_of_unread_kinds_are_counted_and_said(tmp_path: Path) -> None:
+    root = _folder(tmp_path / "d", {"a": 3, "b": 3})
+    for i in range(2):
+        (root / "train" / "a" / f"{i}.HEIC").write_bytes(b"phone photo")
+    (root / "train" / "b" / "x.gif").write_bytes(b"GIF89a")
+    (root / "train" / "b" / "labels.csv").write_text("not an image of any kind")
+    scan = scan_folder(root)
+    assert scan.other_images == {".heic": 2, ".gif": 1}
+    _, warns = folder_problems(scan, 16, 1, 0.01)
+    assert any("2 .heic files, 1 .gif file in the class folders" in w for w in warns)
+
+
+def test_why_a_path_is_not_a_folder_of_images(tmp_path: Path) -> None:
+    from resnetlab.data.scan import not_a_folder
+
+    assert "does not exist" in not_a_folder(tmp_path / "photso")
+    _images(tmp_path / "flat", 3)
+    assert "has no class folders (3 images lie in it directly)" in \
+        not_a_folder(tmp_path / "flat")
+    (tmp_path / "phone" / "cat").mkdir(parents=True)
+    (tmp_path / "phone" / "cat" / "1.heic").write_bytes(b"phone photo")
+    said = not_a_folder(tmp_path / "phone")
+    assert "hold no images of the kinds read" in said and "1 .heic file" in said
+
+
 def test_scan_names_unreadable_files_and_leaves_them_uncounted(tmp_path: Path) -> None:
     root = _folder(tmp_path / "d", {"a": 3, "b": 3}, val={"a": 1, "b": 1})
     bad = root / "train" / "b" / "x.png"

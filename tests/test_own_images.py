@@ -2,6 +2,7 @@
 a recipe sized from the data, problems listed before anything is written, the request
 and the choice both recorded, and every flag reaching the config by one path."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +19,10 @@ from PIL import Image
 import resnetlab
 from resnetlab import ConfigError
 from resnetlab.cli import main
-from resnetlab.config import resolve
+from resnetlab.config import changes, resolve
+from resnetlab.data.folder import eval_transform
+from resnetlab.data.images import load_image
+from resnetlab.deploy.predict import Predictor
 from resnetlab.recipes import EPOCHS, LR_PER_128, MAX_EVALS, total_stride
 from resnetlab.train.loop import train
 from resnetlab.train.request import train_config
@@ -91,6 +95,12 @@ def test_a_folder_with_no_other_flag_trains_evaluates_and_predicts(
                  "--backend", "torch"]) == 0
     line = json.loads(capsys.readouterr().out)
     assert {p["label"] for p in line["predictions"]} == {"kind0", "kind1", "kind2"}
+    # predict (and serve) see the view eval scored: at 38 px too, the 256/224 centre crop.
+    image = photos / "val" / "kind1" / "0.png"
+    seen = Predictor(run / "final", "torch", "fp32").preprocess(image)[0]
+    mc = resnetlab.load_model(run / "final").model_config
+    torch.testing.assert_close(seen, eval_transform(38, mc.mean, mc.std)(load_image(image)),
+                               atol=1e-5, rtol=0)
     assert main(["eval", str(run), "--backend", "torch"]) == 0
     assert "top-1 error" in capsys.readouterr().out
 
@@ -176,8 +186,12 @@ def test_a_folder_that_is_no_data_set_says_how_to_lay_it_out(
     (run / "notes.txt").write_text("mine")
     assert main(["train", "--data-dir", str(empty), "--out", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "DIR/train/<class>/" in err
+    # What is wrong with it, not the default data set's missing files.
+    assert f"{empty} has no class folders" in err and "DIR/train/<class>/" in err
+    assert "Fashion-MNIST" not in err
     assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]  # the user's file stays
+    assert main(["train", str(tmp_path / "photso"), "--out", str(run)]) == 2
+    assert "photso does not exist" in capsys.readouterr().err
 
 
 def test_config_yaml_keeps_the_request_and_choices_json_the_choice(
@@ -194,13 +208,17 @@ def test_config_yaml_keeps_the_request_and_choices_json_the_choice(
 
 
 def test_flags_are_set_pairs_and_set_wins(photos: Path, tmp_path: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+                                          capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["train", "--data-dir", str(photos), "--set", "batch_size=8",
                  "--set", "model.name=resnet8", "--print-config"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["data"]["data_dir"] == str(photos) and cfg["batch_size"] == 8
     assert cfg["model"]["name"] == "resnet8"
     assert cfg["schedule"]["warmup_iters"] == (72 - 0) // 8  # sized from the asked batch
+    monkeypatch.chdir(photos.parent)  # a relative folder is saved absolute: eval finds it
+    assert main(["train", photos.name, "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["data_dir"] == str(photos)
     assert main(["train", str(photos), "--data-dir", str(tmp_path), "--print-config"]) == 2
     assert "two data directories" in capsys.readouterr().err
 
@@ -214,6 +232,26 @@ def test_eval_takes_set_for_the_data(photos: Path, tmp_path: Path,
     assert "max_bad_fraction" in capsys.readouterr().err
     assert main(["eval", str(run), "--backend", "torch", "--set",
                  "data.max_bad_fraction=0.5"]) == 0
+    # A folder whose classes are not the model's is refused: its labels would be off.
+    more = tmp_path / "more"
+    shutil.copytree(photos, more)
+    (more / "train" / "bird").mkdir()
+    _image(np.random.default_rng(0), 0, (40, 40)).save(more / "train" / "bird" / "0.png")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--backend", "torch", "--data-dir", str(more)]) == 2
+    assert "other classes than the model was trained on (new: bird)" in capsys.readouterr().err
+
+
+def test_a_resume_may_change_how_bad_files_are_met_not_what_is_computed(
+        photos: Path) -> None:
+    """A run stopped by unreadable files resumes with data.max_bad_fraction raised (its
+    error says to raise it), or with other loader workers; anything else is a change."""
+    base = [f"data.data_dir={json.dumps(str(photos))}"]
+    saved = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(train_config(sets=base)[0])))
+    assert changes(saved, train_config(sets=[*base, "data.max_bad_fraction=0.2",
+                                             "data.workers=0"])[0]) == []
+    assert changes(saved, train_config(sets=[*base, "data.image_size=40"])[0]) == \
+        ["data.image_size 38 -> 40"]
 
 
 @pytest.mark.slow

@@ -467,15 +467,22 @@ def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Settings a resumed run may change: they decide how the data is read or when a run gives
+# up on it, not what it computes (the resume rewrites config.yaml with the new values).
+RESUME_MAY_CHANGE = ("data.max_bad_fraction", "data.workers")
+
+
 def changes(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
     """What `cfg` asks differently from a run's saved config, as `key old -> new`. A request
     for `auto` precision matches whatever the run settled on (resuming keeps it), and with
     schedule.epochs the saved iterations are what those epochs came to. `preset` only names
     where the settings came from, and they are compared one by one, so a renamed preset
-    (reproduce's `converge` scale became `short`) still resumes its runs."""
+    (reproduce's `converge` scale became `short`) still resumes its runs; RESUME_MAY_CHANGE
+    are not compared."""
     old, new = leaves(saved), leaves(asdict(cfg))
-    old.pop("preset", None)
-    new.pop("preset", None)
+    for free in ("preset", *RESUME_MAY_CHANGE):
+        old.pop(free, None)
+        new.pop(free, None)
     if new["precision"] == "auto":
         new["precision"] = old.get("precision")
     if new.get("schedule.epochs") and new.get("schedule.epochs") == old.get("schedule.epochs"):

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from .config import TrainConfig, load_yaml, resolve
 from .data import DataBundle, build_data
+from .data.sources import DataError
 from .errors import ConfigError, WeightsError
 from .models.config import CONFIG_FILE, ModelConfig
 
@@ -263,5 +264,31 @@ def run_data(weights: str | os.PathLike[str], batch_size: int = 500,
     """The run's data, normalised with the statistics saved beside the weights."""
     cfg = run_config(weights, dataset, data_dir, sets)
     mc = ModelConfig.from_json(weights_dir(weights) / CONFIG_FILE)
-    return build_data(cfg.data, cfg.batch_size, batch_size, cfg.seed,
-                      stats=(mc.mean, mc.std), strict=strict)
+    try:
+        data = build_data(cfg.data, cfg.batch_size, batch_size, cfg.seed,
+                          stats=(mc.mean, mc.std), strict=strict)
+    except DataError as e:
+        if dataset or data_dir:
+            raise
+        raise DataError(f"{e} (the data the run was trained on; where it is now: --data-dir)"
+                        ) from None
+    # The run's own data must have its classes; another data set (--data: imported weights
+    # on ImageNet's folders, whose names are WordNet ids) as many.
+    names = mc.class_names
+    if names is not None and (list(names) != list(data.classes) if dataset is None
+                              else len(names) != len(data.classes)):
+        raise ConfigError(_other_classes(names, data.classes, cfg.data.data_dir))
+    return data
+
+
+def _other_classes(trained: list[str], found: list[str], where: str | None) -> str:
+    """Why the data's classes cannot be scored by a model trained on `trained`."""
+    added = [c for c in found if c not in trained]
+    gone = [c for c in trained if c not in found]
+    what = "; ".join(part for part in (f"new: {', '.join(added)}" if added else "",
+                                       f"gone: {', '.join(gone)}" if gone else "") if part) \
+        or "the same names in another order"
+    return (f"the data{f' in {where}' if where else ''} has other classes than the model was "
+            f"trained on ({what}), so its labels would be scored against the wrong outputs: "
+            "restore the folder as it was, or give one with the model's classes as "
+            "--data-dir")

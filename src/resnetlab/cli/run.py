@@ -157,7 +157,10 @@ def train_sets(args: argparse.Namespace) -> list[str]:
     if args.data and args.data_dir and args.data != args.data_dir:
         raise ConfigError(f"two data directories: {args.data} and --data-dir {args.data_dir}; "
                           "give one")
-    flags = {"data.data_dir": args.data or args.data_dir, "finetune.init": args.init}
+    data_dir = args.data or args.data_dir
+    # Absolute in the saved config: eval, predict and resume find it from any directory.
+    flags = {"data.data_dir": os.path.abspath(data_dir) if data_dir else None,
+             "finetune.init": args.init}
     return [*(_as_set(k, v) for k, v in flags.items() if v), *args.sets]
 
 

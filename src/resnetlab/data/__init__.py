@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD
 from .config import DATASETS, DataConfig
 from .folder import (
+    EVAL_CROP,
     FolderLoader,
     ImageFolderDataset,
     SeededSubset,
@@ -54,6 +55,13 @@ class DataBundle:
     std: list[float]
     # Evaluation uses the un-augmented training split for BN re-estimation (--recompute-bn).
     train_eval: Any
+    crop_pct: float | None = None  # the evaluation's centre crop (folders); None: whole image
+
+    def weights_config(self) -> dict[str, Any]:
+        """What the saved weights record of this data, so predict and serve see what the
+        evaluation saw (save_weights' keyword arguments)."""
+        crop = {} if self.crop_pct is None else {"crop_pct": self.crop_pct}
+        return {"input_size": self.input_size, "mean": self.mean, "std": self.std, **crop}
 
 
 def load_arrays(dataset: str, data_dir: str | None, split: str, verify: bool) -> ArrayDataset:
@@ -241,7 +249,8 @@ def _build_folder(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: 
     val = held if held is not None else val_dir
     test = next((t for t in (test_dir, val_dir, held) if t is not None), None)
     return DataBundle(loader(SeededSubset(train_ds, tr_idx), True), val, test, scan.classes,
-                      3, size, mean, std, loader(SeededSubset(plain_ds, tr_idx), False))
+                      3, size, mean, std, loader(SeededSubset(plain_ds, tr_idx), False),
+                      EVAL_CROP)
 
 
 __all__ = [

@@ -63,10 +63,13 @@ def train_transform(size: int, mean: Sequence[float], std: Sequence[float],
     ])
 
 
+EVAL_CROP = 224 / 256  # the paper's test view (sec. 3.4): shorter side 256, centre 224
+
+
 def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     return v2.Compose([
         v2.PILToTensor(),
-        v2.Resize(round(size * 256 / 224)),
+        v2.Resize(round(size / EVAL_CROP)),
         v2.CenterCrop(size),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean, std),

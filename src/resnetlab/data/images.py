@@ -8,6 +8,7 @@ Decompression bombs are refused before their pixels are decoded.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import warnings
@@ -22,6 +23,10 @@ from ..errors import ResNetLabError
 MAX_PIXELS = 64_000_000
 
 
+log = logging.getLogger(__name__)
+_EXIF_WARNED: list[bool] = []  # said once per process: a loader meets such a file each epoch
+
+
 class ImageError(ResNetLabError):
     """A file that is not a readable image."""
 
@@ -32,9 +37,12 @@ def _bomb(path: Path | str, pixels: str) -> ImageError:
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
-    # PIL's convert("L") clips 16-bit values at 255; scale the full range down instead.
+    # PIL's convert("L") clips 16-bit values at 255; scale the full range down instead. A
+    # 16-bit file's range is 65535 whatever its pixels (a per-image guess would make a dim
+    # frame peaking at 255 257 times brighter than one peaking at 256); 32-bit integer and
+    # float images say nothing of their range, so theirs is guessed.
     arr = np.asarray(im, dtype=np.float64)
-    top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+    top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
     return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
 
 
@@ -47,7 +55,13 @@ def _flatten_alpha(im: Image.Image) -> Image.Image:
 
 def convert_image(im: Image.Image, mode: str) -> Image.Image:
     """Upright, 8-bit, alpha-flattened image in `mode` ("RGB" or "L")."""
-    im = ImageOps.exif_transpose(im) or im
+    try:
+        im = ImageOps.exif_transpose(im) or im
+    except Exception:  # malformed EXIF has raised TypeError, IndexError, struct.error...
+        if not _EXIF_WARNED:
+            log.warning("an image's EXIF orientation is unreadable: such images are used "
+                        "as stored, unrotated")
+            _EXIF_WARNED.append(True)
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         im = _to_8bit(im)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):

@@ -4,7 +4,8 @@ counts and sizes, and every problem that would stop or spoil a run.
 Only file headers are read (PIL's `Image.open` parses the header and decodes no pixels),
 so a recipe can be sized from the data and all problems listed at once, in seconds, before
 anything is written. Layouts: `root/train/<class>/` with optional `root/val/<class>/` and
-`root/test/<class>/`, or the Keras layout `root/<class>/` (root itself trains).
+`root/test/<class>/` (split folders named as downloads name them: Train/, valid/,
+validation/, testing/...), or the Keras layout `root/<class>/` (root itself trains).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import random
 import statistics
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,14 @@ SAMPLE_ABOVE = 20_000  # files in a split; above this only a sample's headers ar
 SAMPLE_SIZE = 2_000
 SAMPLE_SEED = 20151210  # the sample, hence the scan, is the same on every call
 NAMED = 5  # unreadable files named in a message; the rest are counted
+# Split folders by role, matched without regard to case: Kaggle and Roboflow downloads name
+# them Train/, valid/, validation/... A name not matched would become a class.
+SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"),
+               "test": ("test", "testing")}
+# Image files of kinds the loader does not read (by extension): counted, so a folder of
+# them is said to be one instead of "holds no images".
+OTHER_IMAGES = (".heic", ".heif", ".avif", ".gif", ".jfif", ".jxl", ".jp2", ".svg", ".dng",
+                ".cr2", ".nef", ".arw")
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class FolderScan:
     checked: int = 0  # files whose header was opened: the denominator of the bad fraction
     # The paths of `unreadable`, for the datasets to leave out (a path may hold ": ").
     unreadable_paths: frozenset[str] = field(default_factory=frozenset)
+    other_images: dict[str, int] = field(default_factory=dict)  # OTHER_IMAGES found, by kind
 
     @property
     def n_train(self) -> int:
@@ -70,6 +81,7 @@ class _Split:
     bad: list[tuple[str, str]]  # (path, reason)
     checked: int
     complete: bool
+    other_images: Counter[str]
 
 
 def _visible(name: str) -> bool:
@@ -77,30 +89,49 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
+def _is_dir(e: os.DirEntry[str]) -> bool:
+    try:
+        return e.is_dir()
+    except OSError as err:  # a link to itself: ELOOP
+        raise DataError(f"{e.path}: {err.strerror}; remove that link") from None
+
+
 def _class_dirs(split: Path) -> list[str]:
     try:
         with os.scandir(split) as it:
-            return sorted(e.name for e in it if _visible(e.name) and e.is_dir())
+            entries = list(it)
     except OSError:
         return []
+    return sorted(e.name for e in entries if _visible(e.name) and _is_dir(e))
 
 
-def _iter_images(folder: str) -> Iterator[str]:
-    """Image files under `folder`, at any depth, following links as ImageFolder does."""
-    stack = [folder]
+def _iter_images(folder: str, others: Counter[str] | None = None) -> Iterator[str]:
+    """Image files under `folder`, at any depth, following links as ImageFolder does; the
+    OTHER_IMAGES met are counted into `others`. A folder reached twice (a link back up the
+    tree, which ImageFolder would follow forever) is refused."""
+    stack, seen = [folder], set()
     while stack:
+        d = stack.pop()
         try:
-            with os.scandir(stack.pop()) as it:
+            st = os.stat(d)
+            with os.scandir(d) as it:
                 entries = list(it)
         except OSError:
             continue
+        if (st.st_dev, st.st_ino) in seen:
+            raise DataError(f"{d} is a folder met before (a symbolic link to a folder above "
+                            "it, or a second link to one folder): its images would be read "
+                            "forever or twice; remove that link")
+        seen.add((st.st_dev, st.st_ino))
         for e in entries:
             if not _visible(e.name):
                 continue
-            if e.is_dir():
+            if _is_dir(e):
                 stack.append(e.path)
             elif e.name.lower().endswith(IMG_EXTENSIONS):
                 yield e.path
+            elif others is not None and e.name.lower().endswith(OTHER_IMAGES):
+                others[os.path.splitext(e.name)[1].lower()] += 1
 
 
 def _header(path: str) -> tuple[int, int] | str:
@@ -127,7 +158,8 @@ def _header(path: str) -> tuple[int, int] | str:
 
 def _scan_split(split: Path) -> _Split:
     classes = _class_dirs(split)
-    files = [(c, p) for c in classes for p in sorted(_iter_images(str(split / c)))]
+    others: Counter[str] = Counter()
+    files = [(c, p) for c in classes for p in sorted(_iter_images(str(split / c), others))]
     counts = dict.fromkeys(classes, 0)
     for c, _ in files:
         counts[c] += 1
@@ -147,18 +179,28 @@ def _scan_split(split: Path) -> _Split:
                 counts[c] -= 1
             else:
                 sizes.append(min(found))
-    return _Split(counts, sizes, bad, len(opened), complete)
+    return _Split(counts, sizes, bad, len(opened), complete, others)
 
 
-def _split_dir(root: Path, name: str) -> Path | None:
-    d = root / name
-    return d if d.is_dir() and _class_dirs(d) else None
+def _splits(root: Path) -> dict[str, Path]:
+    """root's split folders by role (SPLIT_NAMES)."""
+    dirs = _class_dirs(root)
+    found = {}
+    for role, names in SPLIT_NAMES.items():
+        match = [d for d in dirs if d.lower() in names]
+        if len(match) > 1:
+            raise DataError(f"{root} has {len(match)} {role} folders ({', '.join(match)}): "
+                            "keep one, or merge them")
+        if match:
+            found[role] = root / match[0]
+    return found
 
 
 def _layout(root: Path) -> tuple[Path, Path | None, Path | None]:
     """(train, val, test) folders: root/train/ and its siblings, or root itself."""
-    if (root / "train").is_dir():
-        return root / "train", _split_dir(root, "val"), _split_dir(root, "test")
+    splits = _splits(root)
+    if "train" in splits:
+        return splits["train"], splits.get("val"), splits.get("test")
     return root, None, None
 
 
@@ -222,7 +264,47 @@ def _scan(root: Path) -> FolderScan:
         unreadable=[f"{p}: {why}" for p, why in bad],
         checked_all=all(s.complete for s in parts.values()),
         checked=sum(s.checked for s in parts.values()),
-        unreadable_paths=frozenset(p for p, _ in bad))
+        unreadable_paths=frozenset(p for p, _ in bad),
+        other_images=dict(sum((s.other_images for s in parts.values()), Counter())))
+
+
+def _kinds(counts: dict[str, int]) -> str:
+    """"12 .heic files, 3 .gif files"""
+    return ", ".join(f"{n} {ext} file{'' if n == 1 else 's'}"
+                     for ext, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def not_a_folder(path: str | os.PathLike[str]) -> str:
+    """Why `path` is not a folder of images to train on, as a sentence saying what to do
+    (for a path looks_like_folder turned down)."""
+    root = Path(path)
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a folder"
+        return f"{root} {what}: give the folder that holds your images, laid out as {LAYOUT}"
+    train = _layout(root)[0]
+    classes = _class_dirs(train)
+    if not classes:
+        loose = sum(1 for _ in _iter_images_here(train))
+        lying = f" ({loose} images lie in it directly)" if loose else ""
+        return (f"{train} has no class folders{lying}: put each class's images in a folder "
+                f"named after the class, as {LAYOUT}")
+    others: Counter[str] = Counter()
+    for c in classes:
+        for _ in _iter_images(str(train / c), others):
+            break
+    kinds = f" ({_kinds(others)}: convert them to JPEG or PNG)" if others else ""
+    return (f"the class folders of {train} ({name_some(classes)}) hold no images of the "
+            f"kinds read ({', '.join(IMG_EXTENSIONS)}){kinds}")
+
+
+def _iter_images_here(folder: Path) -> Iterator[str]:
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except OSError:
+        return
+    yield from (e.path for e in entries if _visible(e.name) and e.is_file()
+                and e.name.lower().endswith(IMG_EXTENSIONS))
 
 
 def name_some(items: list[str]) -> str:
@@ -237,6 +319,10 @@ def _class_problems(scan: FolderScan) -> list[str]:
     if n < 2:
         errors.append(f"{scan.train} has {n} class folder{'' if n == 1 else 's'}; a "
                       f"classifier needs at least 2: lay images out as {LAYOUT}")
+    if scan.train == scan.root:  # DIR/<class>/: a split folder here would be a class
+        errors += [f"{scan.root / c} is named as a split folder, not a class: lay the folder "
+                   f"out as {LAYOUT}" for c in scan.classes
+                   if any(c.lower() in names for names in SPLIT_NAMES.values())]
     errors += [f"class {c} in {scan.train} holds no images: add some or remove the folder"
                for c, k in scan.train_counts.items() if k == 0]
     return errors
@@ -253,6 +339,10 @@ def _split_problems(scan: FolderScan, split: Path | None) -> tuple[list[str], li
     if extra:
         errors.append(f"{split} has classes {extra} that {scan.train.name}/ lacks: rename or "
                       "remove them")
+    if not counts:
+        errors.append(f"{split} has no class folders: put its images in {split}/<class>/, "
+                      f"as in {scan.train}, or remove it")
+        return errors, warns
     if not any(counts.values()):
         errors.append(f"{split} holds no images: add some to its class folders or remove it")
         return errors, warns
@@ -292,6 +382,9 @@ def folder_problems(scan: FolderScan, image_size: int, min_size: int,
     e, w = _unreadable_problem(scan, max_bad_fraction)
     errors += e
     warns += w
+    if scan.other_images:
+        warns.append(f"{_kinds(scan.other_images)} in the class folders are images of a kind "
+                     "not read, and are left out: convert them to JPEG or PNG to use them")
     if image_size < min_size:
         errors.append(f"data.image_size={image_size} is smaller than the model's total stride "
                       f"{min_size}: its last feature map would be empty; set data.image_size "

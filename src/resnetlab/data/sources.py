@@ -137,6 +137,11 @@ def _find_idx(root: Path, stem: str) -> Path | None:
     return None
 
 
+def holds_idx(root: str | Path) -> bool:
+    """Whether `root` holds any of the IDX files (MNIST's layout, Fashion-MNIST's too)."""
+    return any(_find_idx(Path(root), s) for pair in IDX_FILES.values() for s in pair)
+
+
 def load_idx_split(root: Path, split: str, classes: list[str],
                    checksums: Mapping[str, str] | None) -> ArrayDataset:
     """Read the images and labels of one split (`train` or `test`) of an IDX data set."""

@@ -227,7 +227,8 @@ def save_weights(
         directory: where to write; created if missing. Files of the same names there are
             replaced, each only once the new one is complete.
         class_names: a name per class, kept in `config.json` (what `predict` prints).
-        **config: `input_size`, `mean` or `std` of the data the model was trained on.
+        **config: `input_size`, `mean`, `std` or `crop_pct` (the evaluation's centre crop)
+            of the data the model was trained on.
 
     Returns:
         The directory.
@@ -244,7 +245,7 @@ def save_weights(
         ['config.json', 'model.safetensors']
     """
     cfg = _true_head(model, model_config(model))
-    unknown = set(config) - {"input_size", "mean", "std"}
+    unknown = set(config) - {"input_size", "mean", "std", "crop_pct"}
     if unknown:
         raise ConfigError(f"save_weights got unknown field(s) {sorted(unknown)}")
     data = {**asdict(cfg), **{k: list(v) if isinstance(v, tuple) else v

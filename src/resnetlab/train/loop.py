@@ -339,8 +339,7 @@ def finish(model: nn.Module, data: DataBundle, run: RunDir, metrics: MetricsLog,
     result = RunResult(run.path, run.final, run.curves, test, iterations, seconds)
     if not dist.main:
         return result
-    save_weights(model, run.final, class_names=data.classes, input_size=data.input_size,
-                 mean=data.mean, std=data.std)
+    save_weights(model, run.final, class_names=data.classes, **data.weights_config())
     choice = choice or Choice(cfg.precision, "asked for")
     test.save(run.eval_report, data.classes, split="test", tta=cfg.tta,
               precision=choice.precision, precision_reason=choice.reason,

@@ -175,9 +175,8 @@ class TrainState:
                      **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
                      **({"lookahead": self.lookahead.state_dict()}
                         if self.lookahead is not None else {})}
-            data = {"input_size": self.data.input_size, "mean": self.data.mean,
-                    "std": self.data.std}
-            save_checkpoint(self.run, self.core, state, self.data.classes, data)
+            save_checkpoint(self.run, self.core, state, self.data.classes,
+                            self.data.weights_config())
         self.dist.barrier()
 
     def restore(self) -> None:
