@@ -307,3 +307,49 @@ def test_a_resume_keeps_the_runs_length_and_refuses_changed_images(
     with pytest.raises(ConfigError, match="4 batches an epoch and the data now gives 5"):
         train(own, run, resume=True, progress=False)
     assert (run / "config.yaml").exists() and (run / "checkpoints").exists()  # kept
+
+
+def test_a_changed_folder_is_refused_by_resume_and_by_eval_of_its_held_out_images(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """One image more, too few to change the batches an epoch: each class's shuffle, hence
+    the held-out images, would change, and trained images could be scored as test images.
+    Restored, the folder resumes; the refusals keep every file of the run."""
+    root = make_folder(tmp_path / "keras", 3, 12, None)
+    run = tmp_path / "run"
+    cfg, _ = train_config(sets=[f"data.data_dir={json.dumps(str(root))}",
+                                "schedule.epochs=2", "data.workers=0"])
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run, progress=False)
+    monkeypatch.undo()
+    assert json.loads((run / "data.json").read_text())["train_files"] == 36
+    extra = root / "kind0" / "extra.png"
+    _image(np.random.default_rng(9), 0, (40, 40)).save(extra)
+    own = resolve(None, str(run / "config.yaml"))
+    with pytest.raises(ConfigError, match=r"changed since .* \(36 image files then, 37 now\)"):
+        train(own, run, resume=True, progress=False)
+    extra.unlink()
+    train(own, run, resume=True, progress=False)
+    extra.write_bytes((root / "kind0" / "0.png").read_bytes())
+    (root / "kind0" / "0.png").unlink()  # as many files, not the same ones
+    capsys.readouterr()
+    assert main(["eval", str(run), "--backend", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert "36 image files then and now, but not the same ones" in err
+    assert "held-out images would be drawn anew" in err
+
+
+def test_a_precision_check_without_the_runs_images_leaves_it_unchecked(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """predict/serve check a reduced precision on the run's test images; where those cannot
+    be read (the folder moved or changed), the precision is unchecked, as for weights
+    outside a run (auto then keeps fp32), instead of predict failing."""
+    from resnetlab.data import DataError
+    from resnetlab.deploy import backends
+
+    def gone() -> list[torch.Tensor]:
+        raise DataError("photos does not exist")
+
+    assert backends._check(tmp_path, "torch", "bf16", gone, 0.99) is None
+    assert "cannot be checked on the run's test images: photos does not exist" in caplog.text

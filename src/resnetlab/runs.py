@@ -4,6 +4,8 @@
       config.yaml               the resolved TrainConfig as asked (precision: auto stays auto);
                                 `--config` reads it back
       choices.json              what `auto` settings became on this machine, and why
+      data.json                 an image folder run's training files: count and digest
+                                (resuming or evaluating on a changed folder is refused)
       metrics.jsonl             one line per logged step and per evaluation (report.py)
       summary.csv               one row per evaluation
       checkpoints/latest        names the newest complete checkpoint (train/checkpoint.py)
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import socket
 import time
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import TrainConfig, load_yaml, resolve
-from .data import DataBundle, build_data
+from .data import DataBundle, TrainImages, build_data
 from .data.sources import DataError
 from .errors import ConfigError, WeightsError
 from .models.config import CONFIG_FILE, ModelConfig
@@ -108,6 +111,7 @@ class RunDir:
     path: Path
     config = _In("config.yaml")
     choices = _In("choices.json")  # {"precision": ..., "reason": ...}: auto resolved here
+    data = _In("data.json")  # an image folder's training files when the run started
     metrics = _In("metrics.jsonl")
     summary = _In("summary.csv")
     checkpoints = _In("checkpoints")
@@ -243,6 +247,24 @@ def eval_report_path(weights: str | os.PathLike[str], split: str, tta: str,
     return Path(weights) / f"eval-{split}-{tta}{how}{scored_by}.json"
 
 
+def changed_images(run: RunDir, images: TrainImages | None) -> str | None:
+    """How the image folder's training files differ from those `run` started on (its
+    data.json), or None: the same, not a folder run, or a run older than that file."""
+    if images is None or not run.data.is_file():
+        return None
+    try:
+        then = json.loads(run.data.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(then, dict) or then.get("train_digest") == images.digest:
+        return None
+    before = then.get("train_files")
+    if before == images.files:
+        return f"{images.files:,} image files then and now, but not the same ones"
+    return f"{before:,} image files then, {images.files:,} now" if isinstance(before, int) \
+        else f"{images.files:,} image files now, not the ones it started on"
+
+
 def run_config(weights: str | os.PathLike[str], dataset: str | None = None,
                data_dir: str | None = None, sets: Sequence[str] = ()) -> TrainConfig:
     """The config of the run the weights belong to, or one for `dataset` if given; then
@@ -278,6 +300,14 @@ def run_data(weights: str | os.PathLike[str], batch_size: int = 500,
     if names is not None and (list(names) != list(data.classes) if dataset is None
                               else len(names) != len(data.classes)):
         raise ConfigError(_other_classes(names, data.classes, cfg.data.data_dir))
+    run = RunDir.around(weights)
+    held = data.train_images if data.train_images and data.train_images.held_out else None
+    why = changed_images(run, held) if run is not None and dataset is None else None
+    if why and run is not None:
+        raise ConfigError(f"the training images changed since {run.path} was trained "
+                          f"({why}): its held-out images would be drawn anew, and could be "
+                          "ones it trained on; restore the folder, or score one with its own "
+                          "val/ or test/ (--data-dir)")
     return data
 
 

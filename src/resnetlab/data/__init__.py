@@ -43,6 +43,19 @@ from .sources import (
 SPLIT_SEED = 20151210  # the held-out split never depends on the run's seed
 
 
+@dataclass(frozen=True)
+class TrainImages:
+    """The image files a folder run trains on: their count and a digest of their paths.
+    Another list draws other held-out images (stratified_holdout shuffles each class)."""
+
+    files: int
+    digest: str
+    held_out: bool  # the validation or test images are drawn from these
+
+    def record(self) -> dict[str, Any]:
+        return {"train_files": self.files, "train_digest": self.digest}
+
+
 @dataclass
 class DataBundle:
     train: Any
@@ -56,6 +69,7 @@ class DataBundle:
     # Evaluation uses the un-augmented training split for BN re-estimation (--recompute-bn).
     train_eval: Any
     crop_pct: float | None = None  # the evaluation's centre crop (folders); None: whole image
+    train_images: TrainImages | None = None  # folders only
 
     def weights_config(self) -> dict[str, Any]:
         """What the saved weights record of this data, so predict and serve see what the
@@ -250,7 +264,8 @@ def _build_folder(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: 
     test = next((t for t in (test_dir, val_dir, held) if t is not None), None)
     return DataBundle(loader(SeededSubset(train_ds, tr_idx), True), val, test, scan.classes,
                       3, size, mean, std, loader(SeededSubset(plain_ds, tr_idx), False),
-                      EVAL_CROP)
+                      EVAL_CROP, TrainImages(scan.train_files, scan.train_digest,
+                                             held is not None))
 
 
 __all__ = [
@@ -263,6 +278,7 @@ __all__ = [
     "FolderScan",
     "InMemoryLoader",
     "Normalize",
+    "TrainImages",
     "build_data",
     "folder_problems",
     "holdout",

@@ -10,6 +10,7 @@ validation/, testing/...), or the Keras layout `root/<class>/` (root itself trai
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -62,6 +63,8 @@ class FolderScan:
     # The paths of `unreadable`, for the datasets to leave out (a path may hold ": ").
     unreadable_paths: frozenset[str] = field(default_factory=frozenset)
     other_images: dict[str, int] = field(default_factory=dict)  # OTHER_IMAGES found, by kind
+    train_files: int = 0  # image files listed in `train`, readable or not
+    train_digest: str = ""  # of their paths below `train`: another file list, another digest
 
     @property
     def n_train(self) -> int:
@@ -82,6 +85,8 @@ class _Split:
     checked: int
     complete: bool
     other_images: Counter[str]
+    files: int  # image files listed, readable or not
+    digest: str  # of their paths below the split folder: changes when any file comes or goes
 
 
 def _visible(name: str) -> bool:
@@ -179,7 +184,9 @@ def _scan_split(split: Path) -> _Split:
                 counts[c] -= 1
             else:
                 sizes.append(min(found))
-    return _Split(counts, sizes, bad, len(opened), complete, others)
+    listed = "\n".join(os.path.relpath(p, split) for _, p in files)
+    return _Split(counts, sizes, bad, len(opened), complete, others, len(files),
+                  hashlib.sha256(listed.encode("utf-8", "surrogateescape")).hexdigest())
 
 
 def _splits(root: Path) -> dict[str, Path]:
@@ -265,7 +272,8 @@ def _scan(root: Path) -> FolderScan:
         checked_all=all(s.complete for s in parts.values()),
         checked=sum(s.checked for s in parts.values()),
         unreadable_paths=frozenset(p for p, _ in bad),
-        other_images=dict(sum((s.other_images for s in parts.values()), Counter())))
+        other_images=dict(sum((s.other_images for s in parts.values()), Counter())),
+        train_files=parts[train].files, train_digest=parts[train].digest)
 
 
 def _kinds(counts: dict[str, int]) -> str:

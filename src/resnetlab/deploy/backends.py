@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ResNetLabError
 from ..files import cache_dir
 from ..models.config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from ..models.factory import load_model
@@ -151,6 +151,18 @@ def check_precision(weights: str | os.PathLike[str], backend: str, precision: st
     return result
 
 
+def _check(wdir: Path, name: str, precision: str, check: ImageSource,
+           min_agreement: float) -> Agreement | None:
+    """The check of `precision` on the images `check` gives; None (unchecked, as weights
+    outside a run are) where the run's data cannot be read: moved, or changed since."""
+    try:
+        images = check()
+    except ResNetLabError as e:
+        log.warning("%s %s cannot be checked on the run's test images: %s", name, precision, e)
+        return None
+    return check_precision(wdir, name, precision, images, min_agreement)
+
+
 def _precisions(wdir: Path, runtime: Runtime, requested: str, check: ImageSource | None,
                 min_agreement: float) -> list[tuple[str, Agreement | None]]:
     """The precisions to try for `runtime`, in order, each with the check that admits it.
@@ -164,7 +176,7 @@ def _precisions(wdir: Path, runtime: Runtime, requested: str, check: ImageSource
     if requested != "auto":
         found = lookup(folder, name, requested, source, min_agreement)
         if found is None and check is not None:
-            found = check_precision(wdir, name, requested, check(), min_agreement)
+            found = _check(wdir, name, requested, check, min_agreement)
         if found is None:  # no images given (weights outside a run, a benchmark)
             log.debug("%s %s runs unchecked for %s", name, requested, wdir)
         elif not found.passed:
@@ -177,7 +189,7 @@ def _precisions(wdir: Path, runtime: Runtime, requested: str, check: ImageSource
             continue
         found = lookup(folder, name, prec, source, min_agreement)
         if found is None and check is not None:
-            found = check_precision(wdir, name, prec, check(), min_agreement)
+            found = _check(wdir, name, prec, check, min_agreement)
         if found is None:
             log.info("%s %s is not checked for %s yet (`resnetlab eval RUN --backend %s "
                      "--precision %s` checks it); using a slower precision", name, prec,

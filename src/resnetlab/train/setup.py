@@ -32,7 +32,7 @@ from ..models.factory import create_model
 from ..precision import Choice, train_precision
 from ..recipes import total_stride
 from ..report import MetricsLog
-from ..runs import RunDir
+from ..runs import RunDir, changed_images
 from .allocator import keep_freed_memory
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistInfo, convert_sync_bn
@@ -312,9 +312,14 @@ def start(cfg: TrainConfig, choice: Choice, run: RunDir, resume: bool,
         raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set; "
                           "set a smaller one with --set batch_size=N")
     cfg = _with_epochs(cfg, len(data.train), run, saved)
+    fresh = not (resume and run.latest_checkpoint() is not None)
+    why = None if fresh else changed_images(run, data.train_images)
+    if why:
+        raise ConfigError(f"the training images changed since {run.path} started ({why}): "
+                          "resuming would train on others and draw its held-out images anew; "
+                          "restore the folder, or start a new run with another --out")
     compiled = on_device(cfg.compile, device)
     fuse = cfg.fused_bn and device.type == "cpu" and not compiled  # fp32 and bf16 alike
-    fresh = not (resume and run.latest_checkpoint() is not None)
     model, core = _prepare_model(cfg, len(data.classes), data.in_chans, device, dist, fuse,
                                  fresh)
     model = maybe_compile(model, compiled)
@@ -329,4 +334,6 @@ def start(cfg: TrainConfig, choice: Choice, run: RunDir, resume: bool,
     dist.barrier()  # every rank has read the run before rank 0 writes anything
     if dist.main:
         _write_config(run, cfg, choice)
+        if fresh and data.train_images is not None:
+            write_text_atomic(run.data, json.dumps(data.train_images.record(), indent=1) + "\n")
     return state
