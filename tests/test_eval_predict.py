@@ -4,6 +4,7 @@ import io
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from resnetlab.config import resolve
 from resnetlab.data import build_data
 from resnetlab.data.images import ImageError, load_image
 from resnetlab.data.memory import Normalize
-from resnetlab.evaluation.evaluate import PadCrop, evaluate
+from resnetlab.errors import ConfigError
+from resnetlab.evaluation.evaluate import PadCrop, evaluate, recompute_bn
 
 
 def test_evaluate_counts_errors() -> None:
@@ -30,6 +32,60 @@ def test_evaluate_counts_errors() -> None:
     assert res.top1_error == 0.25 and res.count == 4
     assert res.per_class_accuracy == [1.0, 0.5, 1.0]
     assert res.confusion == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
+
+
+def test_top1_and_top5_break_ties_alike() -> None:
+    """A classifier that ties every class (collapsed, zero-initialised): an example is never
+    a top-1 hit and a top-5 miss (argmax took class 0, topk left it out of 5 of 16)."""
+    class Flat(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(len(x), 16)
+
+    res = evaluate(Flat(), [(torch.zeros(8, 1, 2, 2), torch.zeros(8, dtype=torch.long))], 16)
+    assert res.top5_error <= res.top1_error
+
+
+def test_recompute_bn_refuses_to_score_with_no_batches_seen() -> None:
+    model = resnetlab.create_model("resnet8", num_classes=2)
+    with pytest.raises(ConfigError, match="no training images"):
+        recompute_bn(model, [])
+
+
+def test_the_mirror_of_a_per_pixel_normalised_image_is_that_of_its_pixels() -> None:
+    """Training flips the pixels, then takes off the per-pixel mean (normalize: pixel)."""
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.rand(2, 3, 4, 4, generator=gen)
+    mean, std = torch.rand(3, 4, 4, generator=gen), torch.full((3, 1, 1), 0.5)
+    crop = PadCrop(4, mean, std)
+    got = crop.flip((raw - mean) / std)
+    torch.testing.assert_close(got, (raw.flip(-1) - mean) / std)
+    assert not torch.allclose(got, ((raw - mean) / std).flip(-1))
+
+
+def test_recompute_bn_reads_the_unaugmented_training_images(
+        run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What --recompute-bn feeds the model are the training images as scored (no crop, no
+    flip), in a fixed shuffled order, not the augmented training batches."""
+    from resnetlab.evaluation import run as eval_run
+    from resnetlab.runs import run_data
+
+    fed: list[torch.Tensor] = []
+    real = eval_run.recompute_bn
+
+    def spy(model: torch.nn.Module, batches: Any) -> None:
+        def seen() -> Any:
+            for x, y in batches:
+                fed.append(x)
+                yield x, y
+        real(model, seen())
+
+    monkeypatch.setattr(eval_run, "recompute_bn", spy)
+    eval_run.evaluate_run(run_dir, "val", recompute=True, batch_size=64,
+                          out=tmp_path / "bn.json")
+    want = [x for x, _ in run_data(run_dir, 64).train_eval.batches(0)]
+    assert len(fed) == len(want) and all(torch.equal(a, b) for a, b in zip(fed, want, strict=True))
+    augmented = next(iter(run_data(run_dir, 64).train.batches(0)))[0]
+    assert not any(torch.equal(augmented, x[:len(augmented)]) for x in fed)
 
 
 def test_eval_cli_scores_each_tta_mode_and_recomputed_bn(

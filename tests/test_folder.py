@@ -4,6 +4,7 @@ into train/val/test loaders by `build_data` (data/__init__.py, data/folder.py)."
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -357,3 +358,27 @@ def test_an_unreadable_file_is_left_out_and_named_once(
     assert counts == [10, 10]  # 11 readable headers, one of them cut off
     assert _warned(caplog, str(bad)) == 1  # by the scan, before training
     assert _warned(caplog, f"skipping unreadable {cut}") == 1  # two epochs, two workers
+
+
+def test_ten_crops_and_scales_of_a_folder_are_cut_from_the_whole_image(tmp_path: Path) -> None:
+    """Paper sec. 3.4: the 10 crops are the corners and centre of the whole image resized to
+    256/224 of the input size (not of the 224 centre crop), and multi-scale scores the whole
+    image. A white top-left corner must reach the top-left crop's first pixel."""
+    root = tmp_path / "d"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            pixels = np.zeros((70, 50, 3), np.uint8)  # 50 wide, 70 high
+            pixels[:6, :6] = 255  # about 2 px once resized
+            for i in range(2):
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+    cfg = _cfg(root, image_size=16, normalize="channel")
+    stats = ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    x, _ = next(iter(build_data(cfg, 2, 40, 0, stats=stats, views="10crop").test.batches(0)))
+    assert x.shape == (4, 10, 3, 16, 16)  # a tenth of the batch: ten views an image
+    assert (x[0, 0, :, 0, 0] > 0.9).all()  # the corner of the whole image
+    centre, _ = next(iter(build_data(cfg, 2, 8, 0, stats=stats).test.batches(0)))
+    assert centre[0, :, 0, 0].tolist() == [0.0, 0.0, 0.0]  # the centre crop never reaches it
+    x, _ = next(iter(build_data(cfg, 2, 8, 0, stats=stats, views="multiscale").test.batches(0)))
+    assert x.shape == (1, 3, 22, 16)  # whole, shorter side 16, one image a batch
+

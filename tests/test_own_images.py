@@ -103,6 +103,10 @@ def test_a_folder_with_no_other_flag_trains_evaluates_and_predicts(
                                atol=1e-5, rtol=0)
     assert main(["eval", str(run), "--backend", "torch"]) == 0
     assert "top-1 error" in capsys.readouterr().out
+    for tta in ("10crop", "multiscale"):  # views cut from the whole image: all 16 scored
+        assert main(["eval", str(run), "--backend", "torch", "--precision", "fp32", "--tta",
+                     tta]) == 0
+        assert json.loads((run / "final" / f"eval-test-{tta}.json").read_text())["count"] == 16
 
 
 def test_a_folder_without_val_holds_out_a_tenth_of_every_class(

@@ -282,13 +282,15 @@ def run_config(weights: str | os.PathLike[str], dataset: str | None = None,
 
 def run_data(weights: str | os.PathLike[str], batch_size: int = 500,
              dataset: str | None = None, data_dir: str | None = None,
-             strict: bool = False, sets: Sequence[str] = ()) -> DataBundle:
-    """The run's data, normalised with the statistics saved beside the weights."""
+             strict: bool = False, sets: Sequence[str] = (), views: str = "center"
+             ) -> DataBundle:
+    """The run's data, normalised with the statistics saved beside the weights; a folder's
+    val and test images prepared for the test-time `views` (build_data)."""
     cfg = run_config(weights, dataset, data_dir, sets)
     mc = ModelConfig.from_json(weights_dir(weights) / CONFIG_FILE)
     try:
         data = build_data(cfg.data, cfg.batch_size, batch_size, cfg.seed,
-                          stats=(mc.mean, mc.std), strict=strict)
+                          stats=(mc.mean, mc.std), strict=strict, views=views)
     except DataError as e:
         if dataset or data_dir:
             raise

@@ -101,8 +101,10 @@ def add_train_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentP
                    help="center view, the image and its mirror (flip), the paper's 10-crop, or "
                         "multi-scale fully-conv")
     e.add_argument("--recompute-bn", action="store_true",
-                   help="re-estimate BatchNorm statistics on training data first")
-    e.add_argument("--batch-size", type=int, default=500, help="images per forward pass")
+                   help="re-estimate BatchNorm statistics on the un-augmented training "
+                        "images first")
+    e.add_argument("--batch-size", type=positive_int, default=500,
+                   help="images per forward pass")
     e.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="change one setting of the run's config for this evaluation, e.g. "
                    "--set data.max_bad_fraction=0.05 (repeatable)")

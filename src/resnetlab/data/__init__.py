@@ -21,6 +21,7 @@ from .folder import (
     SeededSubset,
     eval_transform,
     train_transform,
+    view_transform,
     warn_once,
 )
 from .memory import BatchAugment, InMemoryLoader, Normalize
@@ -112,12 +113,14 @@ def _limit(data: ArrayDataset, n: int) -> ArrayDataset:
 def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int,
                channels_last: bool = False, stats: tuple[list, list] | None = None,
                rank: int = 0, world: int = 1, strict: bool = False,
-               min_size: int = 1) -> DataBundle:
+               min_size: int = 1, views: str = "center") -> DataBundle:
     """Loaders for a `DataConfig` (data/config.py).
 
     `stats` = (mean, std) of trained weights; by default they are fitted on the training
     split. `rank`/`world`: this process's share in data-parallel training. `strict`: an
     unreadable image file in a folder data set is an error instead of being skipped.
+    `views`: the test-time views (evaluation.TTA_MODES) a folder's val and test images are
+    prepared for (folder.view_transform); in-memory images are cropped by the views.
     `min_size`: the least image size the model can take (its total stride); a folder data
     set whose data.image_size is smaller is refused with its other problems.
     """
@@ -125,7 +128,7 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int
         raise ConfigError(f"batch_size {batch_size} must divide by the {world} processes")
     if cfg.dataset == "folder":
         return _build_folder(cfg, batch_size, eval_batch_size, seed, channels_last, stats,
-                             rank, world, strict, min_size)
+                             rank, world, strict, min_size, views)
     full = _limit(load_arrays(cfg.dataset, cfg.data_dir, "train", cfg.verify), cfg.limit_train)
     test = _limit(load_arrays(cfg.dataset, cfg.data_dir, "test", cfg.verify), cfg.limit_test)
     tr_idx, va_idx = holdout(len(full), cfg.val_split)
@@ -141,7 +144,12 @@ def build_data(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int
     mean, std = norm.as_lists()
     return DataBundle(loader(train, True), loader(full.subset(va_idx), False) if len(va_idx)
                       else None, loader(test, False), train.classes, train.images.shape[1],
-                      train.images.shape[-1], mean, std, loader(train, False))
+                      train.images.shape[-1], mean, std,
+                      # Shuffled once, un-augmented: BN re-estimation and int8 calibration
+                      # read its first batches (one process: evaluation's).
+                      InMemoryLoader(train, eval_batch_size, norm, None, shuffle=world == 1,
+                                     drop_last=False, seed=seed, channels_last=channels_last,
+                                     rank=rank, world=world))
 
 
 def _folder_checks(scan: FolderScan, cfg: DataConfig, min_size: int, strict: bool,
@@ -233,7 +241,7 @@ def _folder_split(ds: ImageFolderDataset, cfg: DataConfig) -> tuple[list[int], l
 
 def _build_folder(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: int,
                   channels_last: bool, stats: tuple[list, list] | None, rank: int,
-                  world: int, strict: bool, min_size: int) -> DataBundle:
+                  world: int, strict: bool, min_size: int, views: str) -> DataBundle:
     if not cfg.data_dir:
         raise ConfigError("dataset=folder needs --data-dir with train/ and val/ sub-folders")
     scan = scan_folder(cfg.data_dir)
@@ -247,23 +255,34 @@ def _build_folder(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: 
         return ImageFolderDataset(split, transform, strict=strict_, classes=scan.classes,
                                   exclude=scan.unreadable_paths)
 
-    def loader(ds: Any, training: bool) -> FolderLoader:
-        return FolderLoader(ds, batch_size if training else eval_batch_size, training,
-                            training, cfg.workers, seed, channels_last, rank, world,
-                            cfg.max_bad_fraction)
+    def scored(ds: Any) -> FolderLoader:
+        # Ten views an image take ten times the memory; multi-scale images differ in shape.
+        batch = {"10crop": max(1, eval_batch_size // 10), "multiscale": 1}.get(
+            views, eval_batch_size)
+        return FolderLoader(ds, batch, False, False, cfg.workers, seed, channels_last, rank,
+                            world, cfg.max_bad_fraction)
 
     train_ds = dataset(scan.train, train_transform(size, mean, std, lighting=cfg.lighting),
                        False)
     plain_ds = dataset(scan.train, plain, strict)
+    whole = views in ("10crop", "multiscale")  # from the whole image, not the centre crop
+    shown = view_transform(views, size, mean, std) if whole else plain
     tr_idx, va_idx = _folder_split(train_ds, cfg)
-    held = loader(SeededSubset(plain_ds, va_idx), False) if va_idx else None
-    val_dir = loader(dataset(scan.val, plain, strict), False) if scan.val else None
-    test_dir = loader(dataset(scan.test, plain, strict), False) if scan.test else None
+    held_ds = dataset(scan.train, shown, strict) if whole else plain_ds
+    held = scored(SeededSubset(held_ds, va_idx)) if va_idx else None
+    val_dir = scored(dataset(scan.val, shown, strict)) if scan.val else None
+    test_dir = scored(dataset(scan.test, shown, strict)) if scan.test else None
     # One loader object where val and test are the same data: the trainer scores it once.
     val = held if held is not None else val_dir
     test = next((t for t in (test_dir, val_dir, held) if t is not None), None)
-    return DataBundle(loader(SeededSubset(train_ds, tr_idx), True), val, test, scan.classes,
-                      3, size, mean, std, loader(SeededSubset(plain_ds, tr_idx), False),
+    train = FolderLoader(SeededSubset(train_ds, tr_idx), batch_size, True, True, cfg.workers,
+                         seed, channels_last, rank, world, cfg.max_bad_fraction)
+    return DataBundle(train, val, test, scan.classes,
+                      3, size, mean, std,
+                      # As above: in folder order its first batches would be a class or two.
+                      FolderLoader(SeededSubset(plain_ds, tr_idx), eval_batch_size,
+                                   world == 1, False, cfg.workers, seed, channels_last, rank,
+                                   world, cfg.max_bad_fraction),
                       EVAL_CROP, TrainImages(scan.train_files, scan.train_digest,
                                              held is not None))
 

@@ -12,14 +12,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from .images import ImageError, load_image
 from .memory import epoch_permutation, shard
@@ -74,6 +76,36 @@ def eval_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> v2
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean, std),
     ])
+
+
+@dataclass
+class _TenCrops:
+    """The ten crops of an image, stacked (v2's TenCrop gives a tuple, which v2 would
+    transform crop by crop and collate as a tuple)."""
+
+    resize: v2.Compose
+    size: int
+    scale: v2.Compose
+
+    def __call__(self, im: Any) -> torch.Tensor:
+        return self.scale(torch.stack(TF.ten_crop(self.resize(im), [self.size, self.size])))
+
+
+def view_transform(views: str, size: int, mean: Sequence[float], std: Sequence[float]
+                   ) -> Callable[[Any], torch.Tensor]:
+    """An image as the test-time `views` take it from the whole image (paper sec. 3.4):
+    `10crop`, the four corners and centre of the image resized to 256/224 of `size`, and
+    their mirrors, stacked (10, C, size, size); `multiscale`, the whole image with its
+    shorter side at `size` (evaluate.multiscale_probs scales it from there); else the
+    centre crop."""
+    if views == "10crop":
+        return _TenCrops(v2.Compose([v2.PILToTensor(), v2.Resize(round(size / EVAL_CROP))]),
+                         size, v2.Compose([v2.ToDtype(torch.float32, scale=True),
+                                           v2.Normalize(mean, std)]))
+    if views == "multiscale":
+        return v2.Compose([v2.PILToTensor(), v2.Resize(size),
+                           v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return eval_transform(size, mean, std)
 
 
 _WARNED: set[str] = set()
@@ -267,7 +299,7 @@ class FolderLoader:
                 self._check(bad, seen, final=False)
                 if x is None or y is None:
                     continue
-                if self.channels_last:
+                if self.channels_last and x.dim() == 4:  # not a stack of views (N, V, ...)
                     x = x.contiguous(memory_format=torch.channels_last)
                 yield x, y
         except ImageError as e:  # --strict: a worker's error arrives wrapped in a traceback

@@ -1,7 +1,8 @@
 """Scoring a model the paper's ways: single view, 10-crop, multi-scale fully convolutional.
 
 10-crop (paper sec. 3.4, from AlexNet): resize so the shorter side is 256/224 of the crop,
-take the four corners and the centre, and their mirror images; average the softmax. Small
+take the four corners and the centre, and their mirror images; average the softmax (a
+folder's images arrive as those ten views, data.folder.view_transform). Small
 images trained on random crops of a zero-padded image (sec. 4.2) are cropped the same way
 instead: the padded image's corners and centre, the very views training saw (`PadCrop`);
 upscaling a 28-32 px image and cropping it shows the net objects larger than it learned.
@@ -47,12 +48,21 @@ class PadCrop:
         padded = F.pad(x * std + mean, [self.pad] * 4)
         return tuple((c - mean) / std for c in TF.ten_crop(padded, list(x.shape[-2:])))
 
+    def flip(self, x: torch.Tensor) -> torch.Tensor:
+        """The mirror image as training made it: of the pixels, before a per-pixel mean
+        (normalize: pixel) is taken off; per channel, the same as flipping `x`."""
+        mean, std = self.mean.to(x), self.std.to(x)
+        return ((x * std + mean).flip(-1) - mean) / std
+
 
 def ten_crop_probs(model: nn.Module, x: torch.Tensor,
                    pad_crop: PadCrop | None = None) -> torch.Tensor:
-    """Mean softmax over the 10 crops of a batch: those of `pad_crop`, else square crops of
-    the input's shorter side after upscaling that side by 256/224."""
-    if pad_crop is not None:
+    """Mean softmax over the 10 crops of a batch: given as (N, 10, C, H, W) (a folder's,
+    cut from the whole image), those of `pad_crop`, else square crops of the input's
+    shorter side after upscaling that side by 256/224."""
+    if x.dim() == 5:
+        crops = x.unbind(1)
+    elif pad_crop is not None:
         crops = pad_crop.crops(x)
     else:
         size = min(x.shape[-2:])
@@ -85,7 +95,8 @@ def predict_probs(model: nn.Module, x: torch.Tensor, tta: str = "center",
     if tta == "center":
         return model(x).softmax(1)
     if tta == "flip":
-        return (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2
+        mirror = pad_crop.flip(x) if pad_crop is not None else x.flip(-1)
+        return (model(x).softmax(1) + model(mirror).softmax(1)) / 2
     if tta == "10crop":
         return ten_crop_probs(model, x, pad_crop)
     if tta == "multiscale":
@@ -139,9 +150,10 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             probs = predict_probs(model, x, tta, pad_crop).float()
-            sums[0] += (probs.topk(k, 1).indices == y[:, None]).any(1).sum()
+            top = probs.topk(k, 1).indices  # top-1 is its first: ties broken once, alike
+            sums[0] += (top == y[:, None]).any(1).sum()
             sums[1] += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum")
-            confusion += torch.bincount(y * num_classes + probs.argmax(1),
+            confusion += torch.bincount(y * num_classes + top[:, 0],
                                         minlength=num_classes ** 2).view(num_classes, -1)
             if progress:
                 progress(len(y))
@@ -170,11 +182,15 @@ def recompute_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.T
     was_training = model.training
     model.train()
     device = model_device(model)
+    seen = 0
     with torch.no_grad():
-        for i, (x, _) in enumerate(batches):
-            if i >= max_batches:
+        for x, _ in batches:
+            if seen >= max_batches:
                 break
             model(x.to(device))
+            seen += 1
     for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
     model.train(was_training)
+    if not seen:  # reset statistics (mean 0, variance 1) would score as if they were learned
+        raise ConfigError("--recompute-bn got no training images to re-estimate BatchNorm on")

@@ -46,9 +46,10 @@ def test_images(weights: str | os.PathLike[str]) -> ImageSource | None:
 
 
 def _pad_crop(data: DataConfig, mc: ModelConfig) -> PadCrop | None:
-    """The crops training took of in-memory images (10-crop takes the same); None for
-    folders, whose training crops are of resized images (the paper's 10-crop applies)."""
-    if data.dataset == "folder" or data.pad == 0:
+    """The crops training took of in-memory images (10-crop takes the same: with no padding,
+    the image and its mirror); None for folders, whose views are cut from the whole image
+    (data.folder.view_transform)."""
+    if data.dataset == "folder":
         return None
     norm = Normalize(mc.mean, mc.std)
     return PadCrop(data.pad, norm.mean, norm.std)
@@ -104,7 +105,7 @@ def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str 
     if out:
         _replaceable(Path(out), weights_dir(weights))
     cfg = run_config(weights, dataset, data_dir, sets)
-    data = run_data(weights, batch_size, dataset, data_dir, strict, sets)
+    data = run_data(weights, batch_size, dataset, data_dir, strict, sets, views=tta)
     wdir = weights_dir(weights)
     mc = ModelConfig.from_json(wdir / CONFIG_FILE)
     split_data = data.test if split == "test" else data.val
@@ -116,7 +117,7 @@ def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str 
         if backend not in ("auto", "torch") or precision not in ("auto", "fp32"):
             raise ConfigError("--recompute-bn needs --backend torch (or auto) in fp32")
         model = load_model(wdir)
-        recompute_bn(model, data.train.batches(0))
+        recompute_bn(model, data.train_eval.batches(0))  # un-augmented, as scored
         backend, precision = "torch", "fp32"
     else:
         def check() -> Iterable[torch.Tensor]:
