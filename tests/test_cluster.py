@@ -3,8 +3,10 @@ debug and local executors and on SLURM, whose commands a fake of one machine sta
 (tests/fake_slurm.py): the sbatch script, the job array, requeue after pre-emption, status,
 and a two-node data-parallel job, each ending where a run in this process ends."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -290,6 +292,34 @@ def test_a_preempted_job_is_requeued_and_ends_as_an_uninterrupted_run(
     with pytest.raises(ConfigError, match="already holds a run; pass --resume auto"):
         cluster.train_job(cc, cfg, run, resume=False)
     assert not (slurm / "scripts" / "1001.sh").exists()
+
+
+def test_a_job_slurm_requeues_itself_resumes_though_submitted_without_resume(
+        tmp_path: Path, fashion_dir: Path, slurm: Path) -> None:
+    """A node fails after the first checkpoint and SLURM requeues the job itself (no signal
+    reaches submitit, so its pickle is the one first submitted): the rerun resumes, as
+    `train --executor slurm` without --resume auto was checked before submitting."""
+    cfg = resolve("smoke", sets=[f"data.data_dir={fashion_dir}", *SMOKE, "precision=fp32",
+                                 "schedule.iterations=200", "checkpoint_every=5"])
+    run = tmp_path / "run"
+    cc = resolve_cluster(None, {"executor": "slurm", "cpus_per_task": 1})
+
+    def node_fails() -> None:
+        while not RunDir(run).pointer.exists():
+            time.sleep(0.05)
+        fake_slurm.scontrol(["requeue", "1000"])
+        for pid in fake_slurm.read_job("1000")["pids"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    failing = threading.Thread(target=node_fails, daemon=True)
+    failing.start()
+    result = cluster.train_job(cc, cfg, run, resume=False)
+    failing.join(timeout=10)
+    assert fake_slurm.read_job("1000")["restarts"] == 1
+    log = "".join((RunDir(run).jobs / f"1000_0_log.{s}").read_text() for s in ("out", "err"))
+    assert "already holds a run" not in log and log.count("resuming ") == 1
+    assert not result.already_finished and RunDir(run).finished()
 
 
 @pytest.mark.stochastic(precisions=["fp32"])

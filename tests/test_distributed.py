@@ -91,6 +91,10 @@ def test_two_ranks_of_64_match_one_process_of_128(ddp_run: Path, fashion_dir: Pa
     assert _max_diff(a, b) < TOLERANCE
     assert all(torch.equal(a[k], b[k]) for k in a if not a[k].is_floating_point())
     assert other > TOLERANCE
+    # Per-rank statistics in training, but every shard scored with rank 0's, which it saves.
+    single, distributed = _final_scored_in_one_process(out, fashion_dir)
+    assert (single.count, single.top1_error) == (distributed["count"],
+                                                 distributed["top1_error"])
 
 
 def _final_scored_in_one_process(run: Path, fashion_dir: Path) -> tuple[EvalResult, dict]:
@@ -287,3 +291,25 @@ def test_lookahead_under_per_rank_bn_ends_with_rank_0s_statistics_on_every_rank(
     assert (single.top1_error, single.top5_error) == (distributed["top1_error"],
                                                       distributed["top5_error"])
     assert single.loss == pytest.approx(distributed["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("sync_class", [CPUSyncBatchNorm, nn.SyncBatchNorm])
+def test_sync_bn_keeps_a_frozen_backbone_frozen(sync_class: type[nn.Module]) -> None:
+    """finetune.freeze's FrozenBatchNorm2d stays (in eval mode, its pretrained statistics
+    kept) under sync_bn, with our CPU class and with nn.SyncBatchNorm, which the GPU path
+    uses: its own convert_sync_batchnorm converts every BatchNorm subclass, frozen ones too,
+    and they trained again."""
+    from resnetlab.train.distributed import replace_bn
+    from resnetlab.train.finetune import freeze
+
+    model = resnetlab.create_model("resnet8", num_classes=3)
+    freeze(model, "stem,stage1")  # the rest trains, and syncs
+    frozen = {n for n, m in model.named_modules() if type(m) is not nn.BatchNorm2d
+              and isinstance(m, nn.BatchNorm2d)}
+    plain = {n for n, m in model.named_modules() if type(m) is nn.BatchNorm2d}
+    replace_bn(model, sync_class, torch.device("cpu"))
+    model.train()
+    mods = dict(model.named_modules())
+    assert frozen and all(not mods[n].training and not isinstance(mods[n], sync_class)
+                          for n in frozen)
+    assert plain and all(isinstance(mods[n], sync_class) and mods[n].training for n in plain)

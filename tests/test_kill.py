@@ -216,3 +216,37 @@ def test_sigterm_stops_training_at_a_checkpoint(tmp_path: Path, fashion_dir: Pat
     assert proc.returncode == 130, err
     logged = max(r["iteration"] for r in MetricsLog(RunDir(out)).records())
     assert _state(out)["iteration"] >= logged >= 2
+
+
+@pytest.mark.slow  # about 30 s on 2 cores: `make test-slow`
+def test_sigterm_to_train_nproc_leaves_no_rank_behind(tmp_path: Path, fashion_dir: Path) -> None:
+    """`kill PID` of `train --nproc 2` reaches torchrun and its ranks: none trains on as an
+    orphan holding the run's lock (each used to, until it finished)."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resnetlab", "train", "--nproc", "2", "--preset", "smoke",
+         "--data-dir", str(fashion_dir), "--out", str(out),
+         *[f"--set={s}" for s in ["data.verify=false", "schedule.iterations=100000",
+                                  "eval_every=100000", "log_every=2"]]],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def ours() -> list[str]:
+        found = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True)
+        return [p for p in found.stdout.split() if int(p) != proc.pid]
+
+    try:
+        deadline = time.monotonic() + 120
+        while not (RunDir(out).metrics.is_file() and RunDir(out).metrics.stat().st_size):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # the CLI process alone, as `kill PID` does
+        proc.communicate(timeout=60)
+        deadline = time.monotonic() + 30
+        while ours() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert ours() == []
+    finally:  # torchrun starts its ranks in sessions of their own: each is killed by pid
+        for pid in [proc.pid, *map(int, ours())]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.communicate()

@@ -82,7 +82,7 @@ class TrainJob:
     run_dir: str
     threads: int = 0
     distributed: bool = False
-    resume: bool = True  # the first start's `train --resume`; a requeued job always resumes
+    resume: bool = True  # train's `resume`: what `train --resume` asks is checked before submitting
     # The local executor exports CUDA_VISIBLE_DEVICES of exactly gpus_per_node devices, so
     # with none asked for it would hide the GPUs the same command sees without --executor:
     # the submitting shell's value (_NO_GPU_SETTING: it had none) is put back.
@@ -326,7 +326,10 @@ def train_job(cc: ClusterConfig, cfg: TrainConfig, run_dir: Path, resume: bool,
     if resume and run.finished():
         return finished_result(run, cfg)
     tasks = cc.tasks_per_node
-    job = TrainJob(cfg, str(run.path.resolve()), cc.cpus_per_task, cc.nodes * tasks > 1, resume)
+    # The job always resumes: this login-node check is `--resume`'s, and a job SLURM itself
+    # requeues (node failure, preemption by SIGTERM, `scontrol requeue`) reruns the pickle
+    # submitted first, which with resume=False would refuse its own run directory.
+    job = TrainJob(cfg, str(run.path.resolve()), cc.cpus_per_task, cc.nodes * tasks > 1, True)
     again = "the same command" + ("" if resume else " with --resume auto") + \
         " resumes it from its last checkpoint"
     [(_, outcome)] = run_jobs(cc, run.jobs, [(run.path.name, job)], say, cc.nodes, tasks,

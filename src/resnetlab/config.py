@@ -122,8 +122,9 @@ class TrainConfig:
     log_every: int = 50  # iterations between metric lines
     log: LogConfig = field(default_factory=LogConfig)
     test_curve: bool = True  # also score the test set at each evaluation, for the curve only
-    # > 0: the curve's evaluations score only the first N test images, so a curve can have
-    # many points; the last evaluation always scores the whole split
+    # > 0: the curve's evaluations score only the first N test images (with P processes,
+    # the first N of each one's shard: about P x N, recorded as test_images), so a curve can
+    # have many points; the last evaluation always scores the whole split
     test_curve_images: int = 0
     channels_last: bool = True  # NHWC memory layout for convolutions (faster on CPUs and GPUs)
     # "auto": bf16 autocast where the device multiplies bf16 natively (CUDA; CPUs with AMX
@@ -467,9 +468,10 @@ def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# Settings a resumed run may change: they decide how the data is read or when a run gives
-# up on it, not what it computes (the resume rewrites config.yaml with the new values).
-RESUME_MAY_CHANGE = ("data.max_bad_fraction", "data.workers")
+# Settings a resumed run may change: where the data lives (moved, or another machine's
+# copy: a data set's files are checked by MD5, a folder's by its data.json), how it is read
+# and when a run gives up on it; not what it computes. The resume rewrites config.yaml.
+RESUME_MAY_CHANGE = ("data.data_dir", "data.max_bad_fraction", "data.workers")
 
 
 def changes(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:

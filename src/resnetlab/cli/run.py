@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -130,13 +131,24 @@ def _torchrun(cfg: TrainConfig, nproc: int, out: Path, resume: str) -> int:
     """`--nproc N`: train `cfg` under torchrun with N local processes. The ranks read the
     resolved configuration from a file, so every flag and --set reaches them as resolved
     here (re-typing flags once lost --init: each rank trained from scratch)."""
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env and not cfg.threads:
+        # torchrun would set 1: N CPU ranks on N of the machine's cores, the rest idle.
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
     with tempfile.TemporaryDirectory(prefix="resnetlab-nproc-") as tmp:
         resolved = Path(tmp) / "config.yaml"
         resolved.write_text(to_yaml(cfg))
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc-per-node={nproc}", "-m", "resnetlab", "train", "--config",
                 str(resolved), "--out", str(out), "--resume", resume]
-        return subprocess.run(argv).returncode
+        proc = subprocess.Popen(argv, env=env)
+        # `kill PID` reaches this process only: torchrun hears it too, stops its ranks and
+        # ends, instead of training on as an orphan that holds the run's lock.
+        previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))
+        try:
+            return proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _own_config(args: argparse.Namespace) -> str | None:

@@ -178,7 +178,8 @@ def download_fashion_mnist(dest: Path, base_url: str = FASHION_MNIST_URL,
             data = r.read()
         if md5sum(data) != md5:
             raise DataError(f"{base_url + name} fails its MD5 check; not saved")
-        tmp = target.with_suffix(".part")
+        # A name of this process's own: ranks of one job may download at once.
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
         tmp.write_bytes(data)
         os.replace(tmp, target)
     return dest

@@ -64,7 +64,8 @@ def init_from_env(timeout_s: float) -> DistInfo:
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # Each device's own: device=cpu on a GPU machine runs its collectives on gloo.
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         timeout = timedelta(seconds=timeout_s)
         store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
         # torchrun keeps one store across --max-restarts rounds; without a per-round prefix
@@ -73,7 +74,7 @@ def init_from_env(timeout_s: float) -> DistInfo:
         dist.init_process_group(backend, store=dist.PrefixStore(f"resnetlab-{restart}", store),
                                 rank=rank, world_size=world, timeout=timeout)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and info.local_rank < torch.cuda.device_count():
         torch.cuda.set_device(info.local_rank)
     return info
 
@@ -135,17 +136,25 @@ class CPUSyncBatchNorm(nn.BatchNorm2d):
 
 
 def convert_sync_bn(module: nn.Module, device: torch.device) -> nn.Module:
-    """BatchNorm over the global batch: PyTorch's SyncBatchNorm on GPUs, ours on CPUs."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    """BatchNorm over the global batch: PyTorch's SyncBatchNorm on GPUs, ours on CPUs. Only
+    plain BatchNorm2d is converted: a FrozenBatchNorm2d (finetune.freeze) stays frozen, as
+    nn.SyncBatchNorm.convert_sync_batchnorm, which converts every subclass, would not keep it."""
+    return replace_bn(module, nn.SyncBatchNorm if device.type == "cuda" else CPUSyncBatchNorm,
+                      device)
+
+
+def replace_bn(module: nn.Module, sync_class: type[nn.modules.batchnorm._BatchNorm],
+               device: torch.device) -> nn.Module:
+    """Each plain BatchNorm2d below `module` replaced by a `sync_class` with its state."""
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
-            sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum,
-                                    child.affine, child.track_running_stats)
+            sync = sync_class(child.num_features, child.eps, child.momentum, child.affine,
+                              child.track_running_stats).to(device)
             sync.load_state_dict(child.state_dict())
+            sync.train(child.training)
             setattr(module, name, sync)
         else:
-            convert_sync_bn(child, device)
+            replace_bn(child, sync_class, device)
     return module
 
 

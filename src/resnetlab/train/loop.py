@@ -103,6 +103,14 @@ class _Window:
         return loss / max(n, 1), wrong / max(n, 1), n / dt
 
 
+def same_buffers(model: nn.Module, dist: DistInfo) -> None:
+    """Rank 0's buffers on every rank. Without sync_bn each rank's last step updated its
+    BatchNorm statistics from its own images; scored so, each shard would be scored by
+    another model than the one rank 0 saves."""
+    for b in model.buffers():
+        dist.broadcast(b)
+
+
 def _eval_splits(model: nn.Module, data: DataBundle, n_classes: int, with_test: bool,
                  dist: DistInfo, test_images: int = 0, tta: str = "center"
                  ) -> tuple[dict[str, Any], EvalResult | None]:
@@ -111,6 +119,7 @@ def _eval_splits(model: nn.Module, data: DataBundle, n_classes: int, with_test: 
     then returned for the final report. A folder without a test/ split tests on its
     validation images: they are scored once."""
     rec: dict[str, Any] = {"val_error": None, "test_error": None}
+    same_buffers(model, dist)
     val = None
     if data.val is not None:
         val = evaluate(model, data.val.batches(0), n_classes, tta, reduce=dist.sum)
@@ -334,6 +343,7 @@ def finish(model: nn.Module, data: DataBundle, run: RunDir, metrics: MetricsLog,
            choice: Choice | None = None) -> RunResult:
     """Final weights, the test evaluation (unless the last step already made it), figures."""
     if test is None:
+        same_buffers(model, dist)
         test = evaluate(model, data.test.batches(0), len(data.classes), cfg.tta,
                         reduce=dist.sum)
     result = RunResult(run.path, run.final, run.curves, test, iterations, seconds)
