@@ -148,16 +148,15 @@ def _line(name: str, state: str, numbers: str) -> str:
     return f"- {name}: {state}. {numbers}"
 
 
-def _data_set_state(sweep: DepthSweep, ours: Spread, base: Spread, lo: int, hi: int) -> str:
-    """Ours against the published sweep's difference between the same depths; a difference
-    within the sweep's own range is flat, as the data set allows."""
-    theirs = sweep.errors.get(hi, 0.0) - sweep.errors.get(lo, 0.0)
+def _data_set_state(sweep: DepthSweep, ours: Spread, base: Spread) -> str:
+    """Ours against the published sweep, which is flat: a difference within the sweep's
+    own range is as the data set allows; a larger one within the seeds' spread cannot be
+    told from it."""
     diff = 100 * (ours.mean - base.mean)
-    flat = abs(theirs) <= sweep.flat_within
-    if flat and (compare(ours, base) == 0 or abs(diff) <= sweep.flat_within):
+    if abs(diff) <= sweep.flat_within:
         return "**as expected** (flat)"
-    if not flat and (diff < 0) == (theirs < 0) and compare(ours, base) != 0:
-        return "**as expected**"
+    if compare(ours, base) == 0:
+        return f"**not distinguishable** from flat (within the seeds' spread; {diff:+.2f} points)"
     return f"**not as expected** ({diff:+.2f} points)"
 
 
@@ -177,6 +176,17 @@ def verdict(rows: dict[int, dict[str, Spread]], depths: tuple[int, ...],
         return (f"{b[key].pct()}% at {hi} layers against {a[key].pct()}% at {lo} "
                 f"({COMPARED[cmp(key)]}).")
 
+    def state(states: dict[int, str], key: str) -> str:
+        """One seed each: no spread is known, so a difference is a direction, not a
+        reproduction."""
+        said = states[cmp(key)]
+        if len(a[key].values) > 1 or len(b[key].values) > 1:
+            return said
+        return said.replace("**reproduced**", "**in the paper's direction** (single runs: no "
+                            "spread known)").replace("**not reproduced**", "**against the "
+                                                     "paper's direction** (single runs: no "
+                                                     "spread known)")
+
     rising = {1: "**reproduced**", 0: PAPER_STATE[0], -1: "**not reproduced**"}
     falling = dict(PAPER_STATE)
     paper = SCALES["paper"]
@@ -186,26 +196,26 @@ def verdict(rows: dict[int, dict[str, Spread]], depths: tuple[int, ...],
                       f"iterations, {paper.epochs:.0f} epochs of CIFAR-10)")
     lines = [
         _line(f"(1a) plain nets' training error rises with depth ({lo} -> {hi} layers; the "
-              "degradation problem, Fig. 6 left)", rising[cmp("plain_train")],
+              "degradation problem, Fig. 6 left)", state(rising, "plain_train"),
               "Training error " + numbers("plain_train")),
-        _line("(1b) plain nets' test error rises with depth", rising[cmp("plain_test")],
+        _line("(1b) plain nets' test error rises with depth", state(rising, "plain_test"),
               "Test error " + numbers("plain_test")),
         _line(f"(2) residual nets' training error falls with depth ({lo} -> {hi}; sec. 4.2's "
               "thesis: deeper residual nets optimise better, on any data set given a schedule "
-              "long enough)", falling[cmp("resnet_train")],
+              "long enough)", state(falling, "resnet_train"),
               "Training error " + numbers("resnet_train")),
     ]
     test = (f"(3) residual nets' test error falls with depth (paper, CIFAR-10 Table 6: "
             f"{PAPER_RESNET_ERROR.get(lo, '—')}% -> {PAPER_RESNET_ERROR.get(hi, '—')}%)")
-    state = f"against the paper {PAPER_STATE[cmp('resnet_test')]}"
+    against = f"against the paper {state(PAPER_STATE, 'resnet_test')}"
     sweep = SWEEPS.get(dataset)
-    if sweep is not None:
-        ours = _data_set_state(sweep, b["resnet_test"], a["resnet_test"], lo, hi)
-        state += (f"; against this data set {ours}, whose published sweep gives "
+    if sweep is not None and lo in sweep.errors and hi in sweep.errors:
+        ours = _data_set_state(sweep, b["resnet_test"], a["resnet_test"])
+        against += (f"; against this data set {ours}, whose published sweep gives "
                   f"{sweep.errors.get(lo, '—')}% -> "
                   f"{sweep.errors.get(hi, '—')}% (all depths within {sweep.flat_within:.2f} "
                   f"points; {sweep.source})")
-    lines.append(_line(test, state, "Test error " + numbers("resnet_test")))
+    lines.append(_line(test, against, "Test error " + numbers("resnet_test")))
     for part, key in (("a", "train"), ("b", "test")):
         twins = {d: compare(rows[d][f"resnet_{key}"], rows[d][f"plain_{key}"]) for d in depths}
         every = ("**reproduced**" if all(t == -1 for t in twins.values()) else
@@ -262,7 +272,8 @@ def run(ctx: Context) -> dict[str, Any]:
             "the whole test split, single view." + spread, "", table, "",
             "The paper (Fig. 6, CIFAR-10, 64k iterations): plain nets' training and test error "
             "rise with depth (plain-110 above 60%); residual nets' fall with depth down to "
-            "110 layers. Its thesis (sec. 4.1-4.2) is about optimisation, so training error "
+            "110 layers (6.43% is the best of its 5 runs, their mean 6.61 ± 0.16%). Its "
+            "thesis (sec. 4.1-4.2) is about optimisation, so training error "
             "carries it on any data set; test error follows on CIFAR-10, while on "
             "Fashion-MNIST residual nets' test error is flat in depth (the sweep quoted in "
             "(3)).", "", "## What came out", "",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
+import statistics
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,6 +25,7 @@ from ..models.resnet import ResNet
 from ..recipes import CifarNet
 from ..tables import format_table
 from .common import (
+    TRAIN_SETS,
     Context,
     Scale,
     analysis_tensors,
@@ -147,15 +150,30 @@ def _study(model: ResNet, label: str, x: torch.Tensor, y: torch.Tensor) -> dict[
             "single": single_deletions(model, x, y)}
 
 
-def verdict(r: dict[str, Any], p: dict[str, Any]) -> list[str]:
+BARELY = 0.1  # of the way from the net's error to chance's: "barely changes the error"
+
+
+def verdict(r: dict[str, Any], p: dict[str, Any], chance: float) -> list[str]:
+    """Veit et al.'s four claims (SPEC sec. 5): one deleted block barely changes a ResNet's
+    error, downsampling blocks hurt most, a plain net's deleted block hurts far more, and
+    the error grows smoothly with the number of blocks deleted."""
     down = set(r["downsampling"])
     rest = [e - r["baseline"] for i, e in enumerate(r["single"]) if i not in down]
     at_down = [r["single"][i] - r["baseline"] for i in down]
     plain = [e - p["baseline"] for e in p["single"] if e is not None]
     med = sorted(rest)[len(rest) // 2]
+    barely = BARELY * (chance - r["baseline"])
+    upper = sorted(rest)[(3 * len(rest)) // 4]  # the upper quartile of the other blocks
+    mean_down = sum(at_down) / len(at_down)
     lines = [f"- {r['label']}: deleting one non-downsampling block changes the error by "
-             f"{100 * med:+.2f} points (median of {len(rest)}; worst {100 * max(rest):+.2f}); "
-             f"a downsampling block by {100 * sum(at_down) / len(at_down):+.2f} on average."]
+             f"{100 * med:+.2f} points (median of {len(rest)}; worst {100 * max(rest):+.2f}): "
+             + ("**reproduced**" if med <= barely else "**not reproduced**")
+             + f", one block barely matters (within {BARELY:g} of the way to chance's "
+             f"{100 * chance:.0f}%: {100 * barely:.2f} points).",
+             f"- A downsampling block changes it by {100 * mean_down:+.2f} points on average, "
+             f"against {100 * upper:+.2f} for the upper quartile of the others: "
+             + ("**reproduced**, downsampling blocks hurt most." if mean_down > upper else
+                "**not reproduced**: downsampling blocks do not hurt most here.")]
     if plain:
         pm = sorted(plain)[len(plain) // 2]
         lines.append(f"- {p['label']}: deleting one block changes the error by "
@@ -165,16 +183,22 @@ def verdict(r: dict[str, Any], p: dict[str, Any]) -> list[str]:
             "far more robust to a deleted block than its plain twin, as Veit et al. found."
             if med < pm / 2 else "not clearly more robust than its plain twin at this scale."))
     ks = sorted(r["k"])
-    means = [r["baseline"]] + [sum(r["k"][k]) / len(r["k"][k]) for k in ks]
+    draws = [r["k"][k] for k in ks]
+    means = [r["baseline"]] + [sum(d) / len(d) for d in draws]
     jumps = [b - a for a, b in itertools.pairwise(means)]
-    # Smooth: no single extra deletion accounts for more than a third of the whole rise.
-    smooth = max(jumps) <= max(means[-1] - means[0], 0) / 3
+    # Smooth: no single extra deletion accounts for more than a third of the whole rise,
+    # and no step down beyond twice the standard error of its draws' mean (draw noise).
+    noise = [2 * statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+             for d in draws]
+    dips = [-j for j, n in zip(jumps, noise, strict=True) if j < -n]
+    smooth = max(jumps) <= max(means[-1] - means[0], 0) / 3 and not dips
     lines.append(f"- Deleting k = {ks[0]}..{ks[-1]} random blocks: mean error "
                  f"{pct(means[1])}% -> {pct(means[-1])}% (nothing deleted: "
-                 f"{pct(means[0])}%); the largest step between consecutive k is "
-                 f"{100 * max(jumps):+.2f} points: "
-                 + ("the error grows smoothly, as in Veit et al. Fig. 5(b)." if smooth else
-                    "the error does not grow smoothly at this scale."))
+                 f"{pct(means[0])}%); the largest step up between consecutive k is "
+                 f"{100 * max(jumps):+.2f} points"
+                 + (f", the largest step down {100 * max(dips):.2f}" if dips else "") + ": "
+                 + ("**reproduced**, the error grows smoothly." if smooth else
+                    "**not reproduced**: the error does not grow smoothly at this scale."))
     return lines
 
 
@@ -207,11 +231,13 @@ def run(ctx: Context) -> dict[str, Any]:
             format_table(["k deleted", "mean error (%)", "draws"],
                          [[k, pct(sum(v) / len(v)), len(v)] for k, v in r["k"].items()],
                          markdown=True), "",
-            "Veit et al. (CIFAR-10, ResNet-110 and VGG-style plain nets): deleting one residual "
-            "block barely changes the error, except the downsampling blocks; deleting a layer "
-            "of a plain net sends it to chance; error grows smoothly with the number deleted.",
+            "Veit et al. 2016: deleting one residual block barely changes the error, except "
+            "the downsampling blocks, which hurt most; deleting a layer of a plain "
+            "(VGG-style) net sends it to chance; the error grows smoothly with the number of "
+            "blocks deleted.",
             "", "## What came out", "",
-            *judged(runs.values(), ctx.scale.dataset, lambda: verdict(r, p))]
+            *judged(runs.values(), ctx.scale.dataset,
+                    lambda: verdict(r, p, TRAIN_SETS[ctx.scale.dataset].chance_error))]
     write_report(folder, "Lesion study (Veit et al. 2016)", body, results, ctx,
-                 precision=precision_of(runs.values()))
+                 precision=precision_of(runs.values()), first_seed_only=True)
     return results

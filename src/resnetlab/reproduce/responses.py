@@ -109,12 +109,14 @@ def run(ctx: Context) -> dict[str, Any]:
     body = ["![std of each layer's response: layer order (top), sorted (bottom); dashed: "
             "plain](responses.png)", "",
             f"Responses of the trained nets on the first {len(x):,} test images. Layers: the "
-            "stem's 3x3 and both 3x3s of every block, after BN, before ReLU/addition.", "",
+            "stem's 3x3 and both 3x3s of every block, after BN, before ReLU/addition; a "
+            "layer's response std is taken over all its outputs (images, channels and "
+            "positions together).", "",
             format_table(["net", "layers", "mean std", "min", "max"], rows, markdown=True), "",
             "The paper (Fig. 7, CIFAR-10): ResNets' responses are generally smaller than "
             "their plain counterparts', and the deeper ResNet has the smaller responses.", "",
             "## What came out", "", *judged(runs.values(), ctx.scale.dataset, lambda: lines)]
     write_report(folder, "Layer responses (paper Fig. 7)", body,
                  {"images": len(x), "stds": stds, "mean_std": mean}, ctx,
-                 precision=precision_of(runs.values()))
+                 precision=precision_of(runs.values()), first_seed_only=True)
     return {"mean_std": mean}

@@ -56,6 +56,9 @@ def plot(runs: dict[str, list[SubRun]], errs: dict[str, Spread], params: dict[st
     plt.close(fig)
 
 
+PAPER_GAP = (25.03 - 24.19) / 25.03  # Table 3, ResNet-34 top-1: A against C, of A's error
+
+
 def verdict(errs: dict[str, Spread]) -> list[str]:
     """Effect (6): A, B and C close, C slightly the best (paper Table 3)."""
     means = {o: 100 * e.mean for o, e in errs.items()}
@@ -64,13 +67,18 @@ def verdict(errs: dict[str, Spread]) -> list[str]:
                                                                  ("B", "C"))}
     best = min(OPTIONS, key=lambda o: errs[o].mean)
     c_vs = [compare(errs["C"], errs[o]) for o in ("A", "B")]
-    close = gap < 1.0 or all(v == 0 for v in pairs.values())
+    # Table 3's spread relative to its error (0.84 points of 25.03%), at this error level:
+    # a fixed 1 point was ImageNet's scale, loose for an error of a few percent.
+    bar = PAPER_GAP * sum(means.values()) / len(means)
+    close_state = ("**reproduced**" if gap <= bar else
+                   "**not distinguishable** (within the seeds' spread)"
+                   if all(v == 0 for v in pairs.values()) else "**not reproduced**")
     c_state = ("**reproduced**" if c_vs == [-1, -1] else
                "**not distinguishable** (within the seeds' spread)"
                if best == "C" or (0 in c_vs and 1 not in c_vs) else "**not reproduced**")
     return [
-        "- (6a) the options are close (paper: 0.84 points between A and C on ImageNet): "
-        + ("**reproduced**" if close else "**not reproduced**")
+        "- (6a) the options are close (paper: 0.84 points between A and C on ImageNet, "
+        f"{100 * PAPER_GAP:.1f}% of the error; here {bar:.2f} points): " + close_state
         + f". Means {', '.join(f'{o} {means[o]:.2f}%' for o in OPTIONS)}: {gap:.2f} points "
         f"apart; pairs {', '.join(f'{k} {COMPARED[v]}' for k, v in pairs.items())}.",
         f"- (6b) C is slightly the best: {c_state}. Lowest mean: {best}.",
