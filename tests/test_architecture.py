@@ -45,6 +45,19 @@ def test_multiply_adds_match_paper_table1(name: str) -> None:
     assert abs(macs - PAPER_MACS[name]) / PAPER_MACS[name] < 0.05
 
 
+# torchvision's own figures for its (v1.5) nets, an independent source: GFLOPS as its
+# weights' meta give them (multiply-adds, in 10^9), which 5% of Table 1 could not tell from
+# v1's for ResNet-101/152 (the stride on the 3x3 adds 2.6% and 1.9%).
+TORCHVISION_GMACS = {"resnet50b": 4.089, "resnet101b": 7.801, "resnet152b": 11.514}
+
+
+@pytest.mark.parametrize("name", list(TORCHVISION_GMACS))
+def test_v1_5_multiply_adds_are_torchvisions(name: str) -> None:
+    assert model_summary(name)["macs"] / 1e9 == pytest.approx(TORCHVISION_GMACS[name], abs=5e-4)
+    v1 = model_summary(name[:-1])["macs"] / 1e9
+    assert TORCHVISION_GMACS[name] - v1 > 0.15  # v1 is told apart
+
+
 def test_cifar_params_match_paper_table6_millions() -> None:
     table6 = {"resnet20": 0.27, "resnet32": 0.46, "resnet44": 0.66, "resnet56": 0.85,
               "resnet110": 1.7, "resnet1202": 19.4}
@@ -111,6 +124,30 @@ def test_preact_has_nothing_after_addition() -> None:
     x = torch.randn(2, 16, 8, 8)  # negative values survive: no ReLU after the addition
     assert torch.equal(block(x), x)
     assert isinstance(model.final_act[0], nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("name", ["preact_resnet18", "cifar_preact_resnet20"])
+def test_preact_first_unit_splits_after_its_activation(name: str) -> None:
+    """v2: "the first activation right after conv1 and before splitting into two paths":
+    the first unit's identity shortcut takes BN-ReLU of conv1's output, as its branch does;
+    the next units' shortcuts take their raw input."""
+    model = resnetlab.create_model(name).eval()
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(key: str) -> object:
+        return lambda m, i, o: seen.__setitem__(key, (i[0] if key.endswith("in") else o).clone())
+
+    first, second = model.layer1[0], model.layer1[1]
+    assert isinstance(first.shortcut, nn.Identity)
+    first.shortcut.register_forward_hook(keep("first_in"))
+    first.register_forward_pre_hook(lambda m, i: seen.__setitem__("x", i[0].clone()))
+    second.shortcut.register_forward_hook(keep("second_in"))
+    second.register_forward_pre_hook(lambda m, i: seen.__setitem__("x2", i[0].clone()))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+        torch.testing.assert_close(seen["first_in"], torch.relu(first.bn1(seen["x"])))
+    assert (seen["x"] < 0).any()  # conv1's raw output, which the shortcut no longer carries
+    assert torch.equal(seen["second_in"], seen["x2"])
 
 
 def test_zero_init_last_makes_v1_blocks_identity() -> None:

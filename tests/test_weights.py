@@ -11,13 +11,17 @@ import torchvision
 import resnetlab
 from resnetlab.models.convert import TORCHVISION_PAIRS
 
+from .test_convert import perturb
+
 
 @pytest.mark.parametrize("tv_name", list(TORCHVISION_PAIRS))
 def test_torchvision_state_dict_gives_same_logits_both_ways(tv_name: str) -> None:
-    tv = getattr(torchvision.models, tv_name)(num_classes=10).eval()
+    # Every BN its own statistics (fresh ones are all alike: two same-shaped BNs swapped by
+    # the mapping would give equal logits), and an odd size (no stride hides an off-by-one).
+    tv = perturb(getattr(torchvision.models, tv_name)(num_classes=10))
     ours = resnetlab.create_model(TORCHVISION_PAIRS[tv_name], num_classes=10).eval()
     ours.load_state_dict(resnetlab.from_torchvision(tv.state_dict()))
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 97, 97)
     with torch.no_grad():
         assert torch.equal(ours(x), tv(x))
     # ...and back: fresh weights of ours into a fresh torchvision model.

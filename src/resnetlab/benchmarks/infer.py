@@ -12,6 +12,7 @@ precisions differ by design, and random weights make their top-1 a coin toss).
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,16 +25,21 @@ import torchvision
 from ..deploy.backends import exported, load_backend
 from ..deploy.quantize import quantize_int8
 from ..deploy.runtimes import INPUT, RUNTIMES, OpenVINORunner, openvino_props, ort_session
+from ..models.complexity import model_summary
 from ..models.convert import to_torchvision
 from ..models.factory import create_model, save_weights
 from ..precision import this_cpu
 from ..tables import format_table
 from .common import Timing, alternate, gemm_gflops, machine, new_file, ratio, save, sgemm_gflops
 
-# Paper Table 1 multiply-adds at 224 (ours count 1.81 G and 3.86 G; see `resnetlab info`).
-MACS = {"resnet18": 1.81e9, "resnet50": 3.86e9}
 # torchvision builds v1.5 (stride on the 3x3): our resnet50b; resnet18 is the same in both.
 OURS = {"resnet18": "resnet18", "resnet50": "resnet50b"}
+
+
+@functools.cache
+def macs(model: str) -> float:
+    """Multiply-adds at 224 of the net timed as `model` (v1.5's 4.09 G, not v1's 3.86 G)."""
+    return float(model_summary(OURS[model])["macs"])
 REFERENCE = "torchvision eager fp32"
 # Idle seconds after each contender's round, untimed. PyTorch's OpenMP workers and ONNX
 # Runtime's thread pool keep spinning after a call (on a 2-core EPYC: for ~25 ms and
@@ -149,7 +155,7 @@ def run(models: list[str], batches: list[int], rounds: int, seconds: float,
                 x = torch.randn(batch, 3, 224, 224)
                 checks = parity(fns, x)
                 # Calls per round so that each contender runs about `seconds` per round.
-                est = 50e9 / (MACS[model] * 2)  # images/s at a modest 50 GFLOP/s
+                est = 50e9 / (macs(model) * 2)  # images/s at a modest 50 GFLOP/s
                 calls = max(1, round(seconds * est / batch))
                 say(f"{model} batch {batch}: {rounds} rounds of {calls} calls")
                 t = alternate({k: _timed(f, x) for k, f in fns.items()}, rounds, calls, warmup=2,
@@ -157,7 +163,7 @@ def run(models: list[str], batches: list[int], rounds: int, seconds: float,
                 ref = t[REFERENCE]
                 case = {}
                 for k, tk in t.items():
-                    gflops = tk.median * 2 * MACS[model] / 1e9
+                    gflops = tk.median * 2 * macs(model) / 1e9
                     case[k] = {"images_per_s": tk.median, "per_round": tk.per_round,
                                "ratio_vs_eager": ratio(tk, ref), "gflops": gflops,
                                "peak_fraction": gflops / peak, **checks[k]}
@@ -190,7 +196,7 @@ def report(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="resnetlab bench infer", description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", choices=list(MACS), default=list(MACS))
+    p.add_argument("--models", nargs="+", choices=list(OURS), default=list(OURS))
     p.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=2.0,

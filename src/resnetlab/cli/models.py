@@ -76,7 +76,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     rows = stage_table(model, size)
     paper: dict[str, str] = {}
     if spec.family == "imagenet":
-        paper = {"stem": "conv1", "head": "fc",
+        paper = {"stem": "conv1 + pool", "head": "fc",  # Table 1 lists the pool in conv2_x
                  **{n: f"conv{i + 2}_x" for i, n in enumerate(model.stage_names)}}
     body = [[r.name, paper.get(r.name, ""), "x".join(map(str, r.output)), r.blocks or "",
              f"{r.params:,}", _human(r.macs)] for r in rows]

@@ -109,13 +109,19 @@ class _PreActBase(_Block):
     """Shared shortcut rule of the v2 blocks."""
 
     shortcut: nn.Module | None
+    # The network's first unit, right after conv1 (ResNet sets it): v2 adopts "the first
+    # activation right after conv1 and before splitting into two paths", so its shortcut,
+    # identity too, takes the activated input; conv1's raw output would otherwise ride the
+    # identity path to the head (timm's resnetv2 basic nets keep it; the authors' code not).
+    first: bool = False
 
     def _add_shortcut(self, out: torch.Tensor, x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         if self.shortcut is None:
             return out
         # A projection is a weighted layer and sees the normalised input (v2 sec. 3.1, as in
         # the authors' code); identity and option A carry the raw input, a clean identity path.
-        return out + self.shortcut(pre if isinstance(self.shortcut, Projection) else x)
+        activated = self.first or isinstance(self.shortcut, Projection)
+        return out + self.shortcut(pre if activated else x)
 
 
 class PreActBasicBlock(_PreActBase):

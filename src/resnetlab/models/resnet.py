@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
-from .blocks import BLOCKS, _Block
+from .blocks import BLOCKS, _Block, _PreActBase
 from .layers import SHORTCUT_OPTIONS, make_shortcut, make_stem
 
 if TYPE_CHECKING:
@@ -145,7 +145,10 @@ class ResNet(nn.Module):
                 out_ch = width * block_cls.expansion
                 sc = None if plain else \
                     make_shortcut(shortcut, ch, out_ch, stride, avg_down, preact)
-                blocks.append(block_cls(ch, width, stride, sc, stride_in_3x3))
+                unit = block_cls(ch, width, stride, sc, stride_in_3x3)
+                if isinstance(unit, _PreActBase):
+                    unit.first = i == j == 0
+                blocks.append(unit)
                 ch = out_ch
             name = f"layer{i + 1}"
             self.add_module(name, nn.Sequential(*blocks))
