@@ -719,7 +719,9 @@ def test_degradation_verdicts_keep_training_and_test_error_apart() -> None:
     # One seed each: a difference is a direction, not a reproduction (no spread is known).
     one = verdict(_rows((0.06, 0.04), (0.090, 0.091), single=True), (20, 56), "fashion-mnist",
                   28000, 59.7)
-    assert "**in the paper's direction** (single runs: no spread known)" in line(one, "2")
+    assert "**as the paper, one run each** (no spread known)" in line(one, "2")
+    assert ": **unlike the paper, one run each** (no spread known); against this data set" \
+        in line(one, "3")
     assert "**reproduced**" not in line(one, "2") + line(one, "1a")
     # 2.5 points apart but within large seed spreads: not told from flat, nor "as expected".
     from resnetlab.reproduce.common import Spread

@@ -182,10 +182,9 @@ def verdict(rows: dict[int, dict[str, Spread]], depths: tuple[int, ...],
         said = states[cmp(key)]
         if len(a[key].values) > 1 or len(b[key].values) > 1:
             return said
-        return said.replace("**reproduced**", "**in the paper's direction** (single runs: no "
-                            "spread known)").replace("**not reproduced**", "**against the "
-                                                     "paper's direction** (single runs: no "
-                                                     "spread known)")
+        return said.replace("**reproduced**", "**as the paper, one run each** (no spread "
+                            "known)").replace("**not reproduced**", "**unlike the paper, one run "
+                                              "each** (no spread known)")
 
     rising = {1: "**reproduced**", 0: PAPER_STATE[0], -1: "**not reproduced**"}
     falling = dict(PAPER_STATE)
@@ -207,7 +206,8 @@ def verdict(rows: dict[int, dict[str, Spread]], depths: tuple[int, ...],
     ]
     test = (f"(3) residual nets' test error falls with depth (paper, CIFAR-10 Table 6: "
             f"{PAPER_RESNET_ERROR.get(lo, '—')}% -> {PAPER_RESNET_ERROR.get(hi, '—')}%)")
-    against = f"against the paper {state(PAPER_STATE, 'resnet_test')}"
+    paper_vs = state(PAPER_STATE, "resnet_test")
+    against = paper_vs if "the paper" in paper_vs else f"against the paper {paper_vs}"
     sweep = SWEEPS.get(dataset)
     if sweep is not None and lo in sweep.errors and hi in sweep.errors:
         ours = _data_set_state(sweep, b["resnet_test"], a["resnet_test"])
