@@ -61,8 +61,8 @@ def test_evaluate_on_fixed_logits_matches_the_hand_count() -> None:
     assert res.top5_error == pytest.approx(2 / 6, abs=1e-12)  # 2 and 5: outside the top 5
     want_nll = sum(_nll(r, y) for r, y in zip(LOGITS, LABELS, strict=True)) / 6
     assert math.isclose(res.loss, want_nll, rel_tol=1e-5)
-    # Per class: 0 and 3 right, 1, 2, 4, 6 wrong, 5 never seen (0 by convention).
-    assert res.per_class_accuracy == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    # Per class: 0 and 3 right, 1, 2, 4, 6 wrong, 5 never seen (no accuracy, not 0%).
+    assert res.per_class_accuracy == [1.0, 0.0, 0.0, 1.0, 0.0, None, 0.0]
     want = [[0] * 7 for _ in range(7)]
     for true, pred in ((0, 0), (1, 2), (2, 0), (3, 3), (4, 3), (6, 0)):
         want[true][pred] += 1

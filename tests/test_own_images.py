@@ -91,6 +91,7 @@ def test_a_folder_with_no_other_flag_trains_evaluates_and_predicts(
     report = json.loads((run / "eval.json").read_text())
     assert report["count"] == 16
     assert list(report["per_class_accuracy"]) == ["kind0", "kind1", "kind2"]
+    assert report["per_class_accuracy"]["kind2"] is None  # val/ has none: no accuracy, not 0%
     assert main(["predict", str(run), str(photos / "val" / "kind1" / "0.png"), "--json",
                  "--backend", "torch"]) == 0
     line = json.loads(capsys.readouterr().out)
@@ -102,7 +103,9 @@ def test_a_folder_with_no_other_flag_trains_evaluates_and_predicts(
     torch.testing.assert_close(seen, eval_transform(38, mc.mean, mc.std)(load_image(image)),
                                atol=1e-5, rtol=0)
     assert main(["eval", str(run), "--backend", "torch"]) == 0
-    assert "top-1 error" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "top-1 error" in said
+    assert any(ln.split()[:1] == ["kind2"] and "(no images)" in ln for ln in said.splitlines())
     for tta in ("10crop", "multiscale"):  # views cut from the whole image: all 16 scored
         assert main(["eval", str(run), "--backend", "torch", "--precision", "fp32", "--tta",
                      tta]) == 0
@@ -244,6 +247,16 @@ def test_eval_takes_set_for_the_data(photos: Path, tmp_path: Path,
     capsys.readouterr()
     assert main(["eval", str(run), "--backend", "torch", "--data-dir", str(more)]) == 2
     assert "other classes than the model was trained on (new: bird)" in capsys.readouterr().err
+    # A file whose pixels are cut off (its header reads) is left out, and the report says so.
+    cut = tmp_path / "cut"
+    shutil.copytree(photos, cut)
+    png = (cut / "val" / "kind0" / "0.png").read_bytes()
+    (cut / "val" / "kind0" / "0.png").write_bytes(png[:len(png) // 2])
+    out = tmp_path / "cut.json"
+    assert main(["eval", str(run), "--backend", "torch", "--precision", "fp32", "--data-dir",
+                 str(cut), "--out", str(out), "--set", "data.max_bad_fraction=0.5"]) == 0
+    assert "1 unreadable image file left out of the 15 scored" in capsys.readouterr().out
+    assert json.loads(out.read_text())["unreadable_skipped"] == 1
 
 
 def test_a_resume_may_change_how_bad_files_are_met_not_what_is_computed(

@@ -258,7 +258,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(ev.agreement.line())
     width = max(len(n) for n in ev.classes)
     for name, acc in zip(ev.classes, res.per_class_accuracy, strict=True):
-        print(f"  {name:<{width}}  {100 * acc:6.2f}%")
+        print(f"  {name:<{width}}  " + ("  —  (no images)" if acc is None else
+                                        f"{100 * acc:6.2f}%"))
+    if ev.skipped:
+        print(f"  {ev.skipped} unreadable image file{'s' if ev.skipped > 1 else ''} left out "
+              f"of the {res.count:,} scored (the log above names them)")
     print(f"results: {ev.report}\nconfusion matrix: {ev.confusion}")
     return 0
 

@@ -287,14 +287,17 @@ class FolderLoader:
                             f"{100 * self.max_bad_fraction:g}%); the log above names them. "
                             "Fix or remove them, or raise data.max_bad_fraction")
 
+    skipped = 0  # files of the last pass that could not be read (an eval report says so)
+
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.epoch, self.sampler.start = epoch, start
-        bad = seen = 0
+        bad = seen = self.skipped = 0
         try:
             for x, y, failed in self.loader:
                 for message in failed:
                     warn_once(f"skipping unreadable {message}")
                 bad += len(failed)
+                self.skipped = bad
                 seen += len(failed) + (0 if y is None else len(y))
                 self._check(bad, seen, final=False)
                 if x is None or y is None:

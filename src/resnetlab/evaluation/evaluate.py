@@ -110,7 +110,7 @@ class EvalResult:
     top5_error: float
     loss: float
     count: int
-    per_class_accuracy: list[float] = field(default_factory=list)
+    per_class_accuracy: list[float | None] = field(default_factory=list)  # None: no images
     confusion: list[list[int]] = field(default_factory=list)
 
     def summary(self) -> dict[str, float | int]:
@@ -166,7 +166,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         raise ConfigError("evaluation got no examples: the split being scored holds no "
                           "images; check that the data set's files (--data-dir) hold some for it")
     correct = confusion.diag()
-    per_class = (correct.float() / confusion.sum(1).clamp_min(1)).tolist()
+    # A class the split holds no image of has no accuracy (0% would read as all wrong).
+    per_class = [c / t if t else None for c, t in zip(correct.tolist(),
+                                                      confusion.sum(1).tolist(), strict=True)]
     return EvalResult(1 - correct.sum().item() / n, 1 - sums[0].item() / n, sums[1].item() / n,
                       n, per_class, confusion.tolist())
 

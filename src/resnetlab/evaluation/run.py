@@ -88,6 +88,7 @@ class RunEval:
     seconds: float
     report: Path
     confusion: Path
+    skipped: int = 0  # unreadable files the loader left out of the scoring
 
 
 def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str = "center",
@@ -136,10 +137,13 @@ def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str 
     names = mc.class_names or data.classes
     path = Path(out) if out else eval_report_path(wdir, split, tta, backend, precision,
                                                   recompute, dataset)
+    # Files the loader met and could not read are not in `count` (those the folder scan
+    # found unreadable were named when the data was built, and are not either).
+    skipped = getattr(split_data, "skipped", 0)
     res.save(path, names, weights=str(wdir.resolve()), split=split, tta=tta, recompute_bn=recompute,
-             backend=backend, precision=precision,
+             unreadable_skipped=skipped, backend=backend, precision=precision,
              agreement_with_fp32=None if checked is None else checked.agreement,
              seconds=round(seconds, 2))
     png = plot_confusion(res.confusion, names, path.with_suffix(".png"),
                          f"{mc.architecture}, {split}: {100 * res.top1_error:.2f}% error")
-    return RunEval(res, mc, names, backend, precision, checked, seconds, path, png)
+    return RunEval(res, mc, names, backend, precision, checked, seconds, path, png, skipped)
