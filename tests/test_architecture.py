@@ -150,6 +150,23 @@ def test_preact_first_unit_splits_after_its_activation(name: str) -> None:
     assert torch.equal(seen["second_in"], seen["x2"])
 
 
+def test_preact_weights_of_format_1_compute_what_they_were_trained_to(tmp_path: Path) -> None:
+    """Saved before the first unit split after its activation: rebuilt as they were."""
+    import json
+
+    model = resnetlab.create_model("cifar_preact_resnet20", num_classes=3).eval()
+    folder = resnetlab.save_weights(model, tmp_path / "w")
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["format_version"] == 2
+    (folder / "config.json").write_text(json.dumps({**cfg, "format_version": 1}))
+    old = resnetlab.load_model(folder).eval()
+    assert not old.layer1[0].first
+    model.layer1[0].first = False
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(old(x), model(x))
+
+
 def test_zero_init_last_makes_v1_blocks_identity() -> None:
     model = resnetlab.create_model("resnet56", zero_init_last=True).eval()
     x = torch.relu(torch.randn(2, 16, 8, 8))

@@ -271,6 +271,10 @@ def test_folder_hold_out_is_disjoint_from_what_trains(folder_dir: Path) -> None:
     train, val, plain = names(data.train), names(data.val), names(data.train_eval)
     assert len(train) == 600 and len(val) == 40 and not train & val
     assert plain == train  # BN re-estimation reads the training images, never the held-out
+    # ... every one of them, in batches larger than the split too (shuffling it dropped the
+    # last partial batch: nothing at all below one batch).
+    whole = build_data(cfg, 32, 1000, 0)
+    assert sum(len(y) for _, y in whole.train_eval.batches(0)) == 600
     assert len(data.train) == 600 // 32 and len(data.val) == 2
     x, y = next(iter(data.val.batches(0)))  # un-augmented images of the held-out files
     assert x.shape == (32, 3, 28, 28) and y.tolist() == sorted(y.tolist())

@@ -116,18 +116,23 @@ def test_split_folders_are_found_as_downloads_name_them(tmp_path: Path) -> None:
         scan_folder(root)
 
 
-def test_a_split_folder_without_train_or_class_folders_is_a_problem(tmp_path: Path) -> None:
-    """DIR/<class>/ with a class named as a split, and a val/ holding loose images: errors
-    saying what to do (the first used to train a "test" class, the second was ignored)."""
+def test_a_class_named_as_a_split_is_an_error_and_an_unlabelled_split_a_warning(
+        tmp_path: Path) -> None:
+    """DIR/<class>/ with a class named as a split: an error (it used to train a "test"
+    class). Kaggle's unlabelled test/ (images, no class folders) beside train/<class>/:
+    not used, and said so (it was silently ignored)."""
     keras = tmp_path / "keras"
     _images(keras / "cat", 3)
     _images(keras / "Test", 3)
     errors, _ = folder_problems(scan_folder(keras), 16, 1, 0.01)
     assert any("Test is named as a split folder" in e for e in errors)
     loose = _folder(tmp_path / "loose", {"a": 3, "b": 3})
-    _images(loose / "val", 2)
-    errors, _ = folder_problems(scan_folder(loose), 16, 1, 0.01)
-    assert any(f"{loose / 'val'} has no class folders" in e for e in errors)
+    _images(loose / "test", 2)
+    scan = scan_folder(loose)
+    assert scan.test is None and scan.unlabelled == (loose / "test",)
+    errors, warns = folder_problems(scan, 16, 1, 0.01)
+    assert errors == []
+    assert any(f"{loose / 'test'} has no class folders, so it is not used" in w for w in warns)
 
 
 def test_a_link_loop_is_refused_not_followed(tmp_path: Path) -> None:

@@ -354,7 +354,7 @@ def test_a_changed_folder_is_refused_by_resume_and_by_eval_of_its_held_out_image
     assert main(["eval", str(run), "--backend", "torch"]) == 2
     err = capsys.readouterr().err
     assert "36 image files then and now, but not the same ones" in err
-    assert "held-out images would be drawn anew" in err
+    assert "held-out test images would be drawn anew" in err
 
 
 def test_a_precision_check_without_the_runs_images_leaves_it_unchecked(
@@ -370,3 +370,54 @@ def test_a_precision_check_without_the_runs_images_leaves_it_unchecked(
 
     assert backends._check(tmp_path, "torch", "bf16", gone, 0.99) is None
     assert "cannot be checked on the run's test images: photos does not exist" in caplog.text
+
+
+def test_only_a_held_out_split_is_refused_after_the_training_images_changed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """train/ and test/, no val/: validation is held out of train/, the test images are
+    test/'s own. After train/ changes, scoring test/ goes on; the held-out val is refused."""
+    root = make_folder(tmp_path / "photos", 3, 12, None)
+    (tmp_path / "photos" / "train").mkdir()
+    for c in range(3):
+        (root / f"kind{c}").rename(root / "train" / f"kind{c}")
+    test = make_folder(tmp_path / "t", 3, 4, None)
+    test.rename(root / "test")
+    run = tmp_path / "run"
+    assert main(["train", str(root), "--out", str(run), "--set", "schedule.epochs=1"]) == 0
+    _image(np.random.default_rng(9), 0, (40, 40)).save(root / "train" / "kind0" / "new.png")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--backend", "torch", "--precision", "fp32"]) == 0
+    assert main(["eval", str(run), "--split", "val", "--backend", "torch"]) == 2
+    assert "its held-out val images would be drawn anew" in capsys.readouterr().err
+
+
+def test_a_data_json_of_the_users_in_out_is_not_replaced(
+        photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "data.json").write_text('{"mine": true}\n')
+    assert main(["train", str(photos), "--out", str(run)]) == 2
+    assert "data.json is not a run's" in capsys.readouterr().err
+    assert (run / "data.json").read_text() == '{"mine": true}\n'
+
+
+def test_the_precision_check_of_ten_crop_eval_sees_single_views(
+        photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder's 10crop scores (N, 10, C, H, W) stacks; a reduced precision's check is run
+    on plain (N, C, H, W) test images (a 5-D batch made the check's forward fail)."""
+    from resnetlab.evaluation import run as eval_run
+
+    run = tmp_path / "run"
+    assert main(["train", str(photos), "--out", str(run), "--set", "schedule.epochs=1"]) == 0
+    shapes: list[int] = []
+    real = eval_run.load_backend
+
+    def spy(*args: object, check: object = None, **kw: object) -> object:
+        assert callable(check)
+        shapes.extend(x.dim() for x in check())
+        return real(*args, check=check, **kw)
+
+    monkeypatch.setattr(eval_run, "load_backend", spy)
+    eval_run.evaluate_run(run, tta="10crop", backend="torch", precision="fp32")
+    assert shapes and set(shapes) == {4}
+

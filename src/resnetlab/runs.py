@@ -256,7 +256,8 @@ def changed_images(run: RunDir, images: TrainImages | None) -> str | None:
         then = json.loads(run.data.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(then, dict) or then.get("train_digest") == images.digest:
+    if not isinstance(then, dict) or "train_digest" not in then \
+            or then["train_digest"] == images.digest:
         return None
     before = then.get("train_files")
     if before == images.files:
@@ -302,15 +303,23 @@ def run_data(weights: str | os.PathLike[str], batch_size: int = 500,
     if names is not None and (list(names) != list(data.classes) if dataset is None
                               else len(names) != len(data.classes)):
         raise ConfigError(_other_classes(names, data.classes, cfg.data.data_dir))
-    run = RunDir.around(weights)
-    held = data.train_images if data.train_images and data.train_images.held_out else None
-    why = changed_images(run, held) if run is not None and dataset is None else None
-    if why and run is not None:
-        raise ConfigError(f"the training images changed since {run.path} was trained "
-                          f"({why}): its held-out images would be drawn anew, and could be "
-                          "ones it trained on; restore the folder, or score one with its own "
-                          "val/ or test/ (--data-dir)")
     return data
+
+
+def check_held_out(weights: str | os.PathLike[str], data: DataBundle, split: str) -> None:
+    """Refuse to score `split` of a folder run where it is held out of training images
+    that changed since the run trained: each class's shuffle, hence the held-out images,
+    would be drawn anew, and images it trained on could be scored."""
+    run = RunDir.around(weights)
+    images = data.train_images
+    if run is None or images is None or split not in images.held_out:
+        return
+    why = changed_images(run, images)
+    if why:
+        raise ConfigError(f"the training images changed since {run.path} was trained "
+                          f"({why}): its held-out {split} images would be drawn anew, and "
+                          "could be ones it trained on; restore the folder, or score a folder "
+                          "with its own val/ or test/ (--data-dir)")
 
 
 def _other_classes(trained: list[str], found: list[str], where: str | None) -> str:

@@ -134,7 +134,9 @@ def _torchrun(cfg: TrainConfig, nproc: int, out: Path, resume: str) -> int:
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env and not cfg.threads:
         # torchrun would set 1: N CPU ranks on N of the machine's cores, the rest idle.
-        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            os.cpu_count() or 1
+        env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
     with tempfile.TemporaryDirectory(prefix="resnetlab-nproc-") as tmp:
         resolved = Path(tmp) / "config.yaml"
         resolved.write_text(to_yaml(cfg))

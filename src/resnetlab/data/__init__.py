@@ -24,7 +24,7 @@ from .folder import (
     view_transform,
     warn_once,
 )
-from .memory import BatchAugment, InMemoryLoader, Normalize
+from .memory import BatchAugment, InMemoryLoader, Normalize, epoch_permutation
 from .scan import FolderScan, folder_problems, looks_like_folder, name_some, scan_folder
 from .sources import (
     CIFAR10_MD5,
@@ -51,7 +51,7 @@ class TrainImages:
 
     files: int
     digest: str
-    held_out: bool  # the validation or test images are drawn from these
+    held_out: tuple[str, ...]  # the splits ("val", "test") drawn from these
 
     def record(self) -> dict[str, Any]:
         return {"train_files": self.files, "train_digest": self.digest}
@@ -280,11 +280,15 @@ def _build_folder(cfg: DataConfig, batch_size: int, eval_batch_size: int, seed: 
     return DataBundle(train, val, test, scan.classes,
                       3, size, mean, std,
                       # As above: in folder order its first batches would be a class or two.
-                      FolderLoader(SeededSubset(plain_ds, tr_idx), eval_batch_size,
-                                   world == 1, False, cfg.workers, seed, channels_last, rank,
-                                   world, cfg.max_bad_fraction),
+                      # A fixed permutation, walked in order: every image, the last batch too.
+                      FolderLoader(SeededSubset(plain_ds, [tr_idx[i] for i in epoch_permutation(
+                                       len(tr_idx), seed, 0).tolist()]),
+                                   eval_batch_size, False, False, cfg.workers, seed,
+                                   channels_last, rank, world, cfg.max_bad_fraction),
                       EVAL_CROP, TrainImages(scan.train_files, scan.train_digest,
-                                             held is not None))
+                                             tuple(name for name, split in (("val", val),
+                                                                            ("test", test))
+                                                   if held is not None and split is held)))
 
 
 __all__ = [

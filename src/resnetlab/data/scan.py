@@ -63,6 +63,7 @@ class FolderScan:
     # The paths of `unreadable`, for the datasets to leave out (a path may hold ": ").
     unreadable_paths: frozenset[str] = field(default_factory=frozenset)
     other_images: dict[str, int] = field(default_factory=dict)  # OTHER_IMAGES found, by kind
+    unlabelled: tuple[Path, ...] = ()  # split folders without class folders: not used
     train_files: int = 0  # image files listed in `train`, readable or not
     train_digest: str = ""  # of their paths below `train`: another file list, another digest
 
@@ -204,11 +205,22 @@ def _splits(root: Path) -> dict[str, Path]:
 
 
 def _layout(root: Path) -> tuple[Path, Path | None, Path | None]:
-    """(train, val, test) folders: root/train/ and its siblings, or root itself."""
+    """(train, val, test) folders: root/train/ and its siblings that hold class folders
+    (an unlabelled test/, as Kaggle's, is not a split: _unlabelled), or root itself."""
     splits = _splits(root)
-    if "train" in splits:
-        return splits["train"], splits.get("val"), splits.get("test")
-    return root, None, None
+    if "train" not in splits:
+        return root, None, None
+    val, test = (splits.get(k) for k in ("val", "test"))
+    return (splits["train"], val if val and _class_dirs(val) else None,
+            test if test and _class_dirs(test) else None)
+
+
+def _unlabelled(root: Path) -> list[Path]:
+    """Split folders beside train/ without class folders: not used, said so."""
+    splits = _splits(root)
+    if "train" not in splits:
+        return []
+    return [d for k, d in splits.items() if k != "train" and not _class_dirs(d)]
 
 
 def looks_like_folder(path: str | os.PathLike[str]) -> bool:
@@ -273,6 +285,7 @@ def _scan(root: Path) -> FolderScan:
         checked=sum(s.checked for s in parts.values()),
         unreadable_paths=frozenset(p for p, _ in bad),
         other_images=dict(sum((s.other_images for s in parts.values()), Counter())),
+        unlabelled=tuple(_unlabelled(root)),
         train_files=parts[train].files, train_digest=parts[train].digest)
 
 
@@ -347,10 +360,6 @@ def _split_problems(scan: FolderScan, split: Path | None) -> tuple[list[str], li
     if extra:
         errors.append(f"{split} has classes {extra} that {scan.train.name}/ lacks: rename or "
                       "remove them")
-    if not counts:
-        errors.append(f"{split} has no class folders: put its images in {split}/<class>/, "
-                      f"as in {scan.train}, or remove it")
-        return errors, warns
     if not any(counts.values()):
         errors.append(f"{split} holds no images: add some to its class folders or remove it")
         return errors, warns
@@ -390,6 +399,8 @@ def folder_problems(scan: FolderScan, image_size: int, min_size: int,
     e, w = _unreadable_problem(scan, max_bad_fraction)
     errors += e
     warns += w
+    warns += [f"{d} has no class folders, so it is not used: to validate or test on its "
+              f"images, put them in {d}/<class>/, as in {scan.train}" for d in scan.unlabelled]
     if scan.other_images:
         warns.append(f"{_kinds(scan.other_images)} in the class folders are images of a kind "
                      "not read, and are left out: convert them to JPEG or PNG to use them")

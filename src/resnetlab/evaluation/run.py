@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..models.config import CONFIG_FILE, ModelConfig
 from ..models.factory import load_model
 from ..report import plot_confusion
-from ..runs import eval_report_path, run_config, run_data, weights_dir
+from ..runs import check_held_out, eval_report_path, run_config, run_data, weights_dir
 from .evaluate import EvalResult, PadCrop, evaluate, recompute_bn
 
 
@@ -107,6 +107,8 @@ def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str 
         _replaceable(Path(out), weights_dir(weights))
     cfg = run_config(weights, dataset, data_dir, sets)
     data = run_data(weights, batch_size, dataset, data_dir, strict, sets, views=tta)
+    if dataset is None:  # the run's own data, or its folder moved (--data-dir)
+        check_held_out(weights, data, split)
     wdir = weights_dir(weights)
     mc = ModelConfig.from_json(wdir / CONFIG_FILE)
     split_data = data.test if split == "test" else data.val
@@ -122,7 +124,11 @@ def evaluate_run(weights: str | os.PathLike[str], split: str = "test", tta: str 
         backend, precision = "torch", "fp32"
     else:
         def check() -> Iterable[torch.Tensor]:
-            return (x for x, _ in data.test.batches(0))
+            # A reduced precision is checked on single views of the test images, however
+            # this evaluation views them (a folder's 10 crops are one 5-D tensor an image).
+            plain = data if tta in ("center", "flip") else run_data(
+                weights, batch_size, dataset, data_dir, strict, sets)
+            return (x for x, _ in plain.test.batches(0))
 
         loaded = load_backend(wdir, backend, precision=precision, check=check,
                               min_agreement=min_agreement)

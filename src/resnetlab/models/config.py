@@ -11,7 +11,9 @@ from ..errors import WeightsError
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-FORMAT_VERSION = 1
+# 2 (2026-12-07): a pre-activation net's first unit splits after its BN-ReLU; weights of
+# version 1 are rebuilt as they were trained (factory.create_model).
+FORMAT_VERSION = 2
 
 
 @dataclass

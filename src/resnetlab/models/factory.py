@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import ConfigError, WeightsError
 from ..files import write_atomic
+from .blocks import _PreActBase
 from .config import CONFIG_FILE, WEIGHTS_FILE, ModelConfig
 from .registry import build_model, cifar_name, get_spec
 from .resnet import FeatureNet, ResNet
@@ -117,9 +118,22 @@ def create_model(
     model.model_config = saved or ModelConfig(
         architecture=name, num_classes=num_classes, in_chans=in_chans,
         input_size=spec.input_size, mean=mean, std=std, overrides=dict(overrides))
+    if saved is not None and saved.format_version < 2:
+        _as_version_1(model)
     if weights is not None:
         load_weights(model, weights)
     return model
+
+
+def _as_version_1(model: ResNet) -> None:
+    """Weights saved before format 2 were trained with a pre-activation net's first unit
+    carrying conv1's raw output on its shortcut: they compute what they learned so."""
+    units = [m for m in model.modules() if isinstance(m, _PreActBase) and m.first]
+    for m in units:
+        m.first = False
+    if units:
+        log.info("weights of format 1: the first unit's shortcut carries conv1's raw output, "
+                 "as when they were trained")
 
 
 def create_features(name: str, out_indices: Sequence[int] | None = None,

@@ -230,6 +230,9 @@ def check_run_dir(cfg: TrainConfig, run: RunDir, resume: bool) -> dict[str, Any]
     if run.config.exists() and not run.started() and not _ours(run):
         raise ConfigError(f"{run.config} is not a run's config.yaml (a file of yours?), and "
                           "training would replace it; choose another --out, or move it away")
+    if run.data.exists() and not run.config.exists():  # written with config.yaml, after it
+        raise ConfigError(f"{run.data} is not a run's (a file of yours?), and training on an "
+                          "image folder would replace it; choose another --out, or move it away")
     saved = saved_config(run.config) if resume and run.config.exists() else None
     if not run.started():
         return saved
