@@ -486,7 +486,11 @@ def test_responses_report_and_stds(root: Path, fashion_dir: Path) -> None:
 
 
 def test_response_std_matches_a_direct_computation() -> None:
-    model = resnetlab.create_model("resnet8", in_chans=1).eval()
+    """Fig. 7's responses: each 3x3 layer's BN output in eval mode (running statistics),
+    pooled over batches; a projection shortcut's BN (option B) is not a response layer."""
+    model = resnetlab.create_model("resnet8", in_chans=1, shortcut="B")
+    assert hasattr(model.layer2[0].shortcut, "bn")  # there is one to leave out
+    model.train()  # response_stds must put it in eval mode itself
     x = torch.randn(64, 1, 28, 28)
     outputs = []
     handle = model.layer2[0].bn2.register_forward_hook(lambda m, i, o: outputs.append(o))
@@ -494,8 +498,17 @@ def test_response_std_matches_a_direct_computation() -> None:
     handle.remove()
     names = [n for n, _ in response_layers(model)]
     assert names[0] == "stem.bn" and "layer2.0.shortcut.bn" not in names
+    assert not model.training
     direct = torch.cat(outputs).double().std(unbiased=False)
     assert stds[names.index("layer2.0.bn2")] == pytest.approx(float(direct), rel=1e-6)
+    with torch.no_grad():  # the same layer in train mode (batch statistics) differs
+        model.train()
+        outputs.clear()
+        handle = model.layer2[0].bn2.register_forward_hook(lambda m, i, o: outputs.append(o))
+        model(x)
+        handle.remove()
+    assert float(torch.cat(outputs).double().std(unbiased=False)) != pytest.approx(
+        float(direct), rel=1e-3)
 
 
 def test_lesion_deletes_blocks_and_restores_them(root: Path, fashion_dir: Path) -> None:
